@@ -889,3 +889,80 @@ def _utf8_ok(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# ------------------------------------------------------------------ models <-> checkpoints
+
+DEFAULT_CHECKPOINT_NAME = "nh-small.safetensors"  # shipped in nh_serve/models/
+
+
+def default_checkpoint_path() -> Path:
+    """Where the built-in default checkpoint lives inside the installed package."""
+    return Path(__file__).resolve().parent / "models" / DEFAULT_CHECKPOINT_NAME
+
+
+def resolve_checkpoint(spec: str | os.PathLike | None) -> Path:
+    """Turn ``None`` / ``"default"`` / a path into the checkpoint file to load."""
+    if spec is None or str(spec) == "default":
+        path = default_checkpoint_path()
+        if not path.is_file():
+            raise CheckpointError(
+                f"the built-in default checkpoint {path.name} is not installed with this copy of nh-serve; "
+                "pass --checkpoint PATH (train one with `nh-serve train`)"
+            )
+        return path
+    return Path(spec)
+
+
+def save_model(
+    path: str | os.PathLike,
+    model,
+    *,
+    feature_norm,
+    training: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Checkpoint:
+    """Save a :class:`~nh_serve.model.NeuroHorizon` with its config and feature normalisation."""
+    return save_checkpoint(
+        path,
+        state_dict=model.state_dict(),
+        config=model.cfg.to_dict(),
+        feature_norm=feature_norm,
+        training=training,
+        metrics=metrics,
+        provenance=provenance,
+    )
+
+
+def load_model(path: str | os.PathLike | None, *, map_location: str | torch.device = "cpu"):
+    """Load ``(model, feature_norm, checkpoint)`` from a checkpoint file (``None`` = the default).
+
+    The model is built from the config stored in the file, its weights are
+    checked name by name against that architecture, and it is returned in
+    eval mode. Every problem is a :class:`CheckpointError`.
+    """
+    from nh_serve.config import ModelConfig
+    from nh_serve.errors import InputError
+    from nh_serve.features import FeatureNorm
+    from nh_serve.model import NeuroHorizon
+
+    ckpt = load_checkpoint(resolve_checkpoint(path), map_location=map_location)
+    where = str(ckpt.path)
+    try:
+        cfg = ModelConfig.from_dict(ckpt.config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: its model config does not fit this nh-serve version: {e}") from None
+    model = NeuroHorizon(cfg)
+    check_state_dict(model.state_dict(), ckpt.state_dict, source=where)
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    model.to(map_location).eval()
+    try:
+        norm = FeatureNorm.from_dict(ckpt.feature_norm)
+    except InputError as e:
+        raise CheckpointError(f"{where}: bad feature normalisation: {e}") from None
+    if norm.mean.shape[0] != cfg.n_features:
+        raise CheckpointError(
+            f"{where}: feature normalisation has {norm.mean.shape[0]} entries but the model takes {cfg.n_features} features"
+        )
+    return model, norm, ckpt

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "kernels"]:  # its own argparse takes every remaining option
+        from kernels import bench
+
+        return int(bench.main(argv[2:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
