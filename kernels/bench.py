@@ -39,8 +39,6 @@ from pathlib import Path
 
 import torch
 
-START_MARK = "<!-- kernels:start -->"
-END_MARK = "<!-- kernels:end -->"
 DEFAULT_MARKDOWN = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 PROVIDERS = ("torch", "torch_brain", "torch_compile", "triton")
 T_MIN, T_MAX = 1e-4, 2.0  # rotary periods, seconds
@@ -596,21 +594,10 @@ def markdown_section(
 
 
 def write_markdown(path: Path, section: str) -> None:
-    """Replace the text between the kernels markers (create the file / markers if missing)."""
-    block = f"{START_MARK}\n{section}{END_MARK}"
-    if path.exists():
-        text = path.read_text()
-        i, j = text.find(START_MARK), text.find(END_MARK)
-        if i != -1 and j > i:
-            text = text[:i] + block + text[j + len(END_MARK) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-    else:
-        text = f"# Benchmarks\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace the kernels section of ``path`` (shared writer of all benchmark sections)."""
+    from nh_serve.reporting import write_doc_section
+
+    write_doc_section(path, "kernels", section, title="Benchmarks")
 
 
 def write_csv(path: Path, rows: list[Row]) -> None:
