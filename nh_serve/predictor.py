@@ -430,8 +430,13 @@ class Predictor:
         opt = torch.optim.Adam([emb], lr=1e-2)
         W = counts.shape[0]
         mb = min(16, W)
+        def full_loss(e: torch.Tensor) -> float:
+            with torch.no_grad():
+                lr = self.model.forward_with_embeddings(e.unsqueeze(0).expand(W, -1, -1), **batch)
+                return float(poisson_loss(lr, counts, bin_size_s=cfg.bin_size_s, unit_mask=batch["unit_mask"]))
+
         t_start = time.monotonic()
-        losses, done = [], 0
+        loss_before, done = full_loss(emb0), 0
         for p in self.model.parameters():
             p.requires_grad_(False)
         try:
@@ -445,16 +450,18 @@ class Predictor:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
                 done += 1
         finally:
             for p in self.model.parameters():
                 p.requires_grad_(True)
+        loss_after = full_loss(emb.detach())
+        if not loss_after <= loss_before:  # never hand back embeddings that fit the reference worse
+            emb = emb0.clone()
         info = {
             "steps": done,
             "seconds": round(time.monotonic() - t_start, 4),
-            "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None,
+            "loss_before": loss_before,  # mean Poisson NLL over all reference windows
+            "loss_after": min(loss_after, loss_before),
             "windows": int(W),
         }
         return emb.detach(), info

@@ -1,0 +1,237 @@
+"""The Predictor: registration, prediction, batching, the session cache and bad input."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nh_serve.checkpoint import load_model, save_model
+from nh_serve.config import get_config
+from nh_serve.errors import CheckpointError, InputError
+from nh_serve.features import FeatureNorm, reference_features
+from nh_serve.model import NeuroHorizon
+from nh_serve.predictor import Predictor, SessionCache
+from nh_serve.synth import make_session
+
+
+@pytest.fixture(scope="module")
+def recording():
+    d = make_session(seed=3, n_units=23, duration=90.0)
+    ids = np.asarray(d["unit_ids"]).astype(str)
+    return d["spike_times"], ids[d["unit_index"]], ids
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = NeuroHorizon(get_config("nh-tiny"))
+    rng = np.random.default_rng(0)
+    norm = FeatureNorm(mean=rng.normal(size=33).astype(np.float32), std=rng.uniform(0.5, 2, 33).astype(np.float32))
+    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
+    save_model(path, model, feature_norm=norm, training={"note": "random weights"})
+    return path
+
+
+@pytest.fixture()
+def predictor(ckpt_path):
+    return Predictor.load(ckpt_path)
+
+
+def _window(rec, t0, t1):
+    t, ids, _ = rec
+    m = (t >= t0) & (t < t1)
+    return t[m], ids[m]
+
+
+def test_predict_matches_the_model_called_directly(predictor, recording):
+    t, ids, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)
+    ct, cid = _window(recording, 70.0, 71.0)
+    pred = predictor.predict(token, ct, cid, context_start=70.0)
+
+    U, T = all_ids.size, predictor.cfg.n_bins
+    assert pred.rates_hz.shape == (U, T) and pred.rates_hz.dtype == np.float32
+    assert np.all(np.isfinite(pred.rates_hz)) and np.all(pred.rates_hz > 0)
+    np.testing.assert_allclose(pred.bin_edges, 71.0 + 0.02 * np.arange(T + 1))
+    assert list(pred.unit_ids) == list(all_ids)
+    np.testing.assert_allclose(pred.expected_counts, pred.rates_hz * 0.02, rtol=1e-6)
+
+    # The same computation by hand: features -> norm -> model.forward.
+    index = {u: i for i, u in enumerate(all_ids)}
+    feats = reference_features(rt, np.array([index[u] for u in rid]), n_units=U, start=0.0, end=60.0)
+    ref_rate = np.bincount([index[u] for u in rid], minlength=U) / 60.0
+    model = predictor.model
+    item = model.tokenize(
+        unit_features=predictor.feature_norm.apply(feats),
+        spike_times=ct,
+        spike_unit_index=np.array([index[u] for u in cid]),
+        ctx_start=70.0,
+        ref_rate_hz=ref_rate,
+    )
+    with torch.inference_mode():
+        want = torch.exp(model(**model.collate([item])))[0].numpy()
+    np.testing.assert_allclose(pred.rates_hz, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unit_order_follows_units_argument(predictor, recording):
+    _, _, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    ct, cid = _window(recording, 70.0, 71.0)
+    a = predictor.predict(predictor.register(rt, rid, reference_window=(0, 60), units=all_ids), ct, cid, context_start=70.0)
+    perm = np.random.default_rng(1).permutation(all_ids.size)
+    b = predictor.predict(predictor.register(rt, rid, reference_window=(0, 60), units=all_ids[perm]), ct, cid, context_start=70.0)
+    assert list(b.unit_ids) == list(all_ids[perm])
+    np.testing.assert_allclose(b.rates_hz, a.rates_hz[perm], rtol=1e-5, atol=1e-6)
+
+
+def test_predict_batch_equals_single_predictions_and_horizon_truncates(predictor, recording):
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = predictor.register(rt, rid, reference_window=(0.0, 60.0))
+    windows = []
+    for c in (61.0, 65.5, 80.0):
+        ct, cid = _window(recording, c, c + 1.0)
+        windows.append({"spike_times": ct, "unit_ids": cid, "context_start": c})
+    batch = predictor.predict_batch(token, windows, horizon_s=0.5)
+    for w, b in zip(windows, batch):
+        single = predictor.predict(token, **w)
+        assert b.rates_hz.shape[1] == 25 and b.bin_edges.shape == (26,)
+        np.testing.assert_allclose(b.rates_hz, single.rates_hz[:, :25], rtol=1e-5, atol=1e-6)
+        assert b.bin_edges[0] == pytest.approx(w["context_start"] + 1.0)
+
+
+def test_history_counts_change_the_prediction(predictor, recording):
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = predictor.register(rt, rid, reference_window=(0.0, 60.0))
+    ct, cid = _window(recording, 70.0, 71.0)
+    U = predictor.session(token).n_units
+    lo = predictor.predict(token, ct, cid, context_start=70.0, history_counts=np.zeros(U))
+    hi = predictor.predict(token, ct, cid, context_start=70.0, history_counts=np.full(U, 3000.0))
+    assert np.all(hi.rates_hz.mean(axis=1) > lo.rates_hz.mean(axis=1))
+
+
+def test_adaptation_lowers_the_reference_loss_and_stays_within_budget(predictor, recording):
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = predictor.register(rt, rid, reference_window=(0.0, 60.0), adapt_steps=30, adapt_time_budget_s=30.0)
+    s = predictor.session(token)
+    info = s.adaptation
+    assert info["steps"] > 0 and info["windows"] > 10
+    base = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0)))
+    assert not torch.equal(s.embeddings, base.embeddings)
+    assert info["loss_after"] < info["loss_before"]
+    # Model weights stay frozen and trainable afterwards.
+    assert all(p.requires_grad for p in predictor.model.parameters())
+    t0 = time.monotonic()
+    predictor.register(rt, rid, reference_window=(0.0, 60.0), adapt_steps=10_000, adapt_time_budget_s=0.5)
+    assert time.monotonic() - t0 < 10.0
+
+
+def test_session_cache_is_lru_with_ttl():
+    from nh_serve.predictor import RegisteredSession
+
+    def sess(tok):
+        return RegisteredSession(
+            token=tok, unit_ids=np.array(["a"]), reference=(0, 10), features=np.zeros((1, 33)),
+            ref_rate_hz=np.ones(1), embeddings=torch.zeros(1, 4),
+        )
+
+    c = SessionCache(max_sessions=2, ttl_s=60.0)
+    c.put(sess("a"))
+    c.put(sess("b"))
+    c.get("a")  # a is now most recent
+    c.put(sess("c"))  # evicts b
+    assert c.get("a").token == "a" and c.get("c").token == "c"
+    with pytest.raises(InputError, match="unknown or expired"):
+        c.get("b")
+    assert c.evictions == 1 and c.misses == 1 and c.hits >= 2
+    c.get("a").last_used -= 120.0  # pretend a was last used 2 minutes ago
+    with pytest.raises(InputError, match="expired"):
+        c.get("a")
+    with pytest.raises(ValueError):
+        SessionCache(max_sessions=0)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(unit_ids=["nope"] * 3), "not in the registered reference"),
+        (dict(spike_times=[70.1, 70.2, 71.5]), "outside the window"),
+        (dict(spike_times=[70.2, 70.1, 70.3]), "not sorted"),
+        (dict(spike_times=[70.1, float("nan"), 70.3]), "finite"),
+        (dict(spike_times=[70.1, 70.2]), "one unit id per spike"),
+        (dict(spike_times=np.array(["a", "b", "c"])), "numbers"),
+        (dict(horizon_s=2.0), "horizon"),
+        (dict(horizon_s=0.013), "multiple"),
+        (dict(history_counts=[1.0, 2.0]), "history_counts"),
+        (dict(behavior=(np.array([70.5]), np.ones((1, 3)))), "behavior"),
+        (dict(session="not-a-token"), "unknown or expired"),
+    ],
+)
+def test_predict_rejects_bad_input(predictor, recording, change, match):
+    _, _, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)
+    kw = dict(session=token, spike_times=[70.1, 70.2, 70.3], unit_ids=list(all_ids[:3]), context_start=70.0)
+    kw.update(change)
+    with pytest.raises(InputError, match=match):
+        predictor.predict(kw.pop("session"), kw.pop("spike_times"), kw.pop("unit_ids"), **kw)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        (([], []), {}, "no spikes"),
+        (([1.0, 2.0], ["a"]), {}, "one unit id per spike"),
+        (([1.0, 20.0], ["a", "a"]), dict(reference_window=(0.0, 5.0)), "at least 10 s"),
+        (([1.0, 30.0], ["a", "b"]), dict(units=[]), "zero units"),
+        (([1.0, 30.0], ["a", "b"]), dict(units=["a", "a", "b"]), "unique"),
+        (([1.0, 30.0], ["a", "c"]), dict(units=["a", "b"]), "not in the registered reference"),
+        (([30.0, 1.0], ["a", "b"]), dict(reference_window=(0.0, 60.0)), "not sorted"),
+        (([1.0, 70.0], ["a", "b"]), dict(reference_window=(0.0, 60.0)), "outside the window"),
+    ],
+)
+def test_register_rejects_bad_input(predictor, args, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        predictor.register(*args, **kwargs)
+
+
+def test_unknown_backend_and_bad_checkpoints(ckpt_path, tmp_path):
+    with pytest.raises(InputError, match="backend"):
+        Predictor.load(ckpt_path, backend="no-such-backend")
+    with pytest.raises(CheckpointError):
+        Predictor.load(tmp_path / "missing.safetensors")
+    # Weights that do not fit the stored config are named, not a torch traceback.
+    model, norm, ck = load_model(ckpt_path)
+    bad = dict(ck.state_dict)
+    bad.pop(next(iter(bad)))
+    from nh_serve.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "bad.safetensors", state_dict=bad, config=ck.config, feature_norm=ck.feature_norm)
+    with pytest.raises(CheckpointError, match="missing"):
+        Predictor.load(tmp_path / "bad.safetensors")
+    cfg = dict(ck.config, dim=64)
+    save_checkpoint(tmp_path / "bad2.safetensors", state_dict=ck.state_dict, config=cfg, feature_norm=ck.feature_norm)
+    with pytest.raises(CheckpointError, match="shape"):
+        Predictor.load(tmp_path / "bad2.safetensors")
+
+
+def test_multimodal_model_serves_with_and_without_extra_inputs(tmp_path, recording):
+    torch.manual_seed(0)
+    model = NeuroHorizon(get_config("nh-tiny", behavior_dim=2, image_dim=8))
+    save_model(tmp_path / "mm.safetensors", model, feature_norm=FeatureNorm.identity())
+    p = Predictor.load(tmp_path / "mm.safetensors")
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = p.register(rt, rid, reference_window=(0.0, 60.0))
+    ct, cid = _window(recording, 70.0, 71.0)
+    plain = p.predict(token, ct, cid, context_start=70.0)
+    rng = np.random.default_rng(0)
+    beh = (np.linspace(70.0, 70.99, 50), rng.normal(size=(50, 2)))
+    img = (np.array([70.3, 70.8]), rng.normal(size=(2, 8)))
+    full = p.predict(token, ct, cid, context_start=70.0, behavior=beh, images=img)
+    assert np.all(np.isfinite(plain.rates_hz)) and np.all(np.isfinite(full.rates_hz))
+    assert not np.allclose(plain.rates_hz, full.rates_hz)
+    with pytest.raises(InputError, match="image"):
+        p.predict(token, ct, cid, context_start=70.0, images=(np.array([70.3]), np.ones((1, 5))))
