@@ -19,12 +19,19 @@ COMMAND_MODULES = (
     "nh_serve.demo",
     "nh_serve.synth",
     "nh_serve.ingest.cli",
+    "training.train",
+    "nh_serve.quality",
+    "export.cli",
+    "nh_serve.score.cli",
 )
 
 # Modules with ``nh-serve bench <name>`` subcommands.
 BENCH_MODULES = (
     "nh_serve.bench_features",
     "nh_serve.bench_forward",
+    "nh_serve.bench_predict",
+    "nh_serve.bench_service",
+    "nh_serve.bench_score",
 )
 
 

@@ -156,6 +156,11 @@ class PerNeuronHead(nn.Module):
         log_rate = h @ w_out + b_out + unit_offset[:, :, None]         # (B, U, T)
 
     GELU is the exact (erf) GELU.
+
+    ``fused_combine`` is None (the reference :meth:`combine`, the only path TorchScript and
+    ONNX see) unless an inference backend sets it, on a copy of the model sharing its
+    weights (``kernels.backend``), to a callable with :meth:`combine`'s signature that
+    reads this module's weights (e.g. the fused Triton head).
     """
 
     def __init__(self, *, bin_dim: int, unit_dim: int, hidden: int, n_layers: int):
@@ -164,6 +169,7 @@ class PerNeuronHead(nn.Module):
         self.unit_proj = nn.Linear(unit_dim, hidden, bias=False)  # W_u
         self.hidden_layers = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(n_layers - 2)])
         self.out = nn.Linear(hidden, 1)
+        self.fused_combine = None  # optional kernel replacing combine() (see the class docstring)
 
     def unit_part(self, unit_vec: Tensor) -> Tensor:
         """``(B, U, unit_dim)`` -> ``(B, U, H)``: ``W_u @ unit_vec`` (no bias)."""
@@ -179,6 +185,8 @@ class PerNeuronHead(nn.Module):
         ``unit_offset`` ``(B, U)``, if given, is added to every bin of its unit (the model
         passes the log persistence baseline here).
         """
+        if self.fused_combine is not None:
+            return self.fused_combine(unit_part, bin_part, unit_offset)
         h = F.gelu(unit_part.unsqueeze(2) + bin_part.unsqueeze(1))  # (B, U, T, H)
         for layer in self.hidden_layers:
             h = F.gelu(layer(h))  # (B, U, T, H)

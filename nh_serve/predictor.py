@@ -27,12 +27,16 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+# Inference backends (torch, torch-compile, torchscript, onnxruntime, plugins such as the Triton
+# kernels) live in nh_serve.backends; BACKENDS and TorchBackend are re-exported for existing callers.
+from nh_serve.backends import BACKENDS, Backend, TorchBackend, make_backend, open_artifact_model  # noqa: F401
 from nh_serve.errors import InputError
 from nh_serve.features import MIN_REFERENCE_S, FeatureNorm, reference_features, reference_rate_hz
 from nh_serve.spikes import bin_counts, check_spikes, units_to_index
@@ -128,22 +132,6 @@ class SessionCache:
             self.evictions += 1
 
 
-class TorchBackend:
-    """Eager PyTorch: the reference path every other backend is checked against."""
-
-    name = "torch"
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, batch: dict[str, torch.Tensor], unit_embeddings: torch.Tensor) -> torch.Tensor:
-        """``batch`` from :func:`collate` (without ``unit_features``) -> ``(B, U, T)`` log-rate in Hz."""
-        return self.model.forward_with_embeddings(unit_embeddings, **batch)
-
-
-BACKENDS = {"torch": TorchBackend}
-
-
 def _as_unit_ids(ids: Any, name: str) -> np.ndarray:
     a = np.asarray(ids)
     if a.ndim != 1:
@@ -162,30 +150,49 @@ class Predictor:
         model,
         feature_norm: FeatureNorm,
         checkpoint=None,
-        backend: str = "torch",
+        backend: str | Backend = "torch",
         max_sessions: int = 64,
         session_ttl_s: float = 3600.0,
+        threads: int | None = None,
+        cache_dir=None,
     ):
+        """``backend``: a name of :data:`nh_serve.backends.BACKENDS`, ``"auto"`` or a built
+        :class:`~nh_serve.backends.Backend`; ``threads``: intra-op threads (onnxruntime sessions;
+        for torch backends ``torch.set_num_threads``, process-wide, only when given); ``cache_dir``:
+        where on-the-fly exports are cached (see :func:`nh_serve.backends.cache_dir`)."""
         self.model = model.eval()
         self.cfg = model.cfg
         self.feature_norm = feature_norm
         self.checkpoint = checkpoint
         self.model_hash = checkpoint.short_hash if checkpoint is not None else "unsaved"
         self.sessions = SessionCache(max_sessions=max_sessions, ttl_s=session_ttl_s)
-        if backend == "auto":
-            backend = "torch"
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))} or 'auto'")
-        self.backend_name = backend
-        self._backend = BACKENDS[backend](model)
+        self._backend = make_backend(
+            backend, model=model, checkpoint=checkpoint, feature_norm=feature_norm, threads=threads, cache_dir=cache_dir
+        )
+        self.backend_name = self._backend.name
 
     @classmethod
-    def load(cls, checkpoint=None, *, backend: str = "auto", **kwargs) -> Predictor:
-        """Load a checkpoint file (``None`` or ``"default"``: the built-in one)."""
+    def load(cls, checkpoint=None, *, backend: str = "auto", threads: int | None = None, **kwargs) -> Predictor:
+        """Load a checkpoint file (``None`` or ``"default"``: the built-in one) or an exported artifact.
+
+        An artifact (``.onnx``, or a TorchScript ``.pt`` / ``.ts`` from ``nh-serve export``) carries
+        its config and feature normalisation; it runs on its own backend (``onnxruntime`` /
+        ``torchscript``; ``"auto"`` picks it) and reports its source checkpoint's hash.
+        """
+        art_model = open_artifact_model(checkpoint, threads=threads)
+        if art_model is not None:
+            return cls(
+                model=art_model,
+                feature_norm=art_model.artifact.feature_norm,
+                checkpoint=art_model.artifact,
+                backend=backend,
+                threads=threads,
+                **kwargs,
+            )
         from nh_serve.checkpoint import load_model
 
         model, norm, ckpt = load_model(checkpoint)
-        return cls(model=model, feature_norm=norm, checkpoint=ckpt, backend=backend, **kwargs)
+        return cls(model=model, feature_norm=norm, checkpoint=ckpt, backend=backend, threads=threads, **kwargs)
 
     # ------------------------------------------------------------------ registration
     def register(
@@ -474,6 +481,7 @@ class Predictor:
             "name": self.cfg.name,
             "hash": self.model_hash,
             "backend": self.backend_name,
+            "backend_details": self._backend.describe(),
             "config": self.cfg.to_dict(),
             "training": ck.training if ck is not None else {},
             "metrics": ck.metrics if ck is not None else {},

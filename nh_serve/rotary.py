@@ -19,9 +19,19 @@ the attention modules only normalise, project and reshape around it, so a fused
 kernel can replace exactly that function. Everything here is written to be
 TorchScript- and ONNX-exportable: no tuple-unpacking of tensors, no Python
 branching on tensor values.
+
+Fused replacement: each attention module has a ``fused_attention`` attribute,
+None by default, which selects the reference path above (the only one TorchScript
+and ONNX ever see: TorchScript drops the branch of a None attribute). An
+inference backend may set it, on a copy of the model that shares its weights
+(``kernels.backend``), to a :class:`FusedAttention` callable, which then replaces
+the head split, :func:`rotary_attention` and the head merge; the module's norms,
+projections and masking stay as they are.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +155,42 @@ def rotary_attention(
     return out  # (B, H, Nq, Dh)
 
 
+class FusedAttention(Protocol):
+    """What a module's ``fused_attention`` must be: a drop-in for its attention core."""
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_t: Tensor,
+        k_t: Tensor,
+        freqs: Tensor,
+        *,
+        key_mask: Tensor | None,
+        kv_index: Tensor | None,
+        heads: int,
+        rotate_value: bool,
+        causal: bool,
+    ) -> Tensor:
+        """``q`` ``(B, Nq, H * Dh)`` projected queries; ``k``, ``v`` ``(B, Nk, H * Dh)`` projected
+        keys / values, or, with ``kv_index`` ``(B, Nk)`` int64, ``(B, M, H * Dh)`` tables whose row
+        ``kv_index[b, n]`` is key ``n`` of batch element ``b``; times, ``freqs``, ``key_mask``,
+        ``rotate_value`` and ``causal`` as in :func:`rotary_attention`. Returns ``(B, Nq, H * Dh)``,
+        equal to ``merge_heads(rotary_attention(split_heads(q, heads), ...))`` on the gathered keys.
+        """
+        ...
+
+
+def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``out[b, n] = table[b, index[b, n]]``: ``(B, M, C)`` table, ``(B, N)`` int64 index -> ``(B, N, C)``."""
+    B = table.shape[0]
+    M = table.shape[1]
+    offsets = torch.arange(B, device=index.device).unsqueeze(1) * M  # (B, 1)
+    rows = (index + offsets).reshape(-1)  # (B * N,)
+    return table.reshape(B * M, -1).index_select(0, rows).reshape(B, index.shape[1], -1)
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """``(B, N, H * Dh)`` -> ``(B, H, N, Dh)`` (a view)."""
     return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
@@ -186,6 +232,7 @@ class RotaryCrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        self.fused_attention = None  # optional kernel replacing the attention core (module docstring)
 
     def forward(
         self,
@@ -233,13 +280,8 @@ class RotaryCrossAttention(nn.Module):
             context_index: ``(B, Nk)`` int64 row of each token in ``context_table``.
             (other arguments as in :meth:`forward`)
         """
-        B = context_table.shape[0]
-        M = context_table.shape[1]
         kv_table = self.to_kv(self.norm_context(context_table))  # (B, M, 2*H*Dh)
-        offsets = torch.arange(B, device=context_index.device).unsqueeze(1) * M  # (B, 1)
-        rows = (context_index + offsets).reshape(-1)  # (B * Nk,)
-        kv = kv_table.reshape(B * M, -1).index_select(0, rows).reshape(B, context_index.shape[1], -1)
-        return self._attend(x, kv, x_times, context_times, freqs, context_mask)  # (B, Nq, dim)
+        return self._attend(x, kv_table, x_times, context_times, freqs, context_mask, context_index)
 
     def _attend(
         self,
@@ -249,23 +291,47 @@ class RotaryCrossAttention(nn.Module):
         context_times: Tensor,
         freqs: Tensor,
         context_mask: Tensor | None,
+        kv_index: Tensor | None = None,
     ) -> Tensor:
-        """Queries from ``x (B, Nq, dim)``, projected keys/values ``kv (B, Nk, 2*H*Dh)`` -> ``(B, Nq, dim)``."""
+        """Queries from ``x (B, Nq, dim)``, projected keys/values ``kv (B, Nk, 2*H*Dh)`` -> ``(B, Nq, dim)``.
+
+        With ``kv_index`` ``(B, Nk)``, ``kv`` is a ``(B, M, 2*H*Dh)`` table and key ``n`` is its row
+        ``kv_index[:, n]`` (gathered here, or read in place by a fused kernel).
+        """
         q = self.to_q(self.norm(x))  # (B, Nq, H*Dh)
-        k = kv[..., : self.inner]  # (B, Nk, H*Dh)
-        v = kv[..., self.inner :]  # (B, Nk, H*Dh)
-        out = rotary_attention(
-            split_heads(q, self.heads),
-            split_heads(k, self.heads),
-            split_heads(v, self.heads),
-            x_times,
-            context_times,
-            freqs,
-            key_mask=context_mask,
-            rotate_value=self.rotate_value,
-            causal=False,
-        )  # (B, H, Nq, Dh)
-        out = self.to_out(merge_heads(out))  # (B, Nq, dim)
+        if self.fused_attention is not None:
+            out = self.fused_attention(
+                q,
+                kv[..., : self.inner],
+                kv[..., self.inner :],
+                x_times,
+                context_times,
+                freqs,
+                key_mask=context_mask,
+                kv_index=kv_index,
+                heads=self.heads,
+                rotate_value=self.rotate_value,
+                causal=False,
+            )  # (B, Nq, H*Dh)
+        else:
+            if kv_index is not None:
+                kv = gather_rows(kv, kv_index)  # (B, Nk, 2*H*Dh)
+            k = kv[..., : self.inner]  # (B, Nk, H*Dh)
+            v = kv[..., self.inner :]  # (B, Nk, H*Dh)
+            out = merge_heads(
+                rotary_attention(
+                    split_heads(q, self.heads),
+                    split_heads(k, self.heads),
+                    split_heads(v, self.heads),
+                    x_times,
+                    context_times,
+                    freqs,
+                    key_mask=context_mask,
+                    rotate_value=self.rotate_value,
+                    causal=False,
+                )
+            )  # (B, Nq, H*Dh)
+        out = self.to_out(out)  # (B, Nq, dim)
         if context_mask is not None:
             has_context = context_mask.any(dim=-1).to(out.dtype)  # (B,)
             out = out * has_context[:, None, None]
@@ -297,6 +363,7 @@ class RotarySelfAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        self.fused_attention = None  # optional kernel replacing the attention core (module docstring)
 
     def forward(self, x: Tensor, times: Tensor, freqs: Tensor, mask: Tensor | None = None) -> Tensor:
         """Self-attention over ``x`` ``(B, N, dim)`` at ``times`` ``(B, N)`` seconds.
@@ -307,15 +374,32 @@ class RotarySelfAttention(nn.Module):
         q = qkv[..., : self.inner]
         k = qkv[..., self.inner : 2 * self.inner]
         v = qkv[..., 2 * self.inner :]
-        out = rotary_attention(
-            split_heads(q, self.heads),
-            split_heads(k, self.heads),
-            split_heads(v, self.heads),
-            times,
-            times,
-            freqs,
-            key_mask=mask,
-            rotate_value=self.rotate_value,
-            causal=self.causal,
-        )  # (B, H, N, Dh)
-        return self.to_out(merge_heads(out))  # (B, N, dim)
+        if self.fused_attention is not None:
+            out = self.fused_attention(
+                q,
+                k,
+                v,
+                times,
+                times,
+                freqs,
+                key_mask=mask,
+                kv_index=None,
+                heads=self.heads,
+                rotate_value=self.rotate_value,
+                causal=self.causal,
+            )  # (B, N, H*Dh)
+        else:
+            out = merge_heads(
+                rotary_attention(
+                    split_heads(q, self.heads),
+                    split_heads(k, self.heads),
+                    split_heads(v, self.heads),
+                    times,
+                    times,
+                    freqs,
+                    key_mask=mask,
+                    rotate_value=self.rotate_value,
+                    causal=self.causal,
+                )
+            )  # (B, N, H*Dh)
+        return self.to_out(out)  # (B, N, dim)

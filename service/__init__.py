@@ -1,0 +1,17 @@
+"""The nh-serve HTTP service (BentoML 1.4).
+
+Start it with ``bash scripts/serve.sh`` (or ``bentoml serve service.service:NHServe``);
+the OpenAPI page is at ``/docs``. Modules:
+
+* :mod:`service.settings` -- limits and options read from ``NH_SERVE_*`` environment variables;
+* :mod:`service.schemas` -- the pydantic request/response models (every field documented with units);
+* :mod:`service.handlers` -- the framework-free request handling on top of :class:`nh_serve.predictor.Predictor`;
+* :mod:`service.middleware` -- body-size limit (413), JSON bodies whatever the Content-Type, readable validation errors;
+* :mod:`service.metrics` -- Prometheus counters and histograms added to ``/metrics``;
+* :mod:`service.launcher` -- start/stop ``bentoml serve`` from Python (tests, benchmarks);
+* :mod:`service.service` -- the BentoML service class ``NHServe``.
+
+Only :mod:`service.service` imports BentoML, and none of them imports torch at
+import time: the `bentoml serve` supervisor stays small, and the schemas can be
+used to build requests without loading a model.
+"""

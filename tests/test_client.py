@@ -1,0 +1,287 @@
+"""Tests for nh_serve.client (against the shared test server) and its wire encodings (nh_serve.wire)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from service_server import shared_server, stop_shared_server
+
+from nh_serve.client import Client, RequestRejected, ServerError, SessionNotFound
+from nh_serve.errors import InputError
+from nh_serve.predictor import Prediction, Predictor
+from nh_serve.synth import make_session
+from nh_serve.wire import TooLarge, decode_array, decode_spikes, encode_array, encode_spikes
+
+# ----------------------------------------------------------------------------- wire encodings
+
+
+def test_encode_decode_round_trips_exactly():
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 60, 1000))
+    enc = encode_array(x, dtype="float64")
+    assert enc["dtype"] == "float64" and enc["shape"] == [1000]
+    assert base64.b64decode(enc["b64"]) == x.astype("<f8").tobytes()  # raw little-endian values
+    np.testing.assert_array_equal(decode_array(enc, name="x"), x)
+    m = rng.normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(decode_array(encode_array(m), name="m", ndim=2), m)
+    i = np.array([0, 5, 2**31 - 1], dtype=np.int32)
+    assert decode_array(encode_array(i), name="i", kinds="i").tolist() == [0, 5, 2**31 - 1]
+    # JSON lists
+    assert decode_array([1, 2.5], name="l").tolist() == [1.0, 2.5]
+    assert decode_array([], name="l").shape == (0,)
+
+
+def test_npy_form_numbers_strings_big_endian_and_fortran():
+    ids = np.array(["u1", "unit_22", "x"])
+    np.testing.assert_array_equal(decode_array(encode_array(ids, npy=True), name="ids", kinds="iU"), ids)
+    for a in (np.arange(6, dtype=">f8").reshape(2, 3), np.asfortranarray(np.arange(6.0).reshape(2, 3))):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        got = decode_array({"npy": base64.b64encode(buf.getvalue()).decode()}, name="a", ndim=2)
+        np.testing.assert_array_equal(got, np.asarray(a, dtype=float))
+
+
+def test_pickled_or_malformed_npy_is_refused():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="no pickles"):
+        decode_array({"npy": base64.b64encode(buf.getvalue()).decode()}, name="x")
+    buf = io.BytesIO()
+    np.save(buf, np.arange(10.0))
+    truncated = buf.getvalue()[:-8]
+    with pytest.raises(InputError, match="9 values|80 bytes"):
+        decode_array({"npy": base64.b64encode(truncated).decode()}, name="x")
+    with pytest.raises(InputError, match="not a valid .npy"):
+        decode_array({"npy": base64.b64encode(b"hello world").decode()}, name="x")
+
+
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        ({"b64": "!!!", "dtype": "float64"}, "base64"),
+        ({"b64": "AAAA", "dtype": "float64"}, "3 bytes"),
+        ({"b64": "AAAAAAAAAAA=", "dtype": "float16"}, "dtype"),
+        ({"b64": base64.b64encode(b"\0" * 16).decode(), "dtype": "float64", "shape": [3]}, "shape"),
+        ({"dtype": "float64"}, "b64"),
+        ({"npy": "AA==", "b64": "AA=="}, "only the key"),
+        ("1,2,3", "JSON list"),
+        ([[1, 2], [3]], "same length"),
+        ([1, "a"], "numbers"),
+        ([True, False], "true/false"),
+    ],
+)
+def test_bad_wire_arrays_name_the_field(obj, match):
+    with pytest.raises(InputError, match=match) as e:
+        decode_array(obj, name="context.times", kinds="f")
+    assert str(e.value).startswith("context.times")
+
+
+def test_limits_raise_too_large_before_decoding():
+    with pytest.raises(TooLarge, match="limit of 4"):
+        decode_array(encode_array(np.zeros(5)), name="x", max_items=4)
+    with pytest.raises(TooLarge):
+        decode_array([0.0] * 5, name="x", max_items=4)
+    with pytest.raises(TooLarge, match="unit_table"):
+        decode_spikes(
+            {"times": [1.0], "unit_ids": [0], "unit_table": ["a", "b", "c"]}, name="ref", max_units=2
+        )
+
+
+def test_encode_spikes_is_compact_and_decodes_to_the_ids():
+    t = np.array([0.1, 0.2, 0.3, 0.4])
+    ids = np.array([7, 3, 7, 12])
+    w = encode_spikes(t, ids)
+    assert w["unit_table"] == ["3", "7", "12"]
+    assert w["unit_ids"]["dtype"] == "int32"
+    times, got = decode_spikes(w, name="s")
+    np.testing.assert_array_equal(times, t)
+    assert got.tolist() == ["7", "3", "7", "12"]
+    times, got = decode_spikes(encode_spikes(t, ids.astype(str), binary=False), name="s")
+    assert got.tolist() == ["7", "3", "7", "12"]
+    with pytest.raises(InputError, match="outside unit_table"):
+        decode_spikes({"times": [1.0], "unit_ids": [5], "unit_table": ["a"]}, name="s")
+    with pytest.raises(InputError, match="2 spike times but 1"):
+        decode_spikes({"times": [1.0, 2.0], "unit_ids": ["a"]}, name="s")
+
+
+# ----------------------------------------------------------------------------- against the server
+
+
+@pytest.fixture(scope="session")
+def server():
+    yield shared_server()
+    stop_shared_server()  # session fixtures end after the last test of every module
+
+
+@pytest.fixture(scope="module")
+def local(server):
+    return Predictor.load(str(server.checkpoint))
+
+
+@pytest.fixture(scope="module")
+def rec():
+    d = make_session(seed=5, n_units=25, duration=70.0)
+    return d["spike_times"], d["unit_ids"][d["unit_index"]]
+
+
+def _win(rec, start):
+    t, ids = rec
+    m = (t >= start) & (t < start + 1.0)
+    return t[m], ids[m]
+
+
+@pytest.mark.parametrize("encoding", ["base64", "json"])
+def test_client_round_trip_equals_local_predictor(server, local, rec, encoding):
+    t, ids = rec
+    ref = t < 60.0
+    with Client(server.url, encoding=encoding) as remote:
+        for p in (remote, local):  # the same calls work on both
+            token = p.register(t[ref], ids[ref], reference_window=(0.0, 60.0))
+            ct, cids = _win(rec, 61.0)
+            pred = p.predict(token, ct, cids, context_start=61.0, horizon_s=0.6)
+            batch = p.predict_batch(
+                token,
+                [
+                    dict(spike_times=_win(rec, s)[0], unit_ids=_win(rec, s)[1], context_start=s)
+                    for s in (60.0, 65.5)
+                ],
+            )
+            if p is remote:
+                r_pred, r_batch = pred, batch
+            else:
+                l_pred, l_batch = pred, batch
+    assert isinstance(r_pred, Prediction) and r_pred.rates_hz.dtype == np.float32
+    assert r_pred.rates_hz.shape == (25, 30)
+    np.testing.assert_allclose(r_pred.rates_hz, l_pred.rates_hz, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(r_pred.bin_edges, l_pred.bin_edges)
+    np.testing.assert_array_equal(r_pred.unit_ids, l_pred.unit_ids)
+    assert (r_pred.model, r_pred.model_hash) == (l_pred.model, l_pred.model_hash)
+    np.testing.assert_allclose(r_pred.expected_counts, l_pred.expected_counts, rtol=1e-5, atol=1e-8)
+    assert len(r_batch) == 2
+    for a, b in zip(r_batch, l_batch):
+        np.testing.assert_allclose(a.rates_hz, b.rates_hz, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a.bin_edges, b.bin_edges)
+
+
+def test_client_errors_carry_the_servers_message(server, rec):
+    t, ids = rec
+    with Client(server.url) as c:
+        token = c.register(t[t < 60], ids[t < 60], reference_window=(0.0, 60.0), units=np.unique(ids))
+        assert c.unit_ids(token).tolist() == sorted(np.unique(ids).tolist())
+        ct, cids = _win(rec, 62.0)
+        with pytest.raises(RequestRejected) as e:
+            c.predict(token, ct[::-1], cids[::-1], context_start=62.0)
+        assert e.value.status_code == 400 and "sorted" in str(e.value) and "context" in e.value.message
+        assert isinstance(e.value, InputError)
+        with pytest.raises(SessionNotFound) as e:
+            c.predict("not-a-token", ct, cids, context_start=62.0)
+        assert e.value.status_code == 404 and "register the reference again" in e.value.message
+        with pytest.raises(RequestRejected, match="reference_start/reference_end"):
+            c.register(t[t < 5], ids[t < 5], reference_window=(0.0, 5.0))
+        with pytest.raises(InputError, match="missing field"):
+            c.predict_batch(token, [dict(spike_times=ct, unit_ids=cids)])
+        info = c.info()
+        assert info["name"] == "nh-tiny" and "limits" in info
+        assert c.ready()
+
+
+def _mock_client(handler, **kw) -> tuple[Client, list]:
+    calls = []
+
+    def wrapped(request):
+        calls.append(request)
+        return handler(request, len(calls))
+
+    return Client(
+        "http://nh-serve.test", backoff_s=0.001, transport=httpx.MockTransport(wrapped), **kw
+    ), calls
+
+
+def test_retries_connection_errors_and_503_with_backoff_but_not_4xx():
+    def flaky(request, n):
+        if n == 1:
+            raise httpx.ConnectError("refused", request=request)
+        if n == 2:
+            return httpx.Response(503, json={"error": "warming up"})
+        return httpx.Response(200, json={"name": "ok"})
+
+    c, calls = _mock_client(flaky, retries=3)
+    assert c.info() == {"name": "ok"} and len(calls) == 3
+
+    c, calls = _mock_client(lambda r, n: httpx.Response(400, json={"error": "context: bad"}), retries=3)
+    with pytest.raises(RequestRejected, match="context: bad"):
+        c.info()
+    assert len(calls) == 1  # a 4xx is never retried
+
+    c, calls = _mock_client(lambda r, n: httpx.Response(500, json={"error": "boom"}), retries=3)
+    with pytest.raises(ServerError, match="boom") as e:
+        c.info()
+    assert e.value.status_code == 500 and len(calls) == 1
+
+    def down(request, n):
+        raise httpx.ConnectError("refused", request=request)
+
+    c, calls = _mock_client(down, retries=2)
+    with pytest.raises(ServerError, match="3 attempt"):
+        c.info()
+    assert len(calls) == 3
+
+
+def test_unreachable_server_raises_server_error():
+    from service_server import free_port
+
+    c = Client(f"http://127.0.0.1:{free_port()}", timeout=1.0, retries=1, backoff_s=0.01)
+    assert not c.ready()
+    with pytest.raises(ServerError, match="ConnectError"):
+        c.register(np.array([1.0]), np.array(["a"]))
+
+
+def test_client_argument_checks():
+    with pytest.raises(InputError, match="encoding"):
+        Client("http://x", encoding="xml")
+    with pytest.raises(InputError, match="retries"):
+        Client("http://x", retries=-1)
+
+
+def test_stream_predictions_example_runs(server, tmp_path):
+    """examples/stream_predictions.py streams a small synthetic recording through the server and writes a PNG."""
+    import importlib.util
+
+    from nh_serve.session import write_session
+
+    d = make_session(seed=9, n_units=12, duration=66.0, multimodal=True)
+    keys = (
+        "spike_times",
+        "unit_index",
+        "unit_ids",
+        "start",
+        "end",
+        "behavior",
+        "image_embeddings",
+        "true_rates",
+    )
+    session = write_session(tmp_path / "rec.h5", **{k: d[k] for k in keys})
+    path = Path(__file__).resolve().parents[1] / "examples" / "stream_predictions.py"
+    spec = importlib.util.spec_from_file_location("stream_predictions", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "plot.png"
+    argv = [
+        "--url",
+        server.url,
+        "--session",
+        str(session),
+        "--windows",
+        "3",
+        "--units",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert mod.main(argv) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,216 @@
+"""Quality benchmark (nh_serve.quality, ``nh-serve eval``) on a tiny checkpoint and synthetic recordings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nh_serve import quality
+from nh_serve.checkpoint import save_model
+from nh_serve.config import get_config
+from nh_serve.errors import InputError
+from nh_serve.evaluation import collect_targets, oracle_rates, plan_windows
+from nh_serve.features import FeatureNorm
+from nh_serve.metrics import evaluate
+from nh_serve.model import NeuroHorizon
+from nh_serve.predictor import Predictor
+from nh_serve.session import open_session
+from nh_serve.synth import write_synthetic_sessions
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    sessions = write_synthetic_sessions(root / "synth", n_sessions=2, seed=5, duration=40.0, n_units=8)
+    torch.manual_seed(0)
+    model = NeuroHorizon(get_config("nh-tiny"))
+    ckpt = save_model(root / "tiny.safetensors", model, feature_norm=FeatureNorm.identity())
+    torch.manual_seed(1)
+    abl = quality.build_model(get_config("nh-tiny"), head_ablation="no_activity")
+    save_model(
+        root / "noact.safetensors",
+        abl,
+        feature_norm=FeatureNorm.identity(),
+        training={"head_ablation": "no_activity"},
+    )
+    return root, sessions, ckpt
+
+
+def _cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    quality.add_cli(p.add_subparsers())
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_auto_reference_and_history_counts():
+    assert quality.auto_reference_s(120.0) == 30.0  # the 2-minute IBL recording
+    assert quality.auto_reference_s(2820.0) == 60.0
+    assert quality.auto_reference_s(20.0) == 10.0
+    t = np.array([0.5, 1.0, 2.0, 4.9, 5.0, 7.0])
+    u = np.array([0, 1, 0, 1, 0, 2])
+    counts, dur = quality.history_counts(t, u, n_units=4, ctx_start=5.0, history_s=3.0, start=0.0)
+    np.testing.assert_array_equal(counts, [1, 1, 0, 0])  # [2, 5): spikes at 2.0 (unit 0) and 4.9 (unit 1)
+    assert dur == 3.0
+    counts, dur = quality.history_counts(t, u, n_units=4, ctx_start=5.0, history_s=30.0, start=0.2)
+    np.testing.assert_array_equal(counts, [2, 2, 0, 0])
+    assert dur == pytest.approx(4.8)
+
+
+def test_eval_json_equals_metric_functions(setup, tmp_path):
+    root, sessions, _ = setup
+    out = tmp_path / "q.json"
+    rc = _cli(
+        [
+            "eval",
+            "--checkpoint",
+            str(root / "tiny.safetensors"),
+            *map(str, sessions),
+            "--json",
+            str(out),
+            "--stride",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert len(res["recordings"]) == 2 and res["summary"]["synthetic_recordings"] == 2
+
+    # The same figures computed by hand with the shared functions.
+    p = Predictor.load(root / "tiny.safetensors")
+    cfg = p.cfg
+    per_session = []
+    for path, rec in zip(sessions, res["recordings"]):
+        with open_session(path) as s:
+            plan = plan_windows(start=s.start, end=s.end, reference_s=10.0, stride_s=2.0)
+            targets = collect_targets(s, plan, progress=False)
+            oracle = oracle_rates(s, plan)
+            t, u = s.spikes(s.start, s.end)
+            ids = np.asarray(s.unit_ids).astype(str)
+            start = s.start
+        assert rec["reference_s"] == [pytest.approx(plan.reference[0]), pytest.approx(plan.reference[1])]
+        r0, r1 = plan.reference
+        ref = (t >= r0) & (t < r1)
+        token = p.register(t[ref], ids[u[ref]], reference_window=(r0, r1), units=ids)
+        wins = []
+        for c in plan.ctx_starts:
+            ctx = (t >= c) & (t < c + cfg.context_s)
+            h0 = max(start, c - cfg.history_s)
+            hist = np.array(
+                [np.sum((u == k) & (t >= h0) & (t < c)) for k in range(ids.size)], dtype=np.float32
+            )
+            wins.append(
+                {
+                    "spike_times": t[ctx],
+                    "unit_ids": ids[u[ctx]],
+                    "context_start": float(c),
+                    "history_counts": hist,
+                    "history_duration_s": c - h0,
+                }
+            )
+        rates = np.stack([pr.expected_counts for pr in p.predict_batch(token, wins)])
+        direct = {
+            "model": evaluate(rates, targets.counts, bin_size=plan.bin_size),
+            "oracle": evaluate(oracle, targets.counts, bin_size=plan.bin_size),
+            **{n: evaluate(b, targets.counts, bin_size=plan.bin_size) for n, b in targets.baselines.items()},
+        }
+        assert set(rec["scores"]) == set(direct)
+        for name, m in direct.items():
+            got = rec["scores"][name]
+            for key in ("bits_per_spike", "correlation", "r2", "corr_unit_mean", "r2_unit_mean"):
+                assert got[key] == pytest.approx(m[key], rel=1e-6, abs=1e-9), (name, key)
+            for band, b in m["per_band"].items():
+                assert got["bands"][band] == pytest.approx(b["bits_per_spike"], rel=1e-6, abs=1e-9)
+        per_session.append({n: m["bits_per_spike"] for n, m in direct.items()})
+    mean = res["summary"]["synthetic_mean"]
+    for name in per_session[0]:
+        assert mean[name]["bits_per_spike"] == pytest.approx(
+            np.mean([d[name] for d in per_session]), rel=1e-6
+        )
+    assert res["summary"]["fraction_of_oracle"]["model"] == pytest.approx(
+        mean["model"]["bits_per_spike"] / mean["oracle"]["bits_per_spike"], rel=1e-6
+    )
+
+
+def test_compare_adapt_and_report(setup, tmp_path):
+    root, sessions, _ = setup
+    out = tmp_path / "q.json"
+    rc = _cli(
+        [
+            "eval",
+            "--checkpoint",
+            str(root / "tiny.safetensors"),
+            "--compare",
+            f"noact={root / 'noact.safetensors'}",
+            str(sessions[0]),
+            "--adapt-steps",
+            "3",
+            "--max-windows",
+            "4",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    rec = res["recordings"][0]
+    assert rec["windows"] == 4
+    assert {"model", "model adapted", "noact", "noact adapted", "oracle", "persistence"} <= set(rec["scores"])
+    assert rec["adaptation"]["model"]["steps"] == 3 and rec["adaptation"]["model"]["seconds"] > 0
+    assert res["checkpoints"]["noact"]["head_ablation"] == "no_activity"
+    assert res["command"].startswith("nh-serve eval --checkpoint")
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkeep me\n")
+    assert _cli(["eval", "--report", str(out), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "keep me" in text and "<!-- quality:start -->" in text and "| noact adapted |" in text
+
+
+def test_no_activity_ablation_ignores_activity_inputs(setup):
+    root, _, _ = setup
+    p = quality.load_predictor(root / "noact.safetensors")
+    m = p.model
+    assert type(m).__name__ == "NoActivityHorizon" and not m.cfg.baseline_offset
+    emb = torch.randn(1, 3, m.cfg.dim)
+    v1 = m.unit_vectors(emb, torch.rand(1, 3, 3) * 10, torch.rand(1, 3) * 5, torch.rand(1, 3) * 5)
+    v2 = m.unit_vectors(emb, torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.zeros(1, 3))
+    assert torch.equal(v1, v2) and torch.equal(v1[..., : m.cfg.dim], emb)
+    # The plain model does use them.
+    q = quality.load_predictor(root / "tiny.safetensors").model
+    assert not torch.equal(
+        q.unit_vectors(emb, torch.ones(1, 3, 3), torch.ones(1, 3), torch.ones(1, 3)),
+        q.unit_vectors(emb, torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.zeros(1, 3)),
+    )
+
+
+def test_bad_input(setup, tmp_path):
+    root, sessions, _ = setup
+    ck = str(root / "tiny.safetensors")
+    with pytest.raises(InputError, match="reference-s: must be at least 10"):
+        _cli(["eval", "--checkpoint", ck, str(sessions[0]), "--reference-s", "5"])
+    with pytest.raises(InputError, match="expected NAME=PATH"):
+        _cli(["eval", "--checkpoint", ck, str(sessions[0]), "--compare", "nope"])
+    with pytest.raises(InputError, match="pass at least one session file"):
+        _cli(["eval", "--checkpoint", ck])
+    with pytest.raises(InputError, match="no prediction window fits outside the reference window"):
+        _cli(["eval", "--checkpoint", ck, str(sessions[0]), "--reference-s", "39", "--no-progress"])
+    with pytest.raises(InputError, match="pass --doc"):
+        _cli(["eval", "--report", str(tmp_path / "x.json")])
+    with pytest.raises(InputError):
+        _cli(["eval", "--checkpoint", str(tmp_path / "missing.safetensors"), str(sessions[0])])
+    assert Path(sessions[0]).is_file()

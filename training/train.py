@@ -1,0 +1,861 @@
+"""Train a NeuroHorizon model: ``python -m training.train --config NAME|FILE --data ... --out DIR``.
+
+A compact plain-PyTorch loop (also ``nh-serve train``):
+
+- **Samples**: each step draws ``batch_size`` (recording, window) pairs from the
+  training recordings (recording by ``session_weights``, context start uniform
+  in its training range, see :mod:`training.data`), tokenizes them with
+  :func:`nh_serve.model.tokenize` and pads them with :func:`nh_serve.model.collate`.
+  Target: the spike counts of the ``n_bins`` bins after the context.
+- **Loss**: :func:`nh_serve.model.poisson_loss` (mean Poisson NLL per unit and bin).
+- **Optimiser**: AdamW (weight decay on matrices only), linear warm-up for
+  ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr``; gradient-norm
+  clipping at ``grad_clip``; bf16 autocast on CUDA, float32 on CPU.
+- **Seeding**: the weights start from ``torch.manual_seed(seed)``; the windows
+  of step ``k`` on rank ``r`` come from ``Generator(PCG64([seed, r, k]))`` and
+  dropout from ``torch.manual_seed`` of the same triple, so the data order is a
+  function of the step alone and ``--resume`` continues it exactly.
+- **Splits**: whole recordings go to train / validation / test (``--val-data`` /
+  ``--test-data``, or a seeded split of ``--data`` by ``val_fraction`` /
+  ``test_fraction``); inside training recordings the last ``val_time_fraction``
+  of the time after the reference window is validation-in-time. The feature
+  normalisation is fitted on the training recordings only and travels in the
+  checkpoint.
+- **Validation** every ``val_every`` steps: Poisson loss and bits/spike over the
+  1 s horizon (:func:`nh_serve.metrics.bits_per_spike`, per recording, then
+  averaged) on validation recordings (``val_sessions``) and on the
+  validation-in-time windows (``val_time``).
+- **Checkpoints** every ``ckpt_every`` steps, all written atomically into
+  ``--out``: ``last.safetensors`` and ``best.safetensors`` (best validation
+  bits/spike; :func:`nh_serve.checkpoint.save_model` files that
+  ``Predictor.load`` reads) and ``train_state.safetensors`` (weights, AdamW
+  moments, step and bookkeeping; no pickle). ``--resume`` continues from it
+  with the same optimiser state, schedule and data order; a killed run loses at
+  most the steps since the last checkpoint.
+- **Distributed**: under ``torchrun`` the model is wrapped in
+  DistributedDataParallel (gloo on CPU, nccl on CUDA), every rank draws its own
+  windows (``batch_size`` is the global batch, split evenly), rank 0 validates
+  and writes checkpoints; at the end the ranks compare weight hashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nh_serve.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_model
+from nh_serve.config import CONFIGS, ModelConfig, get_config
+from nh_serve.errors import CheckpointError, InputError
+from nh_serve.features import MIN_REFERENCE_S, FeatureNorm
+from nh_serve.metrics import bits_per_spike
+from nh_serve.model import collate, poisson_loss
+from nh_serve.quality import HEAD_ABLATIONS, build_model
+from training.data import (
+    TrainSession,
+    apply_norm,
+    evenly_spaced,
+    find_sessions,
+    load_sessions,
+    pad_targets,
+    sample_windows,
+    session_weights,
+    split_sessions,
+    window_item,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+STATE_FILE = "train_state.safetensors"
+STATE_KIND = "nh-serve-train-state"
+
+
+# ================================================================================================
+# Training configuration
+# ================================================================================================
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run depends on besides its data (times in seconds).
+
+    Attributes:
+        name: label of the run configuration.
+        model: registered model config (``nh-tiny``, ``nh-small``, ``nh-base``).
+        model_overrides: fields of :class:`~nh_serve.config.ModelConfig` to change.
+        head_ablation: ``none`` or ``no_activity`` (the head gets no per-unit
+            activity input and no baseline offset: an ablation).
+        steps: optimiser steps.
+        batch_size: windows per step over all ranks.
+        lr: peak learning rate; min_lr_ratio: final lr as a fraction of ``lr``.
+        warmup_steps: linear warm-up steps (< steps).
+        weight_decay: AdamW weight decay on weight matrices; betas: AdamW betas.
+        grad_clip: max global gradient norm (0 = no clipping).
+        reference_s: reference-window length (short recordings use a quarter of their length, >= 10 s).
+        val_time_fraction: last fraction of each training recording (after its reference) kept for validation.
+        val_fraction, test_fraction: recordings held out when ``--val-data`` / ``--test-data`` are not given.
+        val_every: steps between validations (and the end).
+        ckpt_every: steps between checkpoints (and the end).
+        val_windows: validation windows per recording (evenly spaced).
+        session_weights: ``{substring of a recording name: sampling weight}`` (default weight 1).
+        seed: random seed.
+        threads: torch CPU threads (0 = leave torch's default).
+    """
+
+    name: str = "custom"
+    model: str = "nh-small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    head_ablation: str = "none"
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    reference_s: float = 60.0
+    val_time_fraction: float = 0.2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    val_every: int = 200
+    ckpt_every: int = 50
+    val_windows: int = 12
+    session_weights: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    threads: int = 0
+
+    def model_config(self) -> ModelConfig:
+        """The validated model config (InputError on inconsistent sizes)."""
+        if self.model not in CONFIGS:
+            raise InputError(f"training config: model {self.model!r} is not one of {', '.join(CONFIGS)}")
+        try:
+            return get_config(self.model, **self.model_overrides)
+        except (ValueError, TypeError) as e:
+            raise InputError(
+                f"training config: model_overrides do not give a valid {self.model} model: {e}"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+_INT_FIELDS = (
+    "steps",
+    "batch_size",
+    "warmup_steps",
+    "val_every",
+    "ckpt_every",
+    "val_windows",
+    "seed",
+    "threads",
+)
+_FLOAT_FIELDS = (
+    "lr",
+    "min_lr_ratio",
+    "weight_decay",
+    "grad_clip",
+    "reference_s",
+    "val_time_fraction",
+    "val_fraction",
+    "test_fraction",
+)
+
+
+def make_train_config(d: dict[str, Any], *, where: str = "training config") -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a dict (InputError saying what to fix)."""
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: must be a JSON object of fields, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InputError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+        )
+    d = dict(d)
+    for k in _INT_FIELDS:
+        if k in d and not (isinstance(d[k], int) and not isinstance(d[k], bool)):
+            raise InputError(f"{where}: {k} must be an integer, got {d[k]!r}")
+    for k in _FLOAT_FIELDS:
+        if k in d:
+            if isinstance(d[k], bool) or not isinstance(d[k], (int, float)) or not math.isfinite(d[k]):
+                raise InputError(f"{where}: {k} must be a finite number, got {d[k]!r}")
+            d[k] = float(d[k])
+    if "betas" in d:
+        b = d["betas"]
+        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, (int, float)) for x in b)):
+            raise InputError(f"{where}: betas must be two numbers, got {b!r}")
+        d["betas"] = (float(b[0]), float(b[1]))
+    for k in ("model_overrides", "session_weights"):
+        if k in d and not isinstance(d[k], dict):
+            raise InputError(f"{where}: {k} must be a JSON object, got {d[k]!r}")
+    cfg = TrainConfig(**d)
+    checks = [
+        (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (
+            0 <= cfg.warmup_steps < cfg.steps,
+            f"warmup_steps ({cfg.warmup_steps}) must be in [0, steps = {cfg.steps})",
+        ),
+        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
+        (all(0 <= b < 1 for b in cfg.betas), f"betas must be in [0, 1), got {cfg.betas}"),
+        (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}"),
+        (
+            cfg.reference_s >= MIN_REFERENCE_S,
+            f"reference_s must be >= {MIN_REFERENCE_S:g} s, got {cfg.reference_s}",
+        ),
+        (0 <= cfg.val_time_fraction < 1, f"val_time_fraction must be in [0, 1), got {cfg.val_time_fraction}"),
+        (
+            0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1,
+            "val_fraction and test_fraction must be in [0, 1)",
+        ),
+        (cfg.val_every >= 1 and cfg.ckpt_every >= 1, "val_every and ckpt_every must be >= 1"),
+        (cfg.val_windows >= 1, f"val_windows must be >= 1, got {cfg.val_windows}"),
+        (cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}"),
+        (cfg.head_ablation in HEAD_ABLATIONS, f"head_ablation must be one of {', '.join(HEAD_ABLATIONS)}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise InputError(f"{where}: {msg}")
+    cfg.model_config()  # inconsistent model sizes fail here, before any data is read
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_train_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:
+    """A config from a JSON file or a name in ``training/configs/``, with ``key=value`` overrides.
+
+    Override keys may be dotted (``model_overrides.unit_embedding_mode=random``);
+    values are parsed as JSON where possible.
+    """
+    path = Path(spec)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{spec}.json"
+        if not path.is_file():
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            raise InputError(f"--config: {spec!r} is neither a file nor a named config ({', '.join(names)})")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--config: cannot read {path.name} as JSON ({e}); fix the file") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"--set: expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        target = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise InputError(f"--set: {key} does not name a field inside an object")
+        target[parts[-1]] = _parse_value(value)
+    return make_train_config(d, where=f"training config {path.name}")
+
+
+# ================================================================================================
+# Distributed helpers
+# ================================================================================================
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_dist(device: str) -> Dist:
+    """Read ``torchrun``'s environment; init the process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise InputError("--device cuda: this machine has no CUDA device; use --device cpu")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+# ================================================================================================
+# Learning rate, optimiser, state files
+# ================================================================================================
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up then cosine to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    )
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not biases, norms or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Flatten the AdamW state into ``optim.<param>.<key>`` tensors plus JSON param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"optim.{idx}.{k}"] = t.reshape(-1) if t.ndim == 0 else t
+            if t.ndim == 0:
+                tensors[f"optim.{idx}.{k}"] = t.reshape(1)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def _restore_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t.reshape(()) if key == "step" else t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_state(
+    path: Path, *, model: nn.Module, opt: torch.optim.Optimizer, norm: FeatureNorm, info: dict
+) -> None:
+    """Write the resumable training state (weights + AdamW moments + bookkeeping) atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_t, groups = _optimizer_tensors(opt)
+    tensors.update(opt_t)
+    save_checkpoint(
+        path,
+        state_dict=tensors,
+        config=model.cfg.to_dict(),
+        feature_norm=norm.to_dict(),
+        training={"kind": STATE_KIND, "optimizer_param_groups": groups, **info},
+    )
+
+
+def load_state(
+    path: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, FeatureNorm, dict]:
+    """Read a training state file: (model weights, optimiser tensors, model config, norm, training info)."""
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError as e:
+        raise InputError(f"--resume: {e}") from None
+    if ck.training.get("kind") != STATE_KIND:
+        raise InputError(f"--resume: {path} is not a training state file written by training.train")
+    model_sd = {k[len("model.") :]: v for k, v in ck.state_dict.items() if k.startswith("model.")}
+    opt_sd = {k: v for k, v in ck.state_dict.items() if k.startswith("optim.")}
+    return model_sd, opt_sd, ck.config, FeatureNorm.from_dict(ck.feature_norm), ck.training
+
+
+# ================================================================================================
+# Validation
+# ================================================================================================
+
+
+def validation_windows(sessions: list[TrainSession], *, n: int, in_time: bool) -> list[tuple[int, float]]:
+    """Fixed validation windows: evenly spaced context starts per recording.
+
+    ``in_time``: inside each training recording's validation-in-time range;
+    otherwise anywhere after the reference window of a validation recording.
+    """
+    out = []
+    for i, s in enumerate(sessions):
+        rng = s.val_range if in_time else s.train_range
+        if rng is None:
+            continue
+        out.extend((i, float(c)) for c in evenly_spaced(rng[0], rng[1], n))
+    return out
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    sessions: list[TrainSession],
+    windows: list[tuple[int, float]],
+    *,
+    cfg: ModelConfig,
+    device: torch.device,
+    autocast: bool,
+    batch_size: int = 16,
+) -> dict | None:
+    """Mean Poisson loss and bits/spike (per recording, then averaged) of ``windows``."""
+    if not windows:
+        return None
+    was_training = model.training
+    model.eval()
+    by_session: dict[int, list[float]] = {}
+    for i, c in windows:
+        by_session.setdefault(i, []).append(c)
+    losses, weights, bps = [], [], []
+    for i, starts in by_session.items():
+        s = sessions[i]
+        preds, targets = [], []
+        for j in range(0, len(starts), batch_size):
+            got = [window_item(s, c, cfg) for c in starts[j : j + batch_size]]
+            batch = {k: v.to(device) for k, v in collate([g[0] for g in got]).items()}
+            y = torch.from_numpy(np.stack([g[1] for g in got])).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                log_rate = model(**batch)
+            log_rate = log_rate.float()
+            loss = poisson_loss(log_rate, y, bin_size_s=cfg.bin_size_s, unit_mask=batch["unit_mask"])
+            losses.append(float(loss) * y.numel())
+            weights.append(y.numel())
+            preds.append((torch.exp(log_rate) * cfg.bin_size_s).cpu().numpy())
+            targets.append(y.cpu().numpy())
+        bps.append(bits_per_spike(np.concatenate(preds), np.concatenate(targets)))
+    model.train(was_training)
+    return {
+        "loss": float(sum(losses) / sum(weights)),
+        "bits_per_spike": float(np.mean(bps)),
+        "windows": len(windows),
+        "sessions": len(by_session),
+    }
+
+
+# ================================================================================================
+# The loop
+# ================================================================================================
+
+
+def _names(sessions: list[TrainSession]) -> list[dict]:
+    return [
+        {
+            "name": s.name,
+            "units": s.n_units,
+            "duration_s": round(s.duration, 3),
+            "reference_s": round(s.reference[1] - s.reference[0], 3),
+        }
+        for s in sessions
+    ]
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data: list[str | Path],
+    out: str | Path,
+    val_data: list[str | Path] | None = None,
+    test_data: list[str | Path] | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    command: str | None = None,
+) -> dict:
+    """Run (or resume) training; returns a summary dict (also stored in the checkpoints).
+
+    ``stop_after_steps`` ends the process's loop after that many steps of this
+    invocation without saving anything, as if it had been killed (for tests
+    of ``resume``).
+    """
+    t_setup = time.monotonic()
+    dist = setup_dist(device)
+    if cfg.batch_size % dist.world != 0:
+        raise InputError(
+            f"training config: batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+            f"({dist.world}); change batch_size or --nproc_per_node"
+        )
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    mcfg = cfg.model_config()
+    out = Path(out)
+    state_path = out / STATE_FILE
+
+    # ---- data (every problem is reported here, before any training) -----------------------------
+    paths = find_sessions(data, what="--data")
+    val_paths = find_sessions(val_data, what="--val-data") if val_data else None
+    test_paths = find_sessions(test_data, what="--test-data") if test_data else []
+    if val_paths is None:
+        train_paths, val_paths, auto_test = split_sessions(
+            paths,
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction if not test_data else 0.0,
+            seed=cfg.seed,
+        )
+        test_paths = test_paths + auto_test
+    else:
+        train_paths = paths
+        if test_data is None and cfg.test_fraction > 0:
+            train_paths, _, auto_test = split_sessions(
+                paths, val_fraction=0.0, test_fraction=cfg.test_fraction, seed=cfg.seed
+            )
+            test_paths = auto_test
+    held = {p.resolve() for p in val_paths + test_paths}
+    overlap = [p for p in train_paths if p.resolve() in held]
+    if overlap:
+        raise InputError(
+            f"--data: {overlap[0]} is also a validation or test recording; splits must not share recordings"
+        )
+    train_sessions = load_sessions(
+        train_paths,
+        cfg=mcfg,
+        reference_s=cfg.reference_s,
+        val_time_fraction=cfg.val_time_fraction,
+        progress=progress and dist.main,
+    )
+    val_sessions = load_sessions(val_paths, cfg=mcfg, reference_s=cfg.reference_s, val_time_fraction=0.0)
+    weights = session_weights(train_sessions, cfg.session_weights)
+
+    # ---- model, optimiser, state -------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg, head_ablation=cfg.head_ablation).to(dist.device)
+    opt = make_optimizer(model, cfg)
+    info: dict[str, Any] = {
+        "step": 0,
+        "best_step": None,
+        "best_metric": None,
+        "history": [],
+        "windows_seen": 0,
+        "train_seconds": 0.0,
+    }
+    if resume and state_path.is_file():
+        model_sd, opt_sd, saved_cfg, norm, info = load_state(state_path)
+        saved_train = info.get("train_config")
+        if saved_cfg != mcfg.to_dict() or saved_train != cfg.to_dict():
+            raise InputError(
+                f"--resume: {state_path} was written with a different training or model config; "
+                "resume with the same --config and --set options, or start a new --out folder"
+            )
+        model.load_state_dict(model_sd)
+        _restore_optimizer(opt, opt_sd, info.pop("optimizer_param_groups"))
+        info.pop("kind", None)
+        if dist.main:
+            print(f"resuming from step {info['step']} ({state_path.name})", file=sys.stderr)
+    else:
+        if resume and dist.main:
+            print(f"--resume: no {STATE_FILE} in {out}; starting from step 0", file=sys.stderr)
+        norm = FeatureNorm.fit([s.features for s in train_sessions])
+    apply_norm(train_sessions + val_sessions, norm)
+
+    ddp_model: nn.Module = model
+    if dist.world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    autocast = dist.device.type == "cuda"
+    val_sets = {
+        "val_sessions": validation_windows(val_sessions, n=cfg.val_windows, in_time=False),
+        "val_time": validation_windows(train_sessions, n=cfg.val_windows, in_time=True),
+    }
+    val_pool = {"val_sessions": val_sessions, "val_time": train_sessions}
+    data_summary = {
+        "train": _names(train_sessions),
+        "val": _names(val_sessions),
+        "test": [{"name": f"{p.parent.name}/{p.name}"} for p in test_paths],
+        "val_time_windows": len(val_sets["val_time"]),
+        "val_session_windows": len(val_sets["val_sessions"]),
+    }
+    per_rank = cfg.batch_size // dist.world
+    step = int(info["step"])
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "split.json").write_text(json.dumps(data_summary, indent=1) + "\n")
+
+    def summary() -> dict:
+        secs = float(info["train_seconds"])
+        return {
+            "train_config": cfg.to_dict(),
+            "head_ablation": cfg.head_ablation,
+            "data": data_summary,
+            "steps_done": step,
+            "windows_seen": int(info["windows_seen"]),
+            "train_seconds": round(secs, 1),
+            "windows_per_s": round(info["windows_seen"] / secs, 2) if secs > 0 else None,
+            "world_size": dist.world,
+            "device": str(dist.device.type),
+            "threads": torch.get_num_threads(),
+            "best_step": info["best_step"],
+            "best_metric": info["best_metric"],
+            "history": info["history"],
+        }
+
+    def checkpoint(final: bool = False) -> None:
+        if not dist.main:
+            return
+        prov = {"command": command} if command else {}
+        meta = summary()
+        save_model(
+            out / "last.safetensors",
+            model,
+            feature_norm=norm,
+            training=meta,
+            metrics=info["history"][-1] if info["history"] else {},
+            provenance=prov,
+        )
+        save_state(
+            state_path,
+            model=model,
+            opt=opt,
+            norm=norm,
+            info={**{k: v for k, v in info.items()}, "train_config": cfg.to_dict()},
+        )
+
+    def run_validation() -> dict:
+        rec: dict[str, Any] = {"step": step}
+        for key, wins in val_sets.items():
+            r = validate(model, val_pool[key], wins, cfg=mcfg, device=dist.device, autocast=autocast)
+            if r is not None:
+                rec[key] = r
+        metric_key = "val_sessions" if "val_sessions" in rec else ("val_time" if "val_time" in rec else None)
+        info["history"].append(rec)
+        if metric_key is not None:
+            m = rec[metric_key]["bits_per_spike"]
+            if info["best_metric"] is None or m > info["best_metric"]:
+                info["best_metric"], info["best_step"] = m, step
+                prov = {"command": command} if command else {}
+                save_model(
+                    out / "best.safetensors",
+                    model,
+                    feature_norm=norm,
+                    training=summary(),
+                    metrics=rec,
+                    provenance=prov,
+                )
+        return rec
+
+    if dist.main and progress:
+        print(
+            f"train: {len(train_sessions)} recordings, val: {len(val_sessions)} recordings, "
+            f"test (not loaded): {len(test_paths)}; {mcfg.name} ({sum(p.numel() for p in model.parameters())} "
+            f"parameters), {dist.world} process(es) on {dist.device.type}, {torch.get_num_threads()} threads; "
+            f"setup {time.monotonic() - t_setup:.1f} s",
+            file=sys.stderr,
+        )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (progress and dist.main),
+        dynamic_ncols=True,
+    )
+    ddp_model.train()
+    if step == 0 and not info["history"]:  # the untrained model's validation figures, for reference
+        if dist.main:
+            run_validation()
+        dist.barrier()
+    last_val = info["history"][-1] if info["history"] else None
+    done_here = 0
+    while step < cfg.steps:
+        if stop_after_steps is not None and done_here >= stop_after_steps:
+            bar.close()
+            return {**summary(), "stopped": True}
+        t0 = time.monotonic()
+        rng = np.random.Generator(np.random.PCG64([cfg.seed, dist.rank, step]))
+        torch.manual_seed((cfg.seed * 1_000_003 + dist.rank * 7919 + step) % (2**63))
+        picks = sample_windows(rng, train_sessions, weights, per_rank)
+        got = [window_item(train_sessions[i], c, mcfg) for i, c in picks]
+        batch = {k: v.to(dist.device, non_blocking=True) for k, v in collate([g[0] for g in got]).items()}
+        y = pad_targets([g[1] for g in got]).to(dist.device)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=autocast):
+            log_rate = ddp_model(**batch)
+        loss = poisson_loss(log_rate.float(), y, bin_size_s=mcfg.bin_size_s, unit_mask=batch["unit_mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        opt.step()
+        step += 1
+        done_here += 1
+        info["step"] = step
+        info["windows_seen"] += cfg.batch_size
+        dt = time.monotonic() - t0
+        info["train_seconds"] += dt
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            if dist.main:
+                last_val = run_validation()
+            dist.barrier()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+            dist.barrier()
+        if dist.main:
+            post = {
+                "loss": f"{float(loss.detach()):.4f}",
+                "win/s": f"{cfg.batch_size / dt:.1f}",
+                "lr": f"{lr:.2e}",
+            }
+            if gnorm is not None:
+                post["gnorm"] = f"{float(gnorm):.2f}"
+            if last_val:
+                key = "val_sessions" if "val_sessions" in last_val else "val_time"
+                if key in last_val:
+                    post["val_bps"] = f"{last_val[key]['bits_per_spike']:+.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+    bar.close()
+
+    # ---- end: ranks must agree on the weights ------------------------------------------------------------
+    h = content_hash(model.state_dict())
+    hashes = [h]
+    if dist.world > 1:
+        hashes = [None] * dist.world
+        torch.distributed.all_gather_object(hashes, h)
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"ranks ended with different weights: {hashes}")
+    info["rank_weight_hashes"] = hashes
+    result = {**summary(), "rank_weight_hashes": hashes}
+    if dist.main:
+        # The final checkpoint carries the cross-rank check.
+        prov = {"command": command} if command else {}
+        save_model(
+            out / "last.safetensors",
+            model,
+            feature_norm=norm,
+            training=result,
+            metrics=info["history"][-1] if info["history"] else {},
+            provenance=prov,
+        )
+        (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    dist.barrier()
+    return result
+
+
+# ================================================================================================
+# Command line
+# ================================================================================================
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", required=True, help="training config: a JSON file or a name in training/configs/"
+    )
+    p.add_argument("--data", nargs="+", required=True, help="session files or folders of them (training)")
+    p.add_argument(
+        "--val-data",
+        nargs="+",
+        default=None,
+        help="validation recordings (default: a seeded val_fraction of --data)",
+    )
+    p.add_argument(
+        "--test-data",
+        nargs="+",
+        default=None,
+        help="test recordings: only checked to be disjoint from training and listed in split.json",
+    )
+    p.add_argument("--out", required=True, help="output folder for checkpoints")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (dotted keys, JSON values), e.g. --set steps=500",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    parts = ["--config", args.config, "--data", *args.data]
+    if args.val_data:
+        parts += ["--val-data", *args.val_data]
+    if args.test_data:
+        parts += ["--test-data", *args.test_data]
+    parts += ["--out", args.out]
+    for s in args.set:
+        parts += ["--set", s]
+    return "python -m training.train " + shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_train_config(args.config, args.set)
+    res = train(
+        cfg,
+        data=args.data,
+        out=args.out,
+        val_data=args.val_data,
+        test_data=args.test_data,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.no_progress,
+        stop_after_steps=args.stop_after_steps,
+        command=_command_line(args),
+    )
+    if int(os.environ.get("RANK", "0")) == 0 and not res.get("stopped"):
+        print(
+            f"done: {res['steps_done']} steps, {res['windows_per_s']} windows/s, best validation bits/spike "
+            f"{res['best_metric']} at step {res['best_step']}; checkpoints in {args.out}"
+        )
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``nh-serve train``."""
+    p = subparsers.add_parser(
+        "train", help="train a NeuroHorizon model", description=__doc__.split("\n\n")[0]
+    )
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
