@@ -17,4 +17,13 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
 
 from nh_serve.errors import CheckpointError, InputError, SessionFileError  # noqa: E402
 
-__all__ = ["__version__", "InputError", "SessionFileError", "CheckpointError"]
+__all__ = ["__version__", "InputError", "SessionFileError", "CheckpointError", "Predictor", "Prediction"]
+
+
+def __getattr__(name: str):
+    # ``from nh_serve import Predictor`` without importing torch for every ``import nh_serve``.
+    if name in ("Predictor", "Prediction"):
+        from nh_serve import predictor
+
+        return getattr(predictor, name)
+    raise AttributeError(f"module 'nh_serve' has no attribute {name!r}")

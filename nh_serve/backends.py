@@ -137,8 +137,42 @@ def _set_threads(threads: int | None) -> None:
 # ----------------------------------------------------------------------------- backends
 
 
+# Float model inputs -> the request fields they come from (for error messages).
+_INPUT_SOURCES = {
+    "unit_counts": "context spikes",
+    "history_rate_hz": "history_counts/history_duration_s",
+    "ref_rate_hz": "reference spikes",
+    "spike_times": "context spikes",
+    "behavior_times": "behavior",
+    "behavior_values": "behavior",
+    "image_times": "images",
+    "image_values": "images",
+}
+
+
+def check_finite_inputs(batch: dict[str, Tensor]) -> None:
+    """:class:`InputError` if a float model input holds NaN or infinity.
+
+    Backends differ on such input (eager PyTorch answers NaN, onnxruntime's Clip turns
+    NaN into the 1000 Hz ceiling), so no backend runs on it: every one refuses it here.
+    Tokenized input is finite unless values overflow (e.g. ``history_counts`` 1e300 over
+    ``history_duration_s`` 1e-300).
+    """
+    for key, source in _INPUT_SOURCES.items():
+        t = batch.get(key)
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(
+                f"{source}: the model input {key} is not finite (the values overflowed); send spike counts, "
+                "seconds and feature values of realistic size"
+            )
+
+
 class Backend:
-    """Base class: runs ``forward_with_embeddings`` / ``embed_units`` for the Predictor."""
+    """Base class: runs ``forward_with_embeddings`` / ``embed_units`` for the Predictor.
+
+    Subclasses implement :meth:`run`; calling the backend checks that the inputs are
+    finite first (:func:`check_finite_inputs`), the same for every backend.
+    """
 
     name = "?"
 
@@ -147,6 +181,11 @@ class Backend:
 
     def __call__(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
         """``batch`` (collate output without ``unit_features``), ``(B, U, D)`` -> ``(B, U, T)`` log-rate (Hz), CPU."""
+        check_finite_inputs(batch)
+        return self.run(batch, unit_embeddings)
+
+    def run(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
+        """The model call itself (inputs already checked)."""
         raise NotImplementedError
 
     def embed_units(self, unit_features: Tensor) -> Tensor:
@@ -177,7 +216,7 @@ class TorchBackend(Backend):
         _set_threads(threads)
         self.model = model
 
-    def __call__(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
+    def run(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
         out = self.model.forward_with_embeddings(
             unit_embeddings.to(self.device), **_to_device(batch, self.device)
         )
@@ -220,7 +259,7 @@ class TorchCompileBackend(TorchBackend):
                 "use backend 'torchscript' or 'torch'"
             ) from exc
 
-    def __call__(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
+    def run(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
         return self._fn(unit_embeddings.to(self.device), **_to_device(batch, self.device)).cpu()
 
     def describe(self) -> dict:
@@ -238,7 +277,7 @@ class ArtifactBackend(Backend):
         self.path = path
         self.cached = cached
 
-    def __call__(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
+    def run(self, batch: dict[str, Tensor], unit_embeddings: Tensor) -> Tensor:
         return self.runner.forward(batch, unit_embeddings)
 
     def embed_units(self, unit_features: Tensor) -> Tensor:

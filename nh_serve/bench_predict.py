@@ -624,6 +624,15 @@ def run(
         f"{runs} timed calls after {warmup} warm-up calls per backend, cycling over {int((DURATION_S - 1 - REFERENCE_S) / WINDOW_STEP_S) + 1} "
         "different 1 s windows; the backends' calls are interleaved (same window through every backend in a "
         "rotating order) so that load from other processes hits them alike. Times in ms.",
+        *(
+            [
+                f"- With {threads} threads per backend, the backends' thread pools (torch's OpenMP pool, "
+                "onnxruntime's own) share this process and wait for each other's cores: on a loaded machine with "
+                "few cores that costs far more than the parallel work gains (compare the 1-thread section)."
+            ]
+            if threads > 1
+            else []
+        ),
         f"- Load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} on {os.cpu_count()} cores "
         "(`load` column: mean during the row). Other processes shared the CPU: p90/p99 include their interference.",
         "- `predict` = `Predictor.predict` (id lookup, validation, tokenize, collate, model, exp); `model` = the bare "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv/ and run nh-serve's main job on its built-in defaults.
+# Set up .venv/ and run nh-serve's main job on its built-in defaults: serve the
+# built-in default model over HTTP (BentoML) on 127.0.0.1:${PORT:-3000}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export BENTOML_DO_NOT_TRACK=true
-exec .venv/bin/nh-serve demo "$@"
+exec bash scripts/serve.sh "$@"

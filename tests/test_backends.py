@@ -90,7 +90,7 @@ def predictions(ckpt, cache, recording):
         wins = _windows(t, ids, starts)
         single = np.stack([p.predict(tok, **w).rates_hz for w in wins])
         batch = np.stack([x.rates_hz for x in p.predict_batch(tok, wins)])
-        out[name] = (single, batch, p)
+        out[name] = (single, batch, p, tok)
     return out
 
 
@@ -98,17 +98,29 @@ def test_all_backends_agree_on_real_windows(predictions, recording):
     assert {"torch", "torchscript", "onnxruntime"} <= set(predictions)
     if SLOW and B.available_backends("cpu")["torch-compile"] is None:
         assert "torch-compile" in predictions
-    ref_single, ref_batch, _ = predictions["torch"]
+    ref_single, ref_batch = predictions["torch"][:2]
     assert (
         ref_single.shape == (4, np.unique(recording[1]).size, 50)
         and np.all(np.isfinite(ref_single))
         and np.all(ref_single > 0)
     )
     np.testing.assert_allclose(ref_batch, ref_single, rtol=1e-5)  # batching (padding) changes nothing
-    for name, (single, batch, _) in predictions.items():
+    for name, (single, batch, _, _) in predictions.items():
         rel = np.max(np.abs(single - ref_single) / ref_single)
         assert rel <= 1e-4, f"{name}: relative error {rel:.3g}"
         np.testing.assert_allclose(batch, ref_single, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_every_backend_refuses_overflowing_inputs(predictions, recording):
+    """1e300 spikes in 1e-300 s overflow to an infinite rate: eager torch would answer NaN and
+    onnxruntime's Clip the 1000 Hz ceiling, so every backend refuses it the same way."""
+    t, ids = recording
+    w = _windows(t, ids, [70.0])[0]
+    for _, _, p, tok in predictions.values():
+        U = p.session(tok).n_units
+        with pytest.raises(InputError, match="history_counts/history_duration_s: .* not finite"):
+            p.predict(tok, **w, history_counts=np.full(U, 1e300), history_duration_s=1e-300)
 
 
 def test_onnxruntime_backend_is_cached_by_checkpoint_hash(predictions, ckpt, cache):
@@ -157,9 +169,9 @@ def test_register_backend_plugs_in_a_new_backend(ckpt, monkeypatch):
     class Doubling(B.TorchBackend):
         name = "doubling"
 
-        def __call__(self, batch, unit_embeddings):
+        def run(self, batch, unit_embeddings):
             calls.append(unit_embeddings.shape)
-            return super().__call__(batch, unit_embeddings)
+            return super().run(batch, unit_embeddings)
 
     monkeypatch.setattr(B, "BACKENDS", dict(B.BACKENDS))
     B.register_backend(B.BackendSpec("doubling", "test", lambda req: Doubling(req.model), lambda d: None))
@@ -177,8 +189,8 @@ def test_a_backend_that_disagrees_with_eager_is_refused(ckpt, monkeypatch):
     class Off(B.TorchBackend):
         name = "off"
 
-        def __call__(self, batch, unit_embeddings):
-            return super().__call__(batch, unit_embeddings) + 1e-3
+        def run(self, batch, unit_embeddings):
+            return super().run(batch, unit_embeddings) + 1e-3
 
     monkeypatch.setattr(B, "BACKENDS", dict(B.BACKENDS))
     B.register_backend(
