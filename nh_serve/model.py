@@ -67,6 +67,8 @@ from nh_serve.spikes import check_spikes
 # Output clamp of the log-rate (Hz) before anyone exponentiates it: 1e-4 Hz .. 1000 Hz.
 LOG_RATE_MIN = math.log(1e-4)
 LOG_RATE_MAX = math.log(1e3)
+# Largest history rate (Hz) tokenize accepts: far above any neuron, below float overflow.
+MAX_HISTORY_RATE_HZ = 1e4
 # Floor of the persistence baseline (Hz), so silent units get a finite log.
 BASELINE_FLOOR_HZ = 1e-2
 
@@ -723,6 +725,11 @@ def tokenize(
         if np.any(hist < 0):
             raise InputError("history_counts: counts must be >= 0")
         hist_rate = hist / hist_s
+        if not np.all(hist_rate <= MAX_HISTORY_RATE_HZ):
+            raise InputError(
+                f"history_counts / history_duration_s: gives a rate above {MAX_HISTORY_RATE_HZ:g} Hz; "
+                "pass spike counts over the history window and its length in seconds"
+            )
 
     # Per-unit counts in the last s seconds of the context, for each activity scale.
     rel = times - ctx_start  # (n,) seconds from the context start, float64

@@ -121,6 +121,11 @@ class SessionCache:
             self._items.move_to_end(token)
             return s
 
+    def discard(self, token: str) -> None:
+        """Forget a session (no error if it is not there)."""
+        with self._lock:
+            self._items.pop(token, None)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)

@@ -184,7 +184,7 @@ def model_rates(
     preds = p.predict_batch(token, windows, horizon_s=plan.n_bins * plan.bin_size)
     rates = np.stack([pr.expected_counts for pr in preds])  # (W, U, T)
     info = p.session(token).adaptation
-    p.sessions._items.pop(token, None)  # free the cached embeddings of this recording
+    p.sessions.discard(token)  # free the cached embeddings of this recording
     return rates, info
 
 

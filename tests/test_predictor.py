@@ -166,6 +166,7 @@ def test_session_cache_is_lru_with_ttl():
         (dict(horizon_s=2.0), "horizon"),
         (dict(horizon_s=0.013), "multiple"),
         (dict(history_counts=[1.0, 2.0]), "history_counts"),
+        (dict(history_counts=np.full(23, 1e300), history_duration_s=1e-300), "rate above"),
         (dict(behavior=(np.array([70.5]), np.ones((1, 3)))), "behavior"),
         (dict(session="not-a-token"), "unknown or expired"),
     ],
