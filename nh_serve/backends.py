@@ -19,7 +19,7 @@ Backends (:data:`BACKENDS`):
     ``torch.compile(model.forward_with_embeddings, dynamic=True)`` (Inductor;
     on CPU it needs a C++ compiler). Built with two warm-up calls (batch 1 and
     batch 2, so both specialisations are compiled before the first request):
-    25-60 s on 2 cores with a warm Inductor cache, up to 3 minutes without.
+    20-60 s on 2 cores with a warm Inductor cache, up to 3 minutes without.
 ``torchscript``
     ``torch.jit.script`` of the model, made in memory from the loaded model
     (0.3 s; it shares the model's tensors), or a TorchScript artifact from
@@ -30,10 +30,12 @@ Backends (:data:`BACKENDS`):
     export is made once and cached on disk under a key of the weights' content
     hash, config, model code and versions (:func:`cache_dir`):
     the first export of nh-small takes 15-30 s on 2 cores, later loads 0.2 s.
+    Loading an exported ``.onnx`` / TorchScript file needs no export.
 ``triton``
-    Not here yet: the fused Triton kernels register it with
-    :func:`register_backend` from ``kernels/backend.py`` (imported on first use
-    if it exists; see :data:`PLUGIN_MODULES`).
+    The fused Triton kernels (rotary attention, per-neuron head), registered
+    with :func:`register_backend` by ``kernels/backend.py`` (a plugin module,
+    see :data:`PLUGIN_MODULES`). Available on CUDA, and on CPU only under
+    ``TRITON_INTERPRET=1`` (for tests); ``auto`` never picks it on CPU.
 
 Every backend built from a model passes a parity check against eager PyTorch
 on random inputs (:func:`export.parity.compare_backends`, relative error <= 1e-4)
@@ -77,16 +79,17 @@ CACHE_ENV = "NH_SERVE_CACHE_DIR"
 """Environment variable overriding the folder of on-the-fly exports."""
 
 # auto: first available backend for the device; if building it fails (an export or parity failure), the
-# next one. The CPU order comes from `nh-serve bench predict` (docs/benchmarks.md; nh-small, 2-core AMD EPYC,
-# 1 thread, backends' calls interleaved, machine under load), weighing per-window latency (the closed-loop
-# target) against what a backend costs to build:
-#   torch-compile  fastest: bare model p50 10-30% below onnxruntime at <= 300 units, 1.5x faster at 1000;
-#                  but 25 s - 3 min of C++ compilation in EVERY new process -> by name only (long-running
-#                  services that can afford the start-up).
-#   onnxruntime    next: 5-20% faster per window than torchscript, 1.3-2x the batch throughput; its cost is
-#                  one ONNX export per checkpoint (15-30 s, parity-checked, cached on disk), then 0.2 s loads.
-#   torchscript    builds in 0.3 s with no files; the fallback when onnxruntime is missing or fails.
-#   torch          eager reference, 1.2-2x slower per window.
+# next one. The CPU order comes from `nh-serve bench predict` (docs/benchmarks.md: trained nh-small, 2-core
+# AMD EPYC, 1 thread, backends' calls interleaved; bare-model p50 on a quiet machine), weighing per-window
+# latency (the closed-loop target) against what a backend costs to build:
+#   torch-compile  fastest: 3.1 ms at 100 units vs 3.5 (onnxruntime), 4.4 vs 5.6 at 300, 9.5 vs 14.5 at 1000;
+#                  but 20 s (warm Inductor cache) to 3 min of C++ compilation in EVERY new process -> by name
+#                  only, for long-running services that can afford the start-up.
+#   onnxruntime    3-10% faster per window than torchscript up to 100 units, equal at 300, 6% slower at 1000;
+#                  1.3-2x its batch throughput. Costs one ONNX export per checkpoint (~15 s, parity-checked,
+#                  cached on disk), then 0.2 s loads.
+#   torchscript    builds in 0.3 s with no files: the fallback when onnxruntime is missing or fails.
+#   torch          eager reference, 1.1-1.5x slower per window.
 # CUDA order: not measured (no GPU here); fused kernels first when registered.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("onnxruntime", "torchscript", "torch"),

@@ -591,7 +591,11 @@ def run(
             "process peak MB": mem.get(b, {}).get("peak_mb", float("nan")),
             "details": errors.get(b)
             or mem.get(b, {}).get("error")
-            or ", ".join(f"{k}={v}" for k, v in predictors[b]._backend.describe().items() if k != "name"),
+            or ", ".join(
+                f"{k}={Path(v).name if k == 'artifact' and v != 'in memory' else v}"
+                for k, v in predictors[b]._backend.describe().items()
+                if k != "name"
+            ),
         }
         for b in backends
     ]
@@ -612,6 +616,8 @@ def run(
             )
         flop_rows.append(row)
 
+    bases = [m["rss_base_mb"] for m in mem.values() if "rss_base_mb" in m]
+    base_mb = float(np.mean(bases)) if bases else float("nan")
     lines = [
         f"## Predictor latency per backend (`nh-serve bench predict`, {threads} thread{'s' if threads > 1 else ''})",
         "",
@@ -634,18 +640,24 @@ def run(
             else []
         ),
         f"- Load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} on {os.cpu_count()} cores "
-        "(`load` column: mean during the row). Other processes shared the CPU: p90/p99 include their interference.",
+        "(`load` column: mean during the row; this benchmark itself accounts for about 1). "
+        + (
+            "Other processes shared the CPU: p90/p99 include their interference."
+            if max([r["load"] for r in rows] + [load_start[0], load_end[0]]) > 1.5
+            else "The machine was otherwise quiet."
+        ),
         "- `predict` = `Predictor.predict` (id lookup, validation, tokenize, collate, model, exp); `model` = the bare "
         "backend call on pre-tokenized windows; `tokenize` = `tokenize_window` + `collate` (same code for every "
         f"backend); `batch64 win/s` = windows per second through `predict_batch`, {BATCH_WINDOWS} windows per call.",
         "",
+        *_verdict(rows),
         markdown_table(table),
         "",
         "Build time (in this process; torch-compile's depends on Inductor's cache of compiled kernels, "
         "onnxruntime's on the cached ONNX export: a first export of nh-small takes 15-30 s) and memory, measured "
         "again in a fresh process per backend: peak resident set size (`VmHWM`, reset between stages through "
         "`/proc/self/clear_refs`) over the RSS before the backend was built (Python, torch, model and recordings "
-        f"already loaded, about {np.nanmean([m.get('rss_base_mb', np.nan) for m in mem.values()] or [np.nan]):.0f} MB), "
+        f"already loaded, about {base_mb:.0f} MB), "
         "for: building the backend; serving single windows at every unit count; `predict_batch` with 64 windows "
         "at every unit count. RSS, not tracemalloc, because torch and onnxruntime allocate natively.",
         "",
@@ -686,6 +698,21 @@ def run(
         "auto": auto,
         "markdown": md,
     }
+
+
+def _verdict(rows: list[dict]) -> list[str]:
+    """One line on the latency target (p99 <= 10 ms at 100 units) for the report, if 100 units were measured."""
+    at = sorted((r for r in rows if r["units"] == TARGET_UNITS), key=lambda r: r["predict_p99"])
+    if not at:
+        return []
+    ok = [r["backend"] for r in at if r["predict_p99"] <= TARGET_P99_MS]
+    best = at[0]
+    return [
+        f"**Target** (closed loop: `predict` p99 <= {TARGET_P99_MS:g} ms at {TARGET_UNITS} units): "
+        + (f"met by {', '.join(ok)}" if ok else "**missed by every backend**")
+        + f"; best p99 {best['predict_p99']:.2f} ms ({best['backend']}).",
+        "",
+    ]
 
 
 def add_cli(bench_subparsers) -> None:

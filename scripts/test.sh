@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --allen
 export BENTOML_DO_NOT_TRACK=true
+# Exported artifacts that backends cache (e.g. the ONNX export of a checkpoint) stay inside the clone.
+export NH_SERVE_CACHE_DIR="${NH_SERVE_CACHE_DIR:-$PWD/.cache/nh-serve}"
 exec .venv/bin/python -m pytest "$@"

@@ -111,16 +111,24 @@ def test_all_backends_agree_on_real_windows(predictions, recording):
         np.testing.assert_allclose(batch, ref_single, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_every_backend_refuses_overflowing_inputs(predictions, recording):
-    """1e300 spikes in 1e-300 s overflow to an infinite rate: eager torch would answer NaN and
-    onnxruntime's Clip the 1000 Hz ceiling, so every backend refuses it the same way."""
+def test_every_backend_refuses_non_finite_inputs(predictions, recording):
+    """An infinite input rate makes eager torch answer NaN but onnxruntime's Clip the 1000 Hz ceiling,
+    so every backend refuses non-finite inputs the same way before running."""
     t, ids = recording
     w = _windows(t, ids, [70.0])[0]
     for _, _, p, tok in predictions.values():
-        U = p.session(tok).n_units
-        with pytest.raises(InputError, match="history_counts/history_duration_s: .* not finite"):
-            p.predict(tok, **w, history_counts=np.full(U, 1e300), history_duration_s=1e-300)
+        s = p.session(tok)
+        batch = p.model.collate([p.tokenize_window(s, w["spike_times"], w["unit_ids"], context_start=70.0)])
+        batch.pop("unit_features")
+        batch["history_rate_hz"][0, 3] = float("inf")
+        with pytest.raises(
+            InputError, match="history_counts/history_duration_s: the model input history_rate_hz"
+        ):
+            p._backend(batch, s.embeddings.unsqueeze(0))
+        batch["history_rate_hz"][0, 3] = 1.0
+        batch["spike_times"][0, -1] = float("nan")
+        with pytest.raises(InputError, match="context spikes: .*spike_times is not finite"):
+            p._backend(batch, s.embeddings.unsqueeze(0))
 
 
 def test_onnxruntime_backend_is_cached_by_checkpoint_hash(predictions, ckpt, cache):
