@@ -724,7 +724,8 @@ def tokenize(
         )
         if np.any(hist < 0):
             raise InputError("history_counts: counts must be >= 0")
-        hist_rate = hist / hist_s
+        with np.errstate(over="ignore"):
+            hist_rate = hist / hist_s  # (U,) Hz; overflow is rejected just below
         if not np.all(hist_rate <= MAX_HISTORY_RATE_HZ):
             raise InputError(
                 f"history_counts / history_duration_s: gives a rate above {MAX_HISTORY_RATE_HZ:g} Hz; "
