@@ -10,33 +10,20 @@ import pytest
 import torch
 
 from nh_serve import backends as B
-from nh_serve.checkpoint import save_model
-from nh_serve.config import get_config
 from nh_serve.errors import InputError
-from nh_serve.features import FeatureNorm
-from nh_serve.model import NeuroHorizon
 from nh_serve.predictor import Predictor
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = NeuroHorizon(get_config("nh-tiny"))
-    rng = np.random.default_rng(1)
-    norm = FeatureNorm(mean=rng.normal(size=33), std=rng.uniform(0.5, 2.0, 33))
-    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
-    save_model(path, model, feature_norm=norm)
-    return path
+def ckpt(tmp_path_factory, make_tiny_checkpoint):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors", norm_seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from export import ARTIFACT_FORMAT_VERSION, ParityError, export_model, load_arti
 from export.artifact import EMBED_KEY, METADATA_KEY, metadata_hash
 from export.cli import main as export_main
 from export.parity import compare_backends, compare_predictors, load_recordings
-from nh_serve.checkpoint import load_checkpoint, save_model
+from nh_serve.checkpoint import load_checkpoint
 from nh_serve.config import get_config
 from nh_serve.errors import CheckpointError, InputError
 from nh_serve.features import FeatureNorm
@@ -30,24 +30,18 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = NeuroHorizon(get_config("nh-tiny"))
-    rng = np.random.default_rng(0)
-    norm = FeatureNorm(mean=rng.normal(size=33), std=rng.uniform(0.5, 2.0, 33))
-    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
-    save_model(
-        path, model, feature_norm=norm, training={"note": "random weights"}, metrics={"bits_per_spike": 0.1}
+def ckpt(tmp_path_factory, make_tiny_checkpoint):
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("ck") / "tiny.safetensors",
+        norm_seed=0,
+        training={"note": "random weights"},
+        metrics={"bits_per_spike": 0.1},
     )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,8 @@ import kernels.backend as KB  # noqa: E402
 from export.parity import random_batches  # noqa: E402
 from kernels import triton_available  # noqa: E402
 from nh_serve import backends as B  # noqa: E402
-from nh_serve.checkpoint import save_model  # noqa: E402
 from nh_serve.config import get_config  # noqa: E402
 from nh_serve.errors import InputError  # noqa: E402
-from nh_serve.features import FeatureNorm  # noqa: E402
 from nh_serve.model import NeuroHorizon  # noqa: E402
 from nh_serve.predictor import Predictor  # noqa: E402
 from nh_serve.synth import make_session  # noqa: E402
@@ -41,12 +39,8 @@ RTOL = 1e-5  # float32 rates, relative
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = NeuroHorizon(get_config("nh-tiny"))
-    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
-    save_model(path, model, feature_norm=FeatureNorm.identity())
-    return path
+def ckpt(tmp_path_factory, make_tiny_checkpoint):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors")
 
 
 @pytest.fixture
