@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.get("behavior_dim", 0) and s.behavior_dim == cfg["behavior_dim"]:
                 extra["behavior"] = s.behavior(c, c + plan.context_s)
             if cfg.get("image_dim", 0) and s.image_dim == cfg["image_dim"]:
-                extra["images"] = s.image_events(c, c + plan.context_s)
+                # images shown in the context and those scheduled in the forecast window
+                extra["images"] = s.image_events(c, c + plan.context_s + cfg["n_bins"] * cfg["bin_size_s"])
             t_req = time.perf_counter()
             p = client.predict(
                 token,

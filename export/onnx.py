@@ -87,8 +87,10 @@ def example_inputs(cfg, *, seed: int = 0) -> dict[str, Tensor]:
         ("image", _EX_IMAGES, cfg.image_dim),
     ):
         if width > 0:
-            x[f"{prefix}_times"] = torch.rand(B, n, generator=g) * cfg.context_s
-            x[f"{prefix}_values"] = torch.randn(B, n, width, generator=g)
+            # images may lie in the forecast window and carry the schedule-marker column
+            span = cfg.context_s + (cfg.horizon_s if prefix == "image" else 0.0)
+            x[f"{prefix}_times"] = torch.rand(B, n, generator=g) * span
+            x[f"{prefix}_values"] = torch.randn(B, n, width + (prefix == "image"), generator=g)
             x[f"{prefix}_mask"] = torch.ones(B, n, dtype=torch.bool)
             x[f"{prefix}_mask"][1, -1] = False
     return {k: x[k] for k in forward_input_names(cfg)}

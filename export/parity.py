@@ -175,7 +175,8 @@ def _random_window(cfg, rng: np.random.Generator, *, n_units: int, rate_hz: floa
     for key, width in (("behavior", cfg.behavior_dim), ("images", cfg.image_dim)):
         if width > 0 and events:
             n = int(rng.integers(1, 12))
-            kw[key] = (np.sort(ctx + rng.uniform(0, cfg.context_s * 0.999, n)), rng.normal(size=(n, width)))
+            span = cfg.context_s + (cfg.horizon_s if key == "images" else 0.0)  # images: also scheduled ones
+            kw[key] = (np.sort(ctx + rng.uniform(0, span * 0.999, n)), rng.normal(size=(n, width)))
     return tokenize(
         cfg,
         unit_features=rng.normal(size=(n_units, cfg.n_features)).astype(np.float32),

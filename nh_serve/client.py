@@ -130,6 +130,7 @@ class Client:
         context_start: float,
         behavior=None,
         images=None,
+        image_schedule_s: float | None = None,
         history_counts=None,
         history_duration_s: float | None = None,
         horizon_s: float | None = None,
@@ -138,7 +139,8 @@ class Client:
         body = {
             "token": session,
             **self._window(
-                spike_times, unit_ids, context_start, behavior, images, history_counts, history_duration_s
+                spike_times, unit_ids, context_start, behavior, images, history_counts, history_duration_s,
+                image_schedule_s,
             ),
             "encoding": self.encoding,
         }
@@ -159,7 +161,7 @@ class Client:
         """Predict many windows of one session in one request (see ``Predictor.predict_batch``).
 
         ``windows``: dicts with ``spike_times``, ``unit_ids``, ``context_start`` and optional
-        ``behavior``, ``images``, ``history_counts``, ``history_duration_s``.
+        ``behavior``, ``images``, ``image_schedule_s``, ``history_counts``, ``history_duration_s``.
         """
         allowed = {
             "spike_times",
@@ -167,6 +169,7 @@ class Client:
             "context_start",
             "behavior",
             "images",
+            "image_schedule_s",
             "history_counts",
             "history_duration_s",
         }
@@ -187,6 +190,7 @@ class Client:
                     w.get("images"),
                     w.get("history_counts"),
                     w.get("history_duration_s"),
+                    w.get("image_schedule_s"),
                 )
             )
         body: dict[str, Any] = {"token": session, "windows": items, "encoding": self.encoding}
@@ -249,7 +253,8 @@ class Client:
         return encode_array(a, dtype=dtype) if self.encoding == "base64" else a.tolist()
 
     def _window(
-        self, times, unit_ids, context_start, behavior, images, history_counts, history_duration_s
+        self, times, unit_ids, context_start, behavior, images, history_counts, history_duration_s,
+        image_schedule_s=None,
     ) -> dict:
         w: dict[str, Any] = {"context": self._spikes(times, unit_ids), "context_start": float(context_start)}
         for key, ev in (("behavior", behavior), ("images", images)):
@@ -263,6 +268,8 @@ class Client:
             w["history_counts"] = self._array(history_counts, "float64")
         if history_duration_s is not None:
             w["history_duration_s"] = float(history_duration_s)
+        if image_schedule_s is not None:
+            w["image_schedule_s"] = float(image_schedule_s)
         return w
 
     def _post(self, path: str, body: dict) -> dict:

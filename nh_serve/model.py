@@ -21,10 +21,19 @@ Pipeline for one window (``B`` windows are batched with padding masks):
    latents. A multimodal model (``behavior_dim`` / ``image_dim`` > 0) inserts a
    rotary cross-attention to behaviour / image-embedding tokens before every
    ``multimodal_every``-th block; with no such tokens that update is exactly zero.
+   Behaviour samples lie inside the context; image events may also lie inside
+   the forecast window (a planned stimulus schedule: what will be shown when).
+   Image tokens carry one extra input column, 0 for a presentation and 1 for
+   the *schedule marker*: one token at the time up to which the list of images
+   is complete (the context end when only shown images are known, up to the
+   forecast end when the coming stimuli are known). Without it "no image comes"
+   and "nobody said" would look the same.
 5. **Decoder.** One query per future bin (learned bin embedding, rotary time at
    the bin centre ``context_s + (k + 0.5) bin_size_s``) cross-attends to the
-   latents, then causal self-attention among bins + feed-forward, then a final
-   LayerNorm: ``bins (B, T, D)``. All bins come out of one pass (no rollout).
+   latents and, in a multimodal model, to the behaviour / image tokens (so a bin
+   sees how long ago, or how soon, each image is shown), then causal
+   self-attention among bins + feed-forward, then a final LayerNorm:
+   ``bins (B, T, D)``. All bins come out of one pass (no rollout).
 6. **Per-neuron head** (:class:`PerNeuronHead`, shared by all units):
    ``log_rate[u, k] = MLP(concat(bins[k], unit_vec[u]))`` with
    ``unit_vec[u] = concat(unit_embedding[u], activity[u])``. ``activity`` is
@@ -71,6 +80,9 @@ LOG_RATE_MAX = math.log(1e3)
 MAX_HISTORY_RATE_HZ = 1e4
 # Floor of the persistence baseline (Hz), so silent units get a finite log.
 BASELINE_FLOOR_HZ = 1e-2
+
+# Image-token input column that marks the end of the known image schedule (1) vs a presentation (0).
+IMAGE_MARKER_COLUMN = -1
 
 # Token types of the spike sequence.
 TOKEN_SPIKE, TOKEN_UNIT_START, TOKEN_UNIT_END = 0, 1, 2
@@ -304,7 +316,8 @@ class NeuroHorizon(nn.Module):
 
         # Multimodal tokens (behaviour samples, image-embedding events).
         self.behavior_proj = nn.Linear(cfg.behavior_dim, D) if self.has_behavior else None
-        self.image_proj = nn.Linear(cfg.image_dim, D) if self.has_images else None
+        # image embedding + the schedule-marker column (see the module docstring)
+        self.image_proj = nn.Linear(cfg.image_dim + 1, D) if self.has_images else None
         self.modality_emb = nn.Embedding(2, D) if cfg.is_multimodal else None
 
         # Processor.
@@ -326,6 +339,11 @@ class NeuroHorizon(nn.Module):
         )  # (T,) seconds: bin centres
         self.dec_attn = RotaryCrossAttention(
             dim=D, heads=cfg.cross_heads, dim_head=cfg.dim_head, rotate_value=False
+        )
+        self.dec_mm_attn = (
+            RotaryCrossAttention(dim=D, heads=cfg.cross_heads, dim_head=cfg.dim_head, rotate_value=False)
+            if cfg.is_multimodal
+            else None
         )
         self.dec_ffn = FeedForward(dim=D, mult=cfg.ffn_mult, dropout=cfg.dropout)
         self.dec_self_attn = RotarySelfAttention(
@@ -460,6 +478,10 @@ class NeuroHorizon(nn.Module):
         bins = self.bin_emb(self.bin_index).unsqueeze(0).expand(B, -1, -1)  # (B, T, D)
         bin_times = self.bin_times.unsqueeze(0).expand(B, -1)  # (B, T)
         bins = bins + self.dec_attn(bins, latents, bin_times, latent_times, self.freqs)
+        dec_mm_attn = self.dec_mm_attn
+        if dec_mm_attn is not None and mm_tokens is not None and mm_times is not None:
+            # bins see each behaviour sample / image event at its time relative to the bin
+            bins = bins + dec_mm_attn(bins, mm_tokens, bin_times, mm_times, self.freqs, mm_mask)
         bins = bins + self.dec_ffn(bins)
         bins = bins + self.dec_self_attn(bins, bin_times, self.freqs)
         bins = bins + self.dec_self_ffn(bins)
@@ -555,8 +577,8 @@ class NeuroHorizon(nn.Module):
             spike_mask: ``(B, N)`` bool, True for real tokens.
             behavior_*: ``(B, Nb)`` times (s from context start), ``(B, Nb, behavior_dim)`` values,
                 ``(B, Nb)`` mask; only for models with ``behavior_dim > 0``.
-            image_*: ``(B, Ni)`` times, ``(B, Ni, image_dim)`` embeddings, ``(B, Ni)`` mask; only for
-                models with ``image_dim > 0``.
+            image_*: ``(B, Ni)`` times, ``(B, Ni, image_dim + 1)`` embeddings with the schedule-marker
+                column, ``(B, Ni)`` mask; only for models with ``image_dim > 0``.
 
         Returns:
             ``(B, U, n_bins)`` float32 log-rate in Hz, in ``[LOG_RATE_MIN, LOG_RATE_MAX]``; padded units
@@ -618,8 +640,10 @@ def _float_array(x: Any, *, name: str, shape: tuple[int | None, ...], fix: str) 
     return a
 
 
-def _events(events: Any, *, name: str, width: int, start: float, end: float) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ``(times (N,), values (N, width))`` events inside ``[start, end)``."""
+def _events(
+    events: Any, *, name: str, width: int, start: float, end: float, where: str = "context window"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``(times (N,), values (N, width))`` events inside ``[start, end)`` (``where`` names it)."""
     if not isinstance(events, (tuple, list)) or len(events) != 2:
         raise InputError(
             f"{name}: pass a pair (times (N,), values (N, {width})), got {type(events).__name__}"
@@ -640,8 +664,8 @@ def _events(events: Any, *, name: str, width: int, start: float, end: float) -> 
     if times.size and (times.min() < start or times.max() >= end):
         off = times.min() if times.min() < start else times.max()
         raise InputError(
-            f"{name}: time {off:.6g} s is outside the context window [{start:.6g}, {end:.6g}) s; "
-            "send only samples inside the context"
+            f"{name}: time {off:.6g} s is outside the {where} [{start:.6g}, {end:.6g}) s; "
+            f"send only {name} inside the {where}"
         )
     return times.astype(np.float64), values.astype(np.float32)
 
@@ -658,6 +682,7 @@ def tokenize(
     history_duration_s: float | None = None,
     behavior: tuple[Any, Any] | None = None,
     images: tuple[Any, Any] | None = None,
+    image_schedule_s: float | None = None,
 ) -> dict[str, Tensor]:
     """Turn ONE window's data into model inputs (CPU tensors, no batch axis).
 
@@ -675,8 +700,13 @@ def tokenize(
             pass less near the recording start).
         behavior: ``(times (Nb,), values (Nb, behavior_dim))`` samples inside the context, absolute
             seconds; only for models with ``behavior_dim > 0``.
-        images: ``(times (Ni,), embeddings (Ni, image_dim))`` image-presentation events inside the
-            context; only for models with ``image_dim > 0``.
+        images: ``(times (Ni,), embeddings (Ni, image_dim))`` image-presentation onsets inside the
+            context or the forecast window, ``[ctx_start, ctx_start + context_s + horizon_s)`` (images
+            already shown and those scheduled next); only for models with ``image_dim > 0``.
+        image_schedule_s: how many seconds after the context end ``images`` is complete, in
+            ``[0, horizon_s]``: 0 = only the images shown so far are known, ``horizon_s`` = the whole
+            coming stimulus sequence is known (pass it with an empty list for "no image will be
+            shown"). Default: ``horizon_s`` when an image lies after the context end, else 0.
 
     Returns:
         Dict with the keys of :meth:`NeuroHorizon.forward` (unbatched): unit-level
@@ -757,9 +787,12 @@ def tokenize(
         "spike_type": torch.from_numpy(tok_types),
         "spike_mask": torch.ones(tok_units.shape[0], dtype=torch.bool),
     }
-    for kind, events, width, keys in (
-        ("behavior", behavior, cfg.behavior_dim, BEHAVIOR_KEYS),
-        ("images", images, cfg.image_dim, IMAGE_KEYS),
+    if cfg.image_dim == 0 and image_schedule_s is not None:
+        raise InputError("image_schedule_s: this model takes no images; pass image_schedule_s=None")
+    img_end = ctx_end + cfg.horizon_s
+    for kind, events, width, keys, end, where in (
+        ("behavior", behavior, cfg.behavior_dim, BEHAVIOR_KEYS, ctx_end, "context window"),
+        ("images", images, cfg.image_dim, IMAGE_KEYS, img_end, "context and forecast window"),
     ):
         if width == 0:
             if events is not None:
@@ -770,11 +803,41 @@ def tokenize(
         if events is None:
             ev_t, ev_v = np.zeros(0), np.zeros((0, width), dtype=np.float32)
         else:
-            ev_t, ev_v = _events(events, name=kind, width=width, start=ctx_start, end=ctx_end)
+            ev_t, ev_v = _events(events, name=kind, width=width, start=ctx_start, end=end, where=where)
+        if kind == "images":
+            ev_t, ev_v = _with_schedule_marker(ev_t, ev_v, image_schedule_s, ctx_end=ctx_end, cfg=cfg)
         out[keys[0]] = torch.from_numpy((ev_t - ctx_start).astype(np.float32))  # (Ne,) s from ctx start
         out[keys[1]] = torch.from_numpy(np.ascontiguousarray(ev_v, dtype=np.float32))  # (Ne, width)
         out[keys[2]] = torch.ones(ev_t.shape[0], dtype=torch.bool)  # (Ne,)
     return out
+
+
+def _with_schedule_marker(
+    times: np.ndarray, emb: np.ndarray, schedule_s: float | None, *, ctx_end: float, cfg: ModelConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image events ``(Ni,)``, ``(Ni, image_dim)`` -> ``(Ni + 1,)``, ``(Ni + 1, image_dim + 1)``: a
+    zero marker column, then one marker token at ``ctx_end + schedule_s`` (see the module docstring)."""
+    if schedule_s is None:
+        schedule_s = cfg.horizon_s if times.size and times.max() >= ctx_end else 0.0
+    try:
+        schedule_s = float(schedule_s)
+    except (TypeError, ValueError):
+        raise InputError(f"image_schedule_s: must be a number of seconds, got {schedule_s!r}") from None
+    if not (math.isfinite(schedule_s) and 0.0 <= schedule_s <= cfg.horizon_s + 1e-9):
+        raise InputError(
+            f"image_schedule_s: must be between 0 and {cfg.horizon_s:g} s (the forecast window), got {schedule_s}"
+        )
+    known_until = ctx_end + schedule_s
+    if times.size and times.max() >= known_until:
+        raise InputError(
+            f"images: an image at {times.max():.6g} s lies after the known schedule, which ends at "
+            f"{known_until:.6g} s (image_schedule_s={schedule_s:g}); pass image_schedule_s up to "
+            f"{cfg.horizon_s:g} s to say the coming images are known, or drop the later images"
+        )
+    marked = np.zeros((emb.shape[0] + 1, emb.shape[1] + 1), dtype=np.float32)
+    marked[:-1, :-1] = emb
+    marked[-1, IMAGE_MARKER_COLUMN] = 1.0
+    return np.append(times, min(known_until, ctx_end + cfg.horizon_s)), marked
 
 
 def _pad_stack(tensors: list[Tensor], *, min_len: int = 0) -> Tensor:

@@ -291,6 +291,7 @@ class Predictor:
         context_start: float,
         behavior=None,
         images=None,
+        image_schedule_s: float | None = None,
         history_counts=None,
         history_duration_s: float | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -312,6 +313,7 @@ class Predictor:
             history_duration_s=history_duration_s,
             behavior=behavior,
             images=images,
+            image_schedule_s=image_schedule_s,
         )
 
     def _run(self, s: RegisteredSession, items: list[dict[str, torch.Tensor]]) -> np.ndarray:
@@ -355,6 +357,7 @@ class Predictor:
         context_start: float,
         behavior=None,
         images=None,
+        image_schedule_s: float | None = None,
         history_counts=None,
         history_duration_s: float | None = None,
         horizon_s: float | None = None,
@@ -368,7 +371,12 @@ class Predictor:
             unit_ids: ``(n,)`` registered unit id of each spike.
             context_start: start of the context window, seconds.
             behavior: optional ``(times (Nb,), values (Nb, behavior_dim))`` inside the context.
-            images: optional ``(times (Ni,), embeddings (Ni, image_dim))`` presentations inside the context.
+            images: optional ``(times (Ni,), embeddings (Ni, image_dim))`` presentation onsets inside
+                the context or the forecast window ``[context_start, context_start + 2 s)``: images
+                shown and images scheduled to be shown (a planned stimulus sequence).
+            image_schedule_s: seconds after the context end up to which ``images`` is complete
+                (0 .. the horizon); default: the whole forecast window if an image lies in it, else 0
+                (only shown images known). Pass the horizon with no later image for "none coming".
             history_counts: optional ``(U,)`` spike counts over the ``history_s`` seconds before the
                 context (registered unit order); default: the reference rate stands in.
             horizon_s: predict only the first ``horizon_s`` seconds (a multiple of the bin size).
@@ -377,6 +385,7 @@ class Predictor:
         n = self._horizon_bins(horizon_s)
         item = self.tokenize_window(
             s, spike_times, unit_ids, context_start=context_start, behavior=behavior, images=images,
+            image_schedule_s=image_schedule_s,
             history_counts=history_counts, history_duration_s=history_duration_s,
         )
         rates = self._run(s, [item])[0]
@@ -387,12 +396,15 @@ class Predictor:
 
         ``windows`` is a sequence of dicts with the keyword arguments of
         :meth:`predict` (``spike_times``, ``unit_ids``, ``context_start`` and
-        optional ``behavior``, ``images``, ``history_counts``, ``history_duration_s``).
+        optional ``behavior``, ``images``, ``image_schedule_s``, ``history_counts``, ``history_duration_s``).
         """
         s = self.session(session)
         n = self._horizon_bins(horizon_s)
         out: list[Prediction] = []
-        allowed = {"spike_times", "unit_ids", "context_start", "behavior", "images", "history_counts", "history_duration_s"}
+        allowed = {
+            "spike_times", "unit_ids", "context_start", "behavior", "images", "image_schedule_s",
+            "history_counts", "history_duration_s",
+        }
         for i in range(0, len(windows), batch_size):
             chunk = windows[i : i + batch_size]
             items = []

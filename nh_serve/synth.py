@@ -31,14 +31,19 @@ Generative model (all times in seconds; ``rng = Generator(PCG64(seed))``):
 
 3. Images (multimodal only): a fixed library of 16 images with unit-norm
    32-D embeddings (:func:`image_library`, same for every seed). An image is
-   shown every 0.5 to 1.5 s (uniform gaps). Half of the units respond: unit
-   ``u`` adds ``a_uj * alpha((t - onset - latency_u) / rise_u)`` to its log rate,
-   with ``alpha(s) = s exp(1 - s)`` for ``s > 0`` (peak 1 at ``s = 1``), latency
-   40 to 100 ms, rise 30 to 60 ms (so the response spans ~50 to 300 ms after
-   the onset) and an image-specific amplitude ``a_uj = g_u softplus(2 d_uj - 1)``
-   where ``d_uj`` is the (standardised) dot product of the unit's preferred
-   direction with the image embedding: the response is a function of the
-   embedding, so it generalises across images.
+   shown every 0.5 to 1.5 s (uniform gaps). 80% of the units respond, like a
+   visual area to flashed natural images: unit ``u`` adds
+   ``a_uj * alpha((t - onset - latency_u) / rise_u)`` to its log rate, with
+   ``alpha(s) = s exp(1 - s)`` for ``s > 0`` (peak 1 at ``s = 1``), latency 40 to
+   100 ms, rise 30 to 60 ms (so the response spans ~50 to 300 ms after the
+   onset) and an image-specific amplitude ``a_uj = g_u softplus(2 x_uj - 1)``,
+   gain ``g_u`` 1 to 2, drive ``x_uj = 0.7 s_j + 0.71 d_uj``: ``s_j`` is the
+   image's salience (:func:`image_salience`, the embedding's projection on a
+   fixed direction, shared by every unit and session) and ``d_uj`` the
+   (standardised) dot product of the unit's preferred direction with the
+   embedding. The response is a function of the embedding, so it generalises
+   across images, and most of it is shared by the population, so a model that
+   has never seen a unit can still expect it to respond to a salient image.
 
 4. Behaviour, 2-D "velocity" at 100 Hz: in plain sessions a random linear
    read-out of the current latents plus 20% noise; in multimodal sessions the
@@ -95,6 +100,7 @@ __all__ = [
     "LATENT_DT",
     "IMAGE_LIBRARY_SEED",
     "image_library",
+    "image_salience",
     "make_session",
     "write_synthetic_sessions",
     "make_demo",
@@ -109,6 +115,10 @@ LATENT_DT = 0.01
 IMAGE_LIBRARY_SEED = 20_240_601
 N_IMAGES = 16
 IMAGE_DIM = 32
+#: Fraction of units that respond to images, and the weight of the shared image salience in
+#: each unit's image drive (the rest is the unit's own tuning).
+RESPONSIVE_FRACTION = 0.8
+SALIENCE_WEIGHT = 0.7
 #: Soft ceiling of the intensity (Hz).
 MAX_RATE = 200.0
 #: Demo recording: seed, units, duration.
@@ -132,6 +142,17 @@ _WRITE_KEYS = (
     "true_rates",
     "provenance",
 )
+
+
+def image_salience(lib: np.ndarray | None = None) -> np.ndarray:
+    """Population drive of each image, ``(n_images,)`` ~N(0, 1): the embedding's projection on a
+    fixed direction (seeded like the library), times ``sqrt(dim)``. Images with a high salience
+    excite most responsive units of every session; a model can read it from the embedding."""
+    lib = image_library() if lib is None else lib
+    rng = np.random.Generator(np.random.PCG64(IMAGE_LIBRARY_SEED + 1))
+    direction = rng.normal(size=lib.shape[1])
+    direction /= np.linalg.norm(direction)
+    return (lib.astype(np.float64) @ direction) * math.sqrt(lib.shape[1])
 
 
 def image_library(
@@ -339,6 +360,9 @@ def make_session(
     group_scale = np.ones(K)
     group_scale[names.index("drift")] = 0.5
     w *= group_scale
+    if multimodal:
+        # the first input factor raises the rate of every unit (like locomotion in visual cortex)
+        w[:, names.index("input_1")] = np.abs(w[:, names.index("input_1")])
     w *= (depth / np.linalg.norm(w, axis=1))[:, None]
     refractory = rng.uniform(0.001, 0.0025, size=U)
     bursting = rng.random(U) < 0.35
@@ -362,14 +386,16 @@ def make_session(
         image_times = onsets[onsets < duration - 0.3]
         image_idx = rng.integers(0, N_IMAGES, size=image_times.shape[0]).astype(np.int64)
         image_emb = lib[image_idx]
-        responsive = rng.random(U) < 0.5
-        gain = np.where(responsive, rng.uniform(0.5, 1.0, size=U), 0.0)
+        responsive = rng.random(U) < RESPONSIVE_FRACTION
+        gain = np.where(responsive, rng.uniform(1.0, 2.0, size=U), 0.0)
         latency = rng.uniform(0.04, 0.1, size=U)
         rise = rng.uniform(0.03, 0.06, size=U)
         pref = rng.normal(size=(U, IMAGE_DIM))
         pref /= np.linalg.norm(pref, axis=1, keepdims=True)
-        d = (pref @ lib.T) * math.sqrt(IMAGE_DIM)  # (U, N_IMAGES), ~N(0, 1)
-        amp = gain[:, None] * np.logaddexp(0.0, 2.0 * d - 1.0)  # (U, N_IMAGES) log-rate amplitude
+        d = (pref @ lib.T) * math.sqrt(IMAGE_DIM)  # (U, N_IMAGES), ~N(0, 1): unit-specific tuning
+        sal = image_salience(lib)  # (N_IMAGES,), ~N(0, 1): shared by all units of all sessions
+        drive = SALIENCE_WEIGHT * sal[None, :] + math.sqrt(1.0 - SALIENCE_WEIGHT**2) * d  # (U, N_IMAGES)
+        amp = gain[:, None] * np.logaddexp(0.0, 2.0 * drive - 1.0)  # (U, N_IMAGES) log-rate amplitude
 
     # --- intensity, its integral, true rates and spikes, in chunks of units
     true_rates = np.empty((n_bins, U), dtype=np.float32)

@@ -234,6 +234,8 @@ class Handlers:
             )
         if w.history_duration_s is not None:
             out["history_duration_s"] = w.history_duration_s
+        if w.image_schedule_s is not None:
+            out["image_schedule_s"] = w.image_schedule_s
         return out
 
     def _own_lookup(self, token: str):

@@ -183,7 +183,18 @@ class WindowInputs(BaseModel):
     )
     images: Events | None = Field(
         None,
-        description="Image-embedding events inside the context window (only for models trained with images).",
+        description=(
+            "Image-presentation onsets and embeddings inside the context or the forecast window "
+            "(images shown, and images scheduled to be shown next); only for models trained with images."
+        ),
+    )
+    image_schedule_s: float | None = Field(
+        None,
+        description=(
+            "Seconds after the context end up to which `images` lists every image (0 to the horizon): "
+            "0 = only the images shown so far are known. Default: the horizon if an image lies after "
+            "the context end, else 0. Send the horizon with no later image to say none is coming."
+        ),
     )
     history_counts: Float64Array | None = Field(
         None,

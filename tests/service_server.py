@@ -43,8 +43,9 @@ TEST_LIMITS = {
 }
 
 
-def make_tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
-    """An ``nh-tiny`` model with random weights and identity feature normalisation, saved at ``path``."""
+def make_tiny_checkpoint(path: Path, *, seed: int = 0, **overrides) -> Path:
+    """An ``nh-tiny`` model (config ``overrides`` applied) with random weights and identity feature
+    normalisation, saved at ``path``."""
     import torch
 
     from nh_serve.checkpoint import save_model
@@ -53,7 +54,7 @@ def make_tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
     from nh_serve.model import NeuroHorizon
 
     torch.manual_seed(seed)
-    model = NeuroHorizon(get_config("nh-tiny"))
+    model = NeuroHorizon(get_config("nh-tiny", **overrides))
     save_model(
         path, model, feature_norm=FeatureNorm.identity(), training={"note": "random weights for tests"}
     )

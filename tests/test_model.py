@@ -429,11 +429,19 @@ def test_multimodal_with_and_without_extra_inputs():
         assert torch.isfinite(out).all() and out.min() > LOG_RATE_MIN
     assert (out_beh - out_plain).abs().max() > 1e-4
     assert (out_img - out_plain).abs().max() > 1e-4
-    # without extra inputs the multimodal update is exactly zero: same as passing None
-    b = collate([plain])
-    no_mm = {k: v for k, v in b.items() if not k.startswith(("behavior", "image"))}
+    # an image model always gets the schedule marker: at the context end when nothing is said
+    assert plain["image_times"].tolist() == [1.0] and plain["image_values"][0, -1] == 1.0
+    sched = model.tokenize(**w, images=(np.array([10.25, 11.5]), rng.normal(size=(2, 4))))
+    assert sched["image_times"].tolist() == [0.25, 1.5, 2.0]  # schedule known to the forecast end
+    assert sched["image_values"].shape == (3, 5) and sched["image_values"][:, -1].tolist() == [0, 0, 1]
+    told = model.tokenize(**w, images=None, image_schedule_s=0.5)
+    assert told["image_times"].tolist() == [1.5]
+    # without behaviour the multimodal update is exactly zero: same as passing None
+    bmodel = tiny(behavior_dim=2)
+    b = collate([bmodel.tokenize(**w)])
+    no_mm = {k: v for k, v in b.items() if not k.startswith("behavior")}
     with torch.no_grad():
-        torch.testing.assert_close(model(**no_mm)[0], out_plain, rtol=0, atol=1e-6)
+        torch.testing.assert_close(bmodel(**no_mm)[0], bmodel(**b)[0], rtol=0, atol=1e-6)
 
 
 def test_multimodal_every_places_cross_attention():

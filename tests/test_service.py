@@ -833,6 +833,41 @@ def test_handlers_limits_and_expired_token(handlers, rec):
     assert e.value.status == 404 and "expire" in e.value.message
 
 
+def test_handlers_pass_behaviour_images_and_schedule_to_the_predictor(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "mm.safetensors", behavior_dim=2, image_dim=32)
+    p = Predictor.load(str(ckpt), backend="torch")
+    h = Handlers(p, settings=Settings())
+    d = make_session(seed=5, n_units=8, duration=40.0, multimodal=True)
+    t, u, ids = d["spike_times"], d["unit_index"], d["unit_ids"]
+    ref = t < 30.0
+    reg = h.register(
+        schemas.RegisterRequest.model_validate(
+            {"reference": {"times": t[ref].tolist(), "unit_ids": ids[u[ref]].tolist()},
+             "reference_start": 0.0, "reference_end": 30.0}
+        )
+    )
+    c = 32.0
+    ctx = (t >= c) & (t < c + 1.0)
+    bt, bv = d["behavior"]
+    b = (bt >= c) & (bt < c + 1.0)
+    it, iv = d["image_embeddings"]
+    i = (it >= c) & (it < c + 2.0)
+    window = {"token": reg.token, "context": {"times": t[ctx].tolist(), "unit_ids": ids[u[ctx]].tolist()},
+              "context_start": c, "behavior": {"times": bt[b].tolist(), "values": bv[b].tolist()},
+              "images": {"times": it[i].tolist(), "values": iv[i].tolist()}}
+    local = p.predict(reg.token, t[ctx], ids[u[ctx]], context_start=c, behavior=(bt[b], bv[b]), images=(it[i], iv[i]))
+    got = h.predict(schemas.PredictRequest.model_validate(window))
+    np.testing.assert_allclose(np.asarray(got.rates_hz.root), local.rates_hz, rtol=1e-5)
+    shown = {**window, "images": {"times": it[i][it[i] < c + 1].tolist(), "values": iv[i][it[i] < c + 1].tolist()}}
+    none_coming = h.predict(schemas.PredictRequest.model_validate({**shown, "image_schedule_s": 1.0}))
+    unknown = h.predict(schemas.PredictRequest.model_validate(shown))
+    assert np.abs(np.asarray(none_coming.rates_hz.root) - np.asarray(unknown.rates_hz.root)).max() > 1e-6
+    assert (it[i] >= c + 1.0).any()
+    with pytest.raises(ApiError) as e:
+        h.predict(schemas.PredictRequest.model_validate({**window, "image_schedule_s": 0.0}))
+    assert e.value.status == 400 and "images" in e.value.message and "image_schedule_s" in e.value.message
+
+
 def test_handlers_warm_up_leaves_no_session(handlers):
     n = len(handlers.predictor.sessions)
     assert handlers.warm_up(n_units=20, seconds=20.0, repeats=1) > 0

@@ -17,9 +17,9 @@ from nh_serve.checkpoint import content_hash, load_checkpoint, load_model
 from nh_serve.errors import InputError
 from nh_serve.quality import history_counts
 from nh_serve.session import write_session
-from nh_serve.synth import make_session
+from nh_serve.synth import make_session, write_synthetic_sessions
 from training import train as train_mod
-from training.data import find_sessions, load_session, split_sessions, window_item
+from training.data import find_sessions, load_session, sample_image_schedules, split_sessions, window_item
 from training.train import load_train_config, lr_at, make_train_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +115,28 @@ def test_window_item_targets_and_history_match_hand_counts(data_dir):
     counts, dur = history_counts(t, u, n_units=s.n_units, ctx_start=c, history_s=30.0, start=s.start)
     np.testing.assert_array_equal(counts, hist)
     assert dur == pytest.approx(c - s.start)
+
+
+def test_image_schedules_hide_coming_images_in_a_fraction_of_windows(tmp_path):
+    cfg = make_train_config({"model": "nh-tiny", "model_overrides": {"image_dim": 32}}).model_config()
+    h = np.array(sample_image_schedules(np.random.default_rng(0), 4000, cfg, dropout=0.5))
+    assert np.isclose(np.mean(h == cfg.horizon_s), 0.5, atol=0.03)
+    cut = h[h < cfg.horizon_s]
+    np.testing.assert_allclose(cut / cfg.bin_size_s, np.round(cut / cfg.bin_size_s), atol=1e-9)  # whole bins
+    assert cut.min() == 0.0 and len(np.unique(cut)) == cfg.n_bins
+    assert sample_image_schedules(np.random.default_rng(0), 50, cfg, dropout=0.0) == [cfg.horizon_s] * 50
+    # window_item passes exactly the images due before the schedule end, and the marker at its end
+    write_synthetic_sessions(tmp_path, n_sessions=1, seed=3, duration=90.0, multimodal=True, n_units=10)
+    s = load_session(tmp_path / "synth_000.h5", cfg=cfg, reference_s=30.0, val_time_fraction=0.0)
+    s.unit_features = s.features.astype(np.float32)
+    it = s.images[0]
+    c = float(it[(it > 40.0)][0]) - 0.5  # an image 0.5 s into the context
+    for sched in (0.0, 0.3, 1.0):
+        item, _ = window_item(s, c, cfg, image_schedule_s=sched)
+        want = it[(it >= c) & (it < c + 1.0 + sched)] - c
+        got = item["image_times"].numpy()
+        np.testing.assert_allclose(got[:-1], want, atol=1e-5)
+        assert got[-1] == pytest.approx(1.0 + sched) and item["image_values"][-1, -1] == 1.0
 
 
 def test_split_sessions_by_whole_recordings():
@@ -311,6 +333,7 @@ def test_silent_unit_is_fine(data_dir):
         ({"stepz": 3}, "unknown field"),
         ({"steps": 2.5}, "steps must be an integer"),
         ({"head_ablation": "nope"}, "head_ablation must be one of"),
+        ({"image_schedule_dropout": 1.5}, r"image_schedule_dropout must be in \[0, 1\]"),
     ],
 )
 def test_inconsistent_configs_are_input_errors(override, message):

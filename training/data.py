@@ -237,8 +237,14 @@ def split_sessions(
 # ----------------------------------------------------------------------------------------- windows
 
 
-def window_item(s: TrainSession, c: float, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Tokenized inputs and target counts ``(U, n_bins)`` of the window whose context starts at ``c``."""
+def window_item(
+    s: TrainSession, c: float, cfg: ModelConfig, *, image_schedule_s: float | None = None
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """Tokenized inputs and target counts ``(U, n_bins)`` of the window whose context starts at ``c``.
+
+    Image models get the images shown in the context and those due in the first
+    ``image_schedule_s`` seconds of the forecast window (default: all of it).
+    """
     t, u = s.times, s.units
     a, b = np.searchsorted(t, [c, c + cfg.context_s])
     hist, hist_s = history_counts(
@@ -251,8 +257,11 @@ def window_item(s: TrainSession, c: float, cfg: ModelConfig) -> tuple[dict[str, 
         kwargs["behavior"] = (bt[i:j], bv[i:j])
     if s.images is not None:
         it, iv = s.images
-        i, j = np.searchsorted(it, [c, c + cfg.context_s])
+        # presentations already shown and those scheduled in the forecast window
+        sched = cfg.horizon_s if image_schedule_s is None else float(image_schedule_s)
+        i, j = np.searchsorted(it, [c, c + cfg.context_s + sched])
         kwargs["images"] = (it[i:j], iv[i:j])
+        kwargs["image_schedule_s"] = sched
     item = tokenize(
         cfg,
         unit_features=s.unit_features,
@@ -291,6 +300,15 @@ def sample_windows(
         lo, hi = sessions[i].train_range
         out.append((int(i), float(lo + rng.random() * (hi - lo))))
     return out
+
+
+def sample_image_schedules(rng: np.random.Generator, n: int, cfg: ModelConfig, *, dropout: float) -> list[float]:
+    """How far ahead the image schedule is known in each of ``n`` training windows: the whole
+    forecast window, or with probability ``dropout`` a whole number of bins drawn uniformly from
+    ``0 .. n_bins - 1`` (0 = only shown images), so a model also learns to forecast without it."""
+    cut = rng.random(n) < dropout
+    bins = rng.integers(0, cfg.n_bins, size=n)
+    return [float(b * cfg.bin_size_s) if c else cfg.horizon_s for c, b in zip(cut, bins)]
 
 
 def evenly_spaced(lo: float, hi: float, n: int) -> np.ndarray:

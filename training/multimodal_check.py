@@ -1,15 +1,18 @@
 """Does behaviour / image input help? Train nh-tiny with and without it on the same data and compare.
 
-    python -m training.multimodal_check --steps 800 --seed 0
+    python -m training.multimodal_check --steps 300 --seed 0
 
 Writes four multimodal synthetic recordings (:func:`nh_serve.synth.write_synthetic_sessions`,
-40 units x 180 s; three train, one held out), trains ``nh-tiny`` twice with
-:func:`training.train.train` (same seed, steps and data): once with
-``behavior_dim=2, image_dim=32`` (the widths synth writes) and once without,
-then prints bits/spike of both on the validation-in-time windows of the
-training recordings (the last 30%, never trained on) with a paired test over
-windows, and on the held-out recording (zero-shot). docs/multimodal.md quotes
-its output.
+40 units x 180 s; three train, one held out) and trains ``nh-tiny`` with
+:func:`training.train.train` once per variant (same seed, steps and data):
+``multimodal`` (``behavior_dim=2, image_dim=32``, the widths synth writes),
+``images`` only, ``behavior`` only and ``plain`` (spikes only). For each
+variant it prints bits/spike on the validation-in-time windows of the training
+recordings (the last 30%, never trained on), the gain over ``plain`` with a
+paired test over windows, and the same on the held-out recording (zero-shot).
+The multimodal model is also scored with images only up to the context end
+(``no schedule``: the stimulus sequence of the next second unknown).
+docs/multimodal.md quotes its output; tests/test_multimodal.py asserts the gain.
 """
 
 from __future__ import annotations
@@ -32,11 +35,19 @@ from training.train import make_train_config, train, validation_windows
 N_UNITS = 40
 DURATION_S = 180.0
 VAL_TIME_FRACTION = 0.3
-MULTIMODAL = {"behavior_dim": 2, "image_dim": 32}
+#: Model widths of each variant (the widths synth writes: 2-D behaviour, 32-D image embeddings).
+VARIANTS = {
+    "multimodal": {"behavior_dim": 2, "image_dim": 32},
+    "images": {"image_dim": 32},
+    "behavior": {"behavior_dim": 2},
+    "plain": {},
+}
 
 
-def train_pair(root: Path, *, steps: int, seed: int = 0) -> dict[str, Path]:
-    """Write the recordings under ``root`` and train both models; returns their checkpoints."""
+def train_variants(
+    root: Path, *, steps: int, seed: int = 0, lr: float = 3e-3, variants: tuple[str, ...] = tuple(VARIANTS)
+) -> dict[str, Path]:
+    """Write the recordings under ``root`` and train each variant; returns their checkpoints."""
     torch.set_num_threads(1)
     write_synthetic_sessions(
         root / "train", n_sessions=3, seed=11, duration=DURATION_S, multimodal=True, n_units=N_UNITS
@@ -45,15 +56,15 @@ def train_pair(root: Path, *, steps: int, seed: int = 0) -> dict[str, Path]:
         root / "heldout", n_sessions=1, seed=12, duration=DURATION_S, multimodal=True, n_units=N_UNITS
     )
     ckpts = {}
-    for name, overrides in (("multimodal", MULTIMODAL), ("plain", {})):
+    for name in variants:
         cfg = make_train_config(
             {
                 "name": f"mm-check-{name}",
                 "model": "nh-tiny",
-                "model_overrides": overrides,
+                "model_overrides": VARIANTS[name],
                 "steps": steps,
                 "batch_size": 16,
-                "lr": 1e-2,
+                "lr": lr,
                 "warmup_steps": min(10, steps),
                 "val_every": steps,
                 "ckpt_every": steps,
@@ -71,8 +82,13 @@ def train_pair(root: Path, *, steps: int, seed: int = 0) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def score(ckpt: Path, files: list[Path], *, in_time: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per-window mean Poisson NLL (nats), the context starts, and bits/spike over all windows."""
+def score(
+    ckpt: Path, files: list[Path], *, in_time: bool, schedule: bool = True
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-window mean Poisson NLL (nats), the context starts, and bits/spike over all windows.
+
+    ``schedule=False`` passes only the images shown in the context (``image_schedule_s=0``).
+    """
     model, norm, _ = load_model(ckpt)
     cfg = model.cfg
     sessions = [
@@ -84,7 +100,8 @@ def score(ckpt: Path, files: list[Path], *, in_time: bool) -> tuple[np.ndarray, 
     nll, starts, bps = [], [], []
     for i, s in enumerate(sessions):
         cs = [c for j, c in windows if j == i]
-        got = [window_item(s, c, cfg) for c in cs]
+        sched = None if schedule or cfg.image_dim == 0 else 0.0
+        got = [window_item(s, c, cfg, image_schedule_s=sched) for c in cs]
         rates = torch.exp(model(**collate([g[0] for g in got]))).numpy() * cfg.bin_size_s  # (W, U, T) counts
         counts = np.stack([g[1] for g in got])  # (W, U, T)
         nll += [poisson_nll(r, y) for r, y in zip(rates, counts)]
@@ -93,44 +110,55 @@ def score(ckpt: Path, files: list[Path], *, in_time: bool) -> tuple[np.ndarray, 
     return np.array(nll), np.array(starts), float(np.mean(bps))
 
 
-def compare(root: Path, ckpts: dict[str, Path]) -> dict:
-    """Bits/spike of both models on the same windows, and the paired per-window NLL test."""
+def compare(root: Path, ckpts: dict[str, Path]) -> dict[str, dict]:
+    """Each variant against ``plain`` on the same windows: bits/spike, gain and the paired NLL test."""
     files = sorted((root / "train").glob("*.h5"))
-    nll_mm, w_mm, bps_mm = score(ckpts["multimodal"], files, in_time=True)
-    nll_pl, w_pl, bps_pl = score(ckpts["plain"], files, in_time=True)
-    assert np.array_equal(w_mm, w_pl)  # the same windows
-    diff = nll_pl - nll_mm  # > 0 where the multimodal model is better
-    t = float(diff.mean() / (diff.std(ddof=1) / math.sqrt(diff.size)))
     held = sorted((root / "heldout").glob("*.h5"))
-    _, _, h_mm = score(ckpts["multimodal"], held, in_time=False)
+    nll_pl, w_pl, bps_pl = score(ckpts["plain"], files, in_time=True)
     _, _, h_pl = score(ckpts["plain"], held, in_time=False)
-    return {
-        "windows": int(diff.size),
-        "bps_multimodal": bps_mm,
-        "bps_plain": bps_pl,
-        "paired_t": t,
-        "better_fraction": float(np.mean(diff > 0)),
-        "heldout_bps_multimodal": h_mm,
-        "heldout_bps_plain": h_pl,
-    }
+    runs = [(name, ckpt, True) for name, ckpt in ckpts.items() if name != "plain"]
+    if "multimodal" in ckpts:
+        runs.append(("multimodal, no schedule", ckpts["multimodal"], False))
+    out = {"plain": {"bps": bps_pl, "heldout_bps": h_pl, "windows": int(nll_pl.size)}}
+    for name, ckpt, schedule in runs:
+        nll, w, bps = score(ckpt, files, in_time=True, schedule=schedule)
+        assert np.array_equal(w, w_pl)  # the same windows
+        diff = nll_pl - nll  # > 0 where this variant is better
+        _, _, h = score(ckpt, held, in_time=False, schedule=schedule)
+        out[name] = {
+            "bps": bps,
+            "gain": bps - bps_pl,
+            "paired_t": float(diff.mean() / (diff.std(ddof=1) / math.sqrt(diff.size))),
+            "better_fraction": float(np.mean(diff > 0)),
+            "heldout_bps": h,
+            "heldout_gain": h - h_pl,
+            "windows": int(diff.size),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m training.multimodal_check", description=__doc__.split("\n\n")[0]
     )
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
-        r = compare(Path(d), train_pair(Path(d), steps=args.steps, seed=args.seed))
+        r = compare(Path(d), train_variants(Path(d), steps=args.steps, seed=args.seed, lr=args.lr))
+    pl = r.pop("plain")
     print(
-        f"in-time windows ({r['windows']}): bits/spike multimodal {r['bps_multimodal']:+.4f}, plain {r['bps_plain']:+.4f}, "
-        f"gain {r['bps_multimodal'] - r['bps_plain']:+.4f} (paired t = {r['paired_t']:.1f}, better in "
-        f"{r['better_fraction']:.0%} of windows)\nheld-out recording (zero-shot): bits/spike multimodal "
-        f"{r['heldout_bps_multimodal']:+.4f}, plain {r['heldout_bps_plain']:+.4f}, "
-        f"gain {r['heldout_bps_multimodal'] - r['heldout_bps_plain']:+.4f}"
+        f"nh-tiny, {args.steps} steps, lr {args.lr:g}, seed {args.seed}; {pl['windows']} validation-in-time windows "
+        "of the 3 training recordings, and the held-out recording (zero-shot)"
     )
+    print(f"{'variant':<26}{'in-time b/s':>12}{'gain':>9}{'paired t':>10}{'better':>8}{'held-out b/s':>14}{'gain':>9}")
+    print(f"{'plain':<26}{pl['bps']:>+12.4f}{'':>9}{'':>10}{'':>8}{pl['heldout_bps']:>+14.4f}")
+    for name, v in r.items():
+        print(
+            f"{name:<26}{v['bps']:>+12.4f}{v['gain']:>+9.4f}{v['paired_t']:>10.1f}{v['better_fraction']:>8.0%}"
+            f"{v['heldout_bps']:>+14.4f}{v['heldout_gain']:>+9.4f}"
+        )
     return 0
 
 

@@ -70,6 +70,7 @@ from training.data import (
     find_sessions,
     load_sessions,
     pad_targets,
+    sample_image_schedules,
     sample_windows,
     session_weights,
     split_sessions,
@@ -109,6 +110,9 @@ class TrainConfig:
         ckpt_every: steps between checkpoints (and the end).
         val_windows: validation windows per recording (evenly spaced).
         session_weights: ``{substring of a recording name: sampling weight}`` (default weight 1).
+        image_schedule_dropout: image models: fraction of training windows whose coming images are
+            hidden past a random point of the forecast window (so the model also predicts without a
+            stimulus schedule); validation always passes the whole schedule.
         seed: random seed.
         threads: torch CPU threads (0 = leave torch's default).
     """
@@ -133,6 +137,7 @@ class TrainConfig:
     ckpt_every: int = 50
     val_windows: int = 12
     session_weights: dict[str, float] = field(default_factory=dict)
+    image_schedule_dropout: float = 0.5
     seed: int = 0
     threads: int = 0
 
@@ -172,6 +177,7 @@ _FLOAT_FIELDS = (
     "val_time_fraction",
     "val_fraction",
     "test_fraction",
+    "image_schedule_dropout",
 )
 
 
@@ -220,6 +226,10 @@ def make_train_config(d: dict[str, Any], *, where: str = "training config") -> T
             f"reference_s must be >= {MIN_REFERENCE_S:g} s, got {cfg.reference_s}",
         ),
         (0 <= cfg.val_time_fraction < 1, f"val_time_fraction must be in [0, 1), got {cfg.val_time_fraction}"),
+        (
+            0 <= cfg.image_schedule_dropout <= 1,
+            f"image_schedule_dropout must be in [0, 1], got {cfg.image_schedule_dropout}",
+        ),
         (
             0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1,
             "val_fraction and test_fraction must be in [0, 1)",
@@ -694,7 +704,11 @@ def train(
         rng = np.random.Generator(np.random.PCG64([cfg.seed, dist.rank, step]))
         torch.manual_seed((cfg.seed * 1_000_003 + dist.rank * 7919 + step) % (2**63))
         picks = sample_windows(rng, train_sessions, weights, per_rank)
-        got = [window_item(train_sessions[i], c, mcfg) for i, c in picks]
+        if mcfg.image_dim > 0:
+            sched = sample_image_schedules(rng, len(picks), mcfg, dropout=cfg.image_schedule_dropout)
+            got = [window_item(train_sessions[i], c, mcfg, image_schedule_s=h) for (i, c), h in zip(picks, sched)]
+        else:
+            got = [window_item(train_sessions[i], c, mcfg) for i, c in picks]
         batch = {k: v.to(dist.device, non_blocking=True) for k, v in collate([g[0] for g in got]).items()}
         y = pad_targets([g[1] for g in got]).to(dist.device)
         lr = lr_at(step, cfg)

@@ -327,7 +327,8 @@ def score_recording(
                 if use_beh:
                     w["behavior"] = s.behavior(c, c + cfg.context_s)
                 if use_img:
-                    w["images"] = s.image_events(c, c + cfg.context_s)
+                    # the recorded stimulus schedule: shown in the context and due in the forecast
+                    w["images"] = s.image_events(c, c + cfg.context_s + cfg.horizon_s)
                 windows.append(w)
             timing["inputs_s"] += time.perf_counter() - t0
             return block, counts, preds, windows
