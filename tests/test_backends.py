@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_data import REAL
 
 from nh_serve import backends as B
 from nh_serve.errors import InputError
 from nh_serve.predictor import Predictor
-
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from real_data import REAL
 
 from nh_serve import baselines as B
 from nh_serve.errors import InputError
@@ -10,7 +10,6 @@ from nh_serve.features import DEFAULT_REFERENCE_S, reference_rate_hz
 from nh_serve.metrics import bits_per_spike
 from nh_serve.spikes import bin_counts
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 NB, BS = 50, 0.02
 
 

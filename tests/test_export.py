@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_data import REAL
 
 from export import ARTIFACT_FORMAT_VERSION, ParityError, export_model, load_artifact, read_artifact_metadata
 from export.artifact import EMBED_KEY, METADATA_KEY, metadata_hash
@@ -26,7 +27,6 @@ from nh_serve.synth import make_session
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,9 @@
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from real_data import REAL
 
 from nh_serve.errors import InputError
 from nh_serve.features import (
@@ -19,8 +19,6 @@ from nh_serve.features import (
     reference_features,
     reference_rate_hz,
 )
-
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 CV, FANO = 1, 32
 HIST = slice(2, 22)

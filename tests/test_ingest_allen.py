@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from real_data import REAL as REAL_DATA
 
 from nh_serve.errors import InputError
 from nh_serve.ingest.allen import allen_python, read_allen
@@ -21,7 +22,7 @@ from nh_serve.ingest.cli import run
 from nh_serve.session import open_session
 
 HERE = Path(__file__).resolve().parent
-REAL_NWB = sorted((HERE.parent.parent / "shared" / "data" / "real" / "human_mtl_zheng2022").glob("*.nwb"))
+REAL_NWB = sorted((REAL_DATA / "human_mtl_zheng2022").glob("*.nwb"))
 
 
 def _env_python() -> Path:

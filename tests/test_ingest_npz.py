@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
+from real_data import REAL
 
 from nh_serve.errors import InputError
 from nh_serve.ingest.cli import run
 from nh_serve.ingest.npz import read_npz
 from nh_serve.session import open_session
-
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
 def test_full_archive_round_trip(tmp_path):

@@ -8,13 +8,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from real_data import REAL as REAL_DATA
 
 from nh_serve.errors import InputError
 from nh_serve.ingest.cli import run
 from nh_serve.ingest.nwb import read_nwb
 from nh_serve.session import open_session
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "human_mtl_zheng2022"
+REAL = REAL_DATA / "human_mtl_zheng2022"
 
 
 def _real_nwb() -> Path:

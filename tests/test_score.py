@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_data import REAL
 
 from nh_serve.baselines import predict_baselines
 from nh_serve.checkpoint import save_model
@@ -28,7 +29,6 @@ from nh_serve.session import open_session, write_session
 from nh_serve.spikes import bin_counts
 from nh_serve.synth import make_session
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 SETTINGS = ScoreSettings(batch_size=16, backend="torch")
 WRITE_KEYS = ("spike_times", "unit_index", "unit_ids", "start", "end", "true_rates", "provenance")
 

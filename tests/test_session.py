@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import temporaldata as td
+from real_data import REAL
 
 from nh_serve.errors import InputError, SessionFileError
 from nh_serve.session import Session, open_session, write_session
@@ -500,7 +500,6 @@ def test_missing_folder_is_input_error(tmp_path):
 
 # --------------------------------------------------------------------------- real recordings
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 REAL_SETS = ["ibl_brainbox_fixture", "human_mtl_zheng2022", "rat_ca1_linear_track"]
 
 
