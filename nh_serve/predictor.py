@@ -39,7 +39,7 @@ import torch
 from nh_serve.backends import BACKENDS, Backend, TorchBackend, make_backend, open_artifact_model  # noqa: F401
 from nh_serve.errors import InputError
 from nh_serve.features import MIN_REFERENCE_S, FeatureNorm, reference_features, reference_rate_hz
-from nh_serve.spikes import bin_counts, check_spikes, units_to_index
+from nh_serve.spikes import bin_counts, check_spikes, history_counts, units_to_index
 
 
 @dataclass(frozen=True)
@@ -440,8 +440,15 @@ class Predictor:
         items, targets = [], []
         for c in starts:
             a, b = np.searchsorted(t, [c, c + cfg.context_s])
+            # the history before each window, as predict() gets it, from inside the reference
+            hist, hist_s = history_counts(t, u, n_units=s.n_units, ctx_start=c, history_s=cfg.history_s, start=r0)
             items.append(
-                self.model.tokenize(unit_features=s.features, spike_times=t[a:b], spike_unit_index=u[a:b], ctx_start=c, ref_rate_hz=s.ref_rate_hz)
+                self.model.tokenize(
+                    unit_features=s.features, spike_times=t[a:b], spike_unit_index=u[a:b], ctx_start=c,
+                    ref_rate_hz=s.ref_rate_hz,
+                    history_counts=hist if hist_s > 0 else None,
+                    history_duration_s=hist_s if hist_s > 0 else None,
+                )
             )
             h0, h1 = np.searchsorted(t, [c + cfg.context_s, c + span])
             targets.append(bin_counts(t[h0:h1], u[h0:h1], n_units=s.n_units, start=c + cfg.context_s, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins))

@@ -46,6 +46,7 @@ import numpy as np
 from nh_serve.baselines import DEFAULT_HISTORY_S
 from nh_serve.errors import InputError
 from nh_serve.features import DEFAULT_REFERENCE_S, MIN_REFERENCE_S
+from nh_serve.spikes import history_counts
 
 HEAD_ABLATIONS = ("none", "no_activity")
 ORACLE = "oracle"
@@ -59,20 +60,6 @@ ORACLE = "oracle"
 def auto_reference_s(duration_s: float, reference_s: float = DEFAULT_REFERENCE_S) -> float:
     """Reference-window length (s): ``reference_s``, or a quarter of a short recording, at least 10 s."""
     return float(min(reference_s, max(MIN_REFERENCE_S, duration_s / 4.0)))
-
-
-def history_counts(times, unit_index, *, n_units: int, ctx_start: float, history_s: float, start: float):
-    """Spike counts per unit in the history before a context, and the history's length.
-
-    The history is ``[max(start, ctx_start - history_s), ctx_start)`` (seconds;
-    ``start`` is the recording start). ``times`` must be sorted. Returns
-    ``(counts (U,) float32, duration_s)``, what ``tokenize(history_counts=...,
-    history_duration_s=...)`` and ``Predictor.predict`` take.
-    """
-    h0 = max(float(start), float(ctx_start) - float(history_s))
-    a, b = np.searchsorted(times, [h0, ctx_start])
-    counts = np.bincount(np.asarray(unit_index[a:b], dtype=np.int64), minlength=n_units).astype(np.float32)
-    return counts, float(ctx_start) - h0
 
 
 def _no_activity_class():

@@ -135,3 +135,17 @@ def units_to_index(unit_ids, known_ids, *, name: str = "unit_ids") -> np.ndarray
             f"reference (e.g. {', '.join(missing[:5])}); register those units or drop their spikes"
         )
     return order[pos_c].astype(np.int64)
+
+
+def history_counts(times, unit_index, *, n_units: int, ctx_start: float, history_s: float, start: float):
+    """Spike counts per unit in the history before a context, and the history's length.
+
+    The history is ``[max(start, ctx_start - history_s), ctx_start)`` (seconds;
+    ``start`` is the recording start). ``times`` must be sorted. Returns
+    ``(counts (U,) float32, duration_s)``, what ``tokenize(history_counts=...,
+    history_duration_s=...)`` and ``Predictor.predict`` take.
+    """
+    h0 = max(float(start), float(ctx_start) - float(history_s))
+    a, b = np.searchsorted(times, [h0, ctx_start])
+    counts = np.bincount(np.asarray(unit_index[a:b], dtype=np.int64), minlength=n_units).astype(np.float32)
+    return counts, float(ctx_start) - h0

@@ -15,8 +15,8 @@ import torch
 
 from nh_serve.checkpoint import content_hash, load_checkpoint, load_model
 from nh_serve.errors import InputError
-from nh_serve.quality import history_counts
 from nh_serve.session import write_session
+from nh_serve.spikes import history_counts
 from nh_serve.synth import make_session, write_synthetic_sessions
 from training import train as train_mod
 from training.data import find_sessions, load_session, sample_image_schedules, split_sessions, window_item

@@ -42,9 +42,9 @@ from nh_serve.config import ModelConfig
 from nh_serve.errors import InputError
 from nh_serve.features import FeatureNorm, reference_features, reference_rate_hz
 from nh_serve.model import tokenize
-from nh_serve.quality import auto_reference_s, history_counts
+from nh_serve.quality import auto_reference_s
 from nh_serve.session import open_session, write_session
-from nh_serve.spikes import bin_counts
+from nh_serve.spikes import bin_counts, history_counts
 
 SESSION_SUFFIXES = (".h5", ".hdf5", ".nwb.h5")
 
