@@ -41,6 +41,9 @@ from nh_serve.errors import InputError
 from nh_serve.features import MIN_REFERENCE_S, FeatureNorm, reference_features, reference_rate_hz
 from nh_serve.spikes import bin_counts, check_spikes, history_counts, units_to_index
 
+#: Most windows x units that predict_batch runs at once (memory: ~50 bins x head width floats each).
+MAX_UNIT_WINDOWS = 16_384
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -397,9 +400,14 @@ class Predictor:
         ``windows`` is a sequence of dicts with the keyword arguments of
         :meth:`predict` (``spike_times``, ``unit_ids``, ``context_start`` and
         optional ``behavior``, ``images``, ``image_schedule_s``, ``history_counts``, ``history_duration_s``).
+        They run ``batch_size`` at a time, fewer for large sessions so that a chunk holds at most
+        :data:`MAX_UNIT_WINDOWS` unit-windows (the head's activations grow with windows x units).
         """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size: must be a positive integer, got {batch_size!r}")
         s = self.session(session)
         n = self._horizon_bins(horizon_s)
+        batch_size = max(1, min(batch_size, MAX_UNIT_WINDOWS // max(1, s.n_units)))
         out: list[Prediction] = []
         allowed = {
             "spike_times", "unit_ids", "context_start", "behavior", "images", "image_schedule_s",

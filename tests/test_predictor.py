@@ -103,6 +103,29 @@ def test_predict_batch_equals_single_predictions_and_horizon_truncates(predictor
         assert b.bin_edges[0] == pytest.approx(w["context_start"] + 1.0)
 
 
+def test_predict_batch_chunks_large_sessions_by_unit_windows(predictor, recording, monkeypatch):
+    import nh_serve.predictor as mod
+
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = predictor.register(rt, rid, reference_window=(0.0, 60.0))
+    U = predictor.session(token).n_units
+    windows = []
+    for c in np.arange(61.0, 68.0):
+        ct, cid = _window(recording, c, c + 1.0)
+        windows.append({"spike_times": ct, "unit_ids": cid, "context_start": float(c)})
+    whole = predictor.predict_batch(token, windows)
+    sizes = []
+    run = predictor._run
+    monkeypatch.setattr(predictor, "_run", lambda s, items: sizes.append(len(items)) or run(s, items))
+    monkeypatch.setattr(mod, "MAX_UNIT_WINDOWS", 3 * U)  # room for 3 windows of this session
+    chunked = predictor.predict_batch(token, windows)
+    assert sizes == [3, 3, 1]
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a.rates_hz, b.rates_hz, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="batch_size"):
+        predictor.predict_batch(token, windows, batch_size=0)
+
+
 def test_history_counts_change_the_prediction(predictor, recording):
     rt, rid = _window(recording, 0.0, 60.0)
     token = predictor.register(rt, rid, reference_window=(0.0, 60.0))
