@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 extra["behavior"] = s.behavior(c, c + plan.context_s)
             if cfg.get("image_dim", 0) and s.image_dim == cfg["image_dim"]:
                 # images shown in the context and those scheduled in the forecast window
-                extra["images"] = s.image_events(c, c + plan.context_s + cfg["n_bins"] * cfg["bin_size_s"])
+                horizon = cfg["n_bins"] * cfg["bin_size_s"]
+                extra["images"] = s.image_events(c, c + plan.context_s + horizon)
+                extra["image_schedule_s"] = horizon  # the recording's schedule is complete
             t_req = time.perf_counter()
             p = client.predict(
                 token,

@@ -37,8 +37,12 @@ inputs ``unit_embeddings (B, U, D)``, ``unit_mask``, ``unit_counts``,
 ``history_rate_hz``, ``ref_rate_hz``, the spike-token inputs ``(B, N)`` of
 :data:`~nh_serve.model.SPIKE_KEYS`, and ONLY for multimodal configs the
 behaviour inputs (``behavior_dim > 0``) and/or image inputs (``image_dim > 0``),
-which are then required (the Predictor's collate always provides them, padded
-to at least one masked event). ``B``, ``U``, ``N`` and the event counts are
+which are then required (the Predictor's collate always provides them:
+behaviour padded to at least one masked sample; images always hold at least the
+schedule-marker token that ``tokenize`` appends). ``image_values`` is
+``(B, Ni, image_dim + 1)``, the last column marking that token (see
+:mod:`nh_serve.model`); build image inputs with ``tokenize``, not by hand.
+Format version 2 added that column; version-1 artifacts are refused. ``B``, ``U``, ``N`` and the event counts are
 dynamic. The output is ``log_rate_hz (B, U, n_bins)``.
 
 Every problem with an artifact file (missing, truncated, not an nh-serve export,
@@ -64,7 +68,7 @@ from nh_serve.errors import CheckpointError, InputError
 from nh_serve.features import FeatureNorm
 from nh_serve.model import BEHAVIOR_KEYS, IMAGE_KEYS, SPIKE_KEYS
 
-ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_FORMAT_VERSION = 2  # 2: image inputs carry the schedule-marker column
 """Version of the artifact layout and metadata written (and the only one read) by this nh-serve."""
 
 FORMATS = ("onnx", "torchscript")

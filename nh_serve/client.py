@@ -135,7 +135,11 @@ class Client:
         history_duration_s: float | None = None,
         horizon_s: float | None = None,
     ) -> Prediction:
-        """Predict the rates of every registered unit after one context window (see ``Predictor.predict``)."""
+        """Predict the rates of every registered unit after one context window (see ``Predictor.predict``).
+
+        With images: send ``image_schedule_s`` (up to the horizon) when the list of coming images is
+        complete, also when none is coming; by default a list without a coming image means "unknown".
+        """
         body = {
             "token": session,
             **self._window(

@@ -20,7 +20,8 @@ Pipeline for one window (``B`` windows are batched with padding masks):
 4. **Processor.** ``depth`` pre-LN rotary self-attention + GEGLU blocks over the
    latents. A multimodal model (``behavior_dim`` / ``image_dim`` > 0) inserts a
    rotary cross-attention to behaviour / image-embedding tokens before every
-   ``multimodal_every``-th block; with no such tokens that update is exactly zero.
+   ``multimodal_every``-th block; a behaviour-only model with no samples gets an
+   update of exactly zero (an image model always has the schedule marker, below).
    Behaviour samples lie inside the context; image events may also lie inside
    the forecast window (a planned stimulus schedule: what will be shown when).
    Image tokens carry one extra input column, 0 for a presentation and 1 for

@@ -23,6 +23,7 @@ gradient steps of next-second Poisson loss on the reference window itself
 from __future__ import annotations
 
 import math
+import operator
 import secrets
 import threading
 import time
@@ -375,7 +376,8 @@ class Predictor:
             context_start: start of the context window, seconds.
             behavior: optional ``(times (Nb,), values (Nb, behavior_dim))`` inside the context.
             images: optional ``(times (Ni,), embeddings (Ni, image_dim))`` presentation onsets inside
-                the context or the forecast window ``[context_start, context_start + 2 s)``: images
+                the context or the forecast window ``[context_start, context_start + context_s +
+                horizon_s)`` (2 s for the shipped configs): images
                 shown and images scheduled to be shown (a planned stimulus sequence).
             image_schedule_s: seconds after the context end up to which ``images`` is complete
                 (0 .. the horizon); default: the whole forecast window if an image lies in it, else 0
@@ -403,8 +405,13 @@ class Predictor:
         They run ``batch_size`` at a time, fewer for large sessions so that a chunk holds at most
         :data:`MAX_UNIT_WINDOWS` unit-windows (the head's activations grow with windows x units).
         """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        try:  # ints and numpy integers, not floats or bools
+            size = None if isinstance(batch_size, (bool, np.bool_)) else operator.index(batch_size)
+        except TypeError:
+            size = None
+        if size is None or size < 1:
             raise InputError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        batch_size = size
         s = self.session(session)
         n = self._horizon_bins(horizon_s)
         batch_size = max(1, min(batch_size, MAX_UNIT_WINDOWS // max(1, s.n_units)))

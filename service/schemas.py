@@ -84,12 +84,16 @@ class SpikeTrain(BaseModel):
 
 
 class Events(BaseModel):
-    """Timed samples of one extra input modality inside the context window."""
+    """Timed samples of one extra input modality: behaviour inside the context window, image onsets
+    inside the context or the forecast window."""
 
     model_config = ConfigDict(extra="forbid")
 
     times: Float64Array = Field(
-        description="Sample (or event onset) times in seconds, inside the context window."
+        description=(
+            "Sample (or event onset) times in seconds: behaviour inside the context window, images "
+            "inside the context or the forecast window."
+        )
     )
     values: FloatMatrix = Field(
         description="Values, one row per time: behaviour samples (N, behavior_dim) or image embeddings (N, image_dim)."

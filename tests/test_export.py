@@ -209,7 +209,8 @@ def _bump_version(props):
 def test_onnx_wrong_version_tampering_and_foreign_files(artifacts, tmp_path):
     src = artifacts["onnx"]
     p = _onnx_with(src, tmp_path / "v.onnx", lambda m, props: _bump_version(props))
-    with pytest.raises(CheckpointError, match="format version 2 but this nh-serve reads version 1"):
+    v = ARTIFACT_FORMAT_VERSION
+    with pytest.raises(CheckpointError, match=f"format version {v + 1} but this nh-serve reads version {v}"):
         Predictor.load(p)
 
     def edit_config(m, props):
@@ -254,7 +255,7 @@ def test_torchscript_wrong_version_and_tampered_weights(artifacts, tmp_path):
     bumped = dict(doc, artifact_format_version=ARTIFACT_FORMAT_VERSION + 1)
     bumped["metadata_hash"] = metadata_hash(bumped)
     torch.jit.save(module, str(tmp_path / "v.pt"), _extra_files={"nh_serve.json": json.dumps(bumped)})
-    with pytest.raises(CheckpointError, match="format version 2"):
+    with pytest.raises(CheckpointError, match=f"format version {ARTIFACT_FORMAT_VERSION + 1}"):
         Predictor.load(tmp_path / "v.pt")
 
     with torch.no_grad():

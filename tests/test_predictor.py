@@ -122,8 +122,10 @@ def test_predict_batch_chunks_large_sessions_by_unit_windows(predictor, recordin
     assert sizes == [3, 3, 1]
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a.rates_hz, b.rates_hz, rtol=1e-5, atol=1e-6)
-    with pytest.raises(InputError, match="batch_size"):
-        predictor.predict_batch(token, windows, batch_size=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(InputError, match="batch_size"):
+            predictor.predict_batch(token, windows, batch_size=bad)
+    assert len(predictor.predict_batch(token, windows, batch_size=np.int64(2))) == len(windows)
 
 
 def test_history_counts_change_the_prediction(predictor, recording):

@@ -219,6 +219,43 @@ def test_scores_match_metrics_on_independent_predictions(data, scored):
     assert all(f"recordings/{r['key']}/heatmap.png" in html for r in doc["recordings"])
 
 
+def test_multimodal_model_is_given_the_recordings_stimulus_schedule(tmp_path):
+    """Behaviour in the context, images shown and due in the forecast window, schedule complete."""
+    d = make_session(seed=21, n_units=10, duration=100.0, multimodal=True)
+    path = write_session(tmp_path / "mm.h5", **{k: d[k] for k in (*WRITE_KEYS, "behavior", "image_embeddings")})
+    torch.manual_seed(0)
+    ckpt = tmp_path / "mm.safetensors"
+    save_model(ckpt, NeuroHorizon(get_config("nh-tiny", behavior_dim=2, image_dim=32)), feature_norm=FeatureNorm.identity())
+    report = run_score([path], out=tmp_path / "out", checkpoint=ckpt, settings=SETTINGS, progress=False)
+    r = json.loads((report.out / "scores.json").read_text())["recordings"][0]
+    assert r["model_inputs"]["behavior"] and r["model_inputs"]["images"]
+
+    p = Predictor.load(ckpt, backend="torch")
+    cfg = p.cfg
+    with open_session(path) as s:
+        plan = plan_windows(start=s.start, end=s.end, context_s=cfg.context_s, n_bins=cfg.n_bins, bin_size=cfg.bin_size_s)
+        r0, r1 = plan.reference
+        rt, ru = s.spikes(r0, r1)
+        token = p.register(rt, s.unit_ids[ru], reference_window=(r0, r1), units=s.unit_ids)
+        preds = {True: [], False: []}
+        for c in map(float, plan.ctx_starts):
+            ct, cu = s.spikes(c, c + cfg.context_s)
+            h0 = max(s.start, c - cfg.history_s)
+            _, hu = s.spikes(h0, c)
+            w = {"history_counts": np.bincount(hu, minlength=s.n_units), "history_duration_s": c - h0,
+                 "behavior": s.behavior(c, c + cfg.context_s)}
+            for known in (True, False):
+                imgs = s.image_events(c, c + cfg.context_s + (cfg.horizon_s if known else 0.0))
+                sched = cfg.horizon_s if known else 0.0
+                pred = p.predict(token, ct, s.unit_ids[cu], context_start=c, images=imgs, image_schedule_s=sched, **w)
+                preds[known].append(pred.expected_counts)
+        counts = collect_targets(s, plan, progress=False).counts
+    with_schedule = evaluate(np.stack(preds[True]), counts, bin_size=plan.bin_size)["bits_per_spike"]
+    shown_only = evaluate(np.stack(preds[False]), counts, bin_size=plan.bin_size)["bits_per_spike"]
+    assert r["predictors"]["model"]["bits_per_spike"] == pytest.approx(with_schedule, rel=2e-5, abs=1e-7)
+    assert with_schedule != pytest.approx(shown_only, rel=1e-6, abs=1e-9)
+
+
 def test_real_recording_is_scored(data, scored):
     root, rec, ckpt = data
     if "real" not in rec:

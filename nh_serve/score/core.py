@@ -329,6 +329,7 @@ def score_recording(
                 if use_img:
                     # the recorded stimulus schedule: shown in the context and due in the forecast
                     w["images"] = s.image_events(c, c + cfg.context_s + cfg.horizon_s)
+                    w["image_schedule_s"] = cfg.horizon_s  # complete: no listed image = none shown
                 windows.append(w)
             timing["inputs_s"] += time.perf_counter() - t0
             return block, counts, preds, windows
