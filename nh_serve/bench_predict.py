@@ -50,6 +50,7 @@ import torch
 
 from nh_serve.config import CONFIGS, get_config
 from nh_serve.errors import InputError
+from nh_serve.predictor import MAX_UNIT_WINDOWS
 
 DEFAULT_UNITS = (32, 100, 300, 1000)
 TARGET_P99_MS = 10.0
@@ -648,20 +649,33 @@ def run(
         ),
         "- `predict` = `Predictor.predict` (id lookup, validation, tokenize, collate, model, exp); `model` = the bare "
         "backend call on pre-tokenized windows; `tokenize` = `tokenize_window` + `collate` (same code for every "
-        f"backend); `batch64 win/s` = windows per second through `predict_batch`, {BATCH_WINDOWS} windows per call.",
+        f"backend); `batch64 win/s` = windows per second through `predict_batch`, {BATCH_WINDOWS} windows per call "
+        f"(which runs them in chunks of at most {MAX_UNIT_WINDOWS:,} unit-windows: "
+        f"{min(BATCH_WINDOWS, MAX_UNIT_WINDOWS // max(units))} windows at a time at {max(units)} units).",
         "",
         *_verdict(rows),
         markdown_table(table),
         "",
-        "Build time (in this process; torch-compile's depends on Inductor's cache of compiled kernels, "
-        "onnxruntime's on the cached ONNX export: a first export of nh-small takes 15-30 s) and memory, measured "
-        "again in a fresh process per backend: peak resident set size (`VmHWM`, reset between stages through "
-        "`/proc/self/clear_refs`) over the RSS before the backend was built (Python, torch, model and recordings "
-        f"already loaded, about {base_mb:.0f} MB), "
-        "for: building the backend; serving single windows at every unit count; `predict_batch` with 64 windows "
-        "at every unit count. RSS, not tracemalloc, because torch and onnxruntime allocate natively.",
-        "",
-        markdown_table(mem_rows),
+        *(
+            [
+                "Build time (in this process; torch-compile's depends on Inductor's cache of compiled kernels, "
+                "onnxruntime's on the cached ONNX export: a first export of nh-small takes 15-30 s) and memory, "
+                "measured again in a fresh process per backend: peak resident set size (`VmHWM`, reset between "
+                "stages through `/proc/self/clear_refs`) over the RSS before the backend was built (Python, torch, "
+                f"model and recordings already loaded, about {base_mb:.0f} MB), for: building the backend; serving "
+                f"single windows at every unit count; `predict_batch` with {BATCH_WINDOWS} windows at every unit "
+                "count. RSS, not tracemalloc, because torch and onnxruntime allocate natively.",
+                "",
+                markdown_table(mem_rows),
+            ]
+            if mem
+            else [
+                "Build time in this process (memory not measured: `--no-memory`; torch-compile's build depends on "
+                "Inductor's cache of compiled kernels, onnxruntime's on the cached ONNX export):",
+                "",
+                markdown_table([{k: r[k] for k in ("backend", "build s (this run)", "details")} for r in mem_rows]),
+            ]
+        ),
         "",
         f"Floating-point work per window (`FlopCounterMode` matmuls, plus the attention products it does not see on "
         f"CPU) against this machine's fp32 matmul rate (2048 x 2048 `torch.mm`: {mm1:.1f} GFLOP/s on 1 core, "

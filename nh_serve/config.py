@@ -79,6 +79,9 @@ class ModelConfig:
             baseline (see :func:`nh_serve.model.baseline_rate_hz`).
         baseline_prior_s: Pseudo-observation time (seconds) of the slow history rate
             when shrinking the recent rate toward it.
+        head_activity: Give the per-neuron head each unit's activity (recent counts,
+            history and reference rates). ``False`` is an ablation: the head sees
+            the unit embedding only (train it with ``baseline_offset=False`` too).
     """
 
     name: str = "custom"
@@ -107,6 +110,7 @@ class ModelConfig:
     t_max: float = 4.0
     baseline_offset: bool = True
     baseline_prior_s: float = 2.0
+    head_activity: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self)

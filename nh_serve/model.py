@@ -282,6 +282,7 @@ class NeuroHorizon(nn.Module):
         D = cfg.dim
         self.n_bins = cfg.n_bins
         self.baseline_offset = cfg.baseline_offset
+        self.head_activity = cfg.head_activity
         self.baseline_window_s = float(cfg.activity_scales[-1])
         self.baseline_prior_s = float(cfg.baseline_prior_s)
         self.baseline_floor_hz = BASELINE_FLOOR_HZ
@@ -402,6 +403,8 @@ class NeuroHorizon(nn.Module):
             (rates, history_rate_hz.unsqueeze(-1), ref_rate_hz.unsqueeze(-1)), dim=-1
         )  # (B, U, S + 2) Hz
         activity = torch.log1p(activity.clamp_min(0.0))
+        if not self.head_activity:  # ablation: the head sees the unit embedding only
+            activity = torch.zeros_like(activity)
         return torch.cat((unit_embeddings, activity), dim=-1)  # (B, U, D + S + 2)
 
     @torch.jit.export

@@ -24,7 +24,7 @@ the oracle (the true rates). Everything goes through the shared pieces:
 
 Several checkpoints can be scored on the same windows (``--compare
 NAME=PATH``), e.g. ablations. Checkpoints trained with ``head_ablation =
-no_activity`` (:mod:`training.train`) are rebuilt as :class:`NoActivityHorizon`.
+no_activity`` (:mod:`training.train`) store ``head_activity=False`` in their config.
 Synthetic recordings are also averaged (mean over recordings of each metric) and
 the model's mean bits/spike is reported as a fraction of the oracle's.
 ``--json PATH`` writes every figure; ``--report A.json B.json --doc
@@ -62,31 +62,6 @@ def auto_reference_s(duration_s: float, reference_s: float = DEFAULT_REFERENCE_S
     return float(min(reference_s, max(MIN_REFERENCE_S, duration_s / 4.0)))
 
 
-def _no_activity_class():
-    import torch
-
-    from nh_serve.model import NeuroHorizon
-
-    class NoActivityHorizon(NeuroHorizon):
-        """Ablation: the head sees the unit embedding only (activity inputs zeroed, no baseline offset).
-
-        Same parameters as :class:`~nh_serve.model.NeuroHorizon` (checkpoints load
-        into either class); only :meth:`unit_vectors` differs.
-        """
-
-        def unit_vectors(self, unit_embeddings, unit_counts, history_rate_hz, ref_rate_hz):
-            B, U = unit_embeddings.shape[:2]
-            zeros = unit_embeddings.new_zeros(B, U, unit_counts.shape[-1] + 2)  # (B, U, S + 2)
-            return torch.cat((unit_embeddings, zeros), dim=-1)  # (B, U, D + S + 2)
-
-    return NoActivityHorizon
-
-
-def NoActivityHorizon(cfg):  # noqa: N802 (builds the class lazily to keep torch out of module import)
-    """A :class:`~nh_serve.model.NeuroHorizon` whose head gets no per-unit activity input (an ablation)."""
-    return _no_activity_class()(cfg)
-
-
 def build_model(cfg, *, head_ablation: str = "none"):
     """A fresh model for ``cfg``; ``head_ablation="no_activity"`` also turns the baseline offset off."""
     from nh_serve.model import NeuroHorizon
@@ -94,7 +69,7 @@ def build_model(cfg, *, head_ablation: str = "none"):
     if head_ablation == "none":
         return NeuroHorizon(cfg)
     if head_ablation == "no_activity":
-        return NoActivityHorizon(cfg.replace(baseline_offset=False))
+        return NeuroHorizon(cfg.replace(baseline_offset=False, head_activity=False))
     raise InputError(f"unknown head ablation {head_ablation!r}; use one of {', '.join(HEAD_ABLATIONS)}")
 
 
@@ -105,7 +80,8 @@ def load_predictor(spec):
 
     model, norm, ckpt = load_model(spec)
     ablation = (ckpt.training or {}).get("head_ablation", "none")
-    if ablation != "none":
+    if ablation == "no_activity" and model.cfg.head_activity:
+        # checkpoints from before ``head_activity`` existed say so only in their training record
         m = build_model(model.cfg, head_ablation=ablation)
         m.load_state_dict(model.state_dict())
         model = m.eval()

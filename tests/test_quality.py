@@ -180,9 +180,10 @@ def test_compare_adapt_and_report(setup, tmp_path):
 
 def test_no_activity_ablation_ignores_activity_inputs(setup):
     root, _, _ = setup
-    p = quality.load_predictor(root / "noact.safetensors")
-    m = p.model
-    assert type(m).__name__ == "NoActivityHorizon" and not m.cfg.baseline_offset
+    m = quality.load_predictor(root / "noact.safetensors").model
+    assert not m.cfg.head_activity and not m.cfg.baseline_offset
+    # the switch is in the checkpoint's config: every loader (scoring, the service) gets the ablation
+    assert not Predictor.load(root / "noact.safetensors", backend="torch").cfg.head_activity
     emb = torch.randn(1, 3, m.cfg.dim)
     v1 = m.unit_vectors(emb, torch.rand(1, 3, 3) * 10, torch.rand(1, 3) * 5, torch.rand(1, 3) * 5)
     v2 = m.unit_vectors(emb, torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.zeros(1, 3))
@@ -193,6 +194,11 @@ def test_no_activity_ablation_ignores_activity_inputs(setup):
         q.unit_vectors(emb, torch.ones(1, 3, 3), torch.ones(1, 3), torch.ones(1, 3)),
         q.unit_vectors(emb, torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.zeros(1, 3)),
     )
+    # a checkpoint saved before the switch existed (ablation only in its training record) is rebuilt
+    legacy = NeuroHorizon(get_config("nh-tiny", baseline_offset=False))
+    save_model(root / "legacy.safetensors", legacy, feature_norm=FeatureNorm.identity(),
+               training={"head_ablation": "no_activity"})
+    assert not quality.load_predictor(root / "legacy.safetensors").model.cfg.head_activity
 
 
 def test_bad_input(setup, tmp_path):
