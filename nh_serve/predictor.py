@@ -455,14 +455,18 @@ class Predictor:
         items, targets = [], []
         for c in starts:
             a, b = np.searchsorted(t, [c, c + cfg.context_s])
-            # the history before each window, as predict() gets it, from inside the reference
+            # The history before the window, as training and predict() see it (a full history_s
+            # seconds), where the reference holds that much before the window; else the reference
+            # rate stands in: a shorter history gives noisy rates the model never saw in training,
+            # and adapting to them made the adapted model worse on every recording we scored.
             hist, hist_s = history_counts(t, u, n_units=s.n_units, ctx_start=c, history_s=cfg.history_s, start=r0)
+            full = hist_s >= cfg.history_s - 1e-9
             items.append(
                 self.model.tokenize(
                     unit_features=s.features, spike_times=t[a:b], spike_unit_index=u[a:b], ctx_start=c,
                     ref_rate_hz=s.ref_rate_hz,
-                    history_counts=hist if hist_s > 0 else None,
-                    history_duration_s=hist_s if hist_s > 0 else None,
+                    history_counts=hist if full else None,
+                    history_duration_s=hist_s if full else None,
                 )
             )
             h0, h1 = np.searchsorted(t, [c + cfg.context_s, c + span])

@@ -151,6 +151,38 @@ def model_rates(
     return rates, info
 
 
+def offset_rates(p, *, times, units, n_units: int, start: float, plan) -> np.ndarray:
+    """Expected counts ``(W, U, T)`` of the model's persistence offset alone (no network).
+
+    The head adds the log of :func:`nh_serve.model.baseline_rate_hz` (the last
+    ``activity_scales[-1]`` seconds' count shrunk toward the history rate with
+    ``baseline_prior_s`` seconds of pseudo-observation) to the network's output;
+    scoring that offset by itself, constant over the horizon, shows what the
+    network adds on top of it.
+    """
+    import torch
+
+    from nh_serve.model import BASELINE_FLOOR_HZ, baseline_rate_hz
+
+    cfg = p.cfg
+    window_s = float(cfg.activity_scales[-1])
+    recent, hist_rate = [], []
+    for c in plan.ctx_starts:
+        c = float(c)
+        i, j = np.searchsorted(times, [c + cfg.context_s - window_s, c + cfg.context_s])
+        recent.append(np.bincount(units[i:j], minlength=n_units))
+        hist, hist_s = history_counts(times, units, n_units=n_units, ctx_start=c, history_s=cfg.history_s, start=start)
+        hist_rate.append(hist / hist_s)
+    rate = baseline_rate_hz(
+        torch.tensor(np.stack(recent), dtype=torch.float32)[..., None],  # (W, U, 1): the longest scale
+        torch.tensor(np.stack(hist_rate), dtype=torch.float32),  # (W, U) Hz
+        window_s=window_s,
+        prior_s=float(cfg.baseline_prior_s),
+        floor_hz=BASELINE_FLOOR_HZ,
+    ).numpy()  # (W, U) Hz
+    return np.repeat((rate * plan.bin_size)[:, :, None], plan.n_bins, axis=2)
+
+
 def evaluate_recording(
     path,
     *,
@@ -205,11 +237,19 @@ def evaluate_recording(
         raw[name] = rates
         scores[name] = summarize(evaluate(rates, counts, bin_size=plan.bin_size))
 
+    offsets_scored = set()
     for name, p in predictors.items():
         t0 = time.monotonic()
         rates, _ = model_rates(p, times=times, units=units, unit_ids=unit_ids, start=start, plan=plan)
         score(name, rates)
         scores[name]["seconds"] = round(time.monotonic() - t0, 2)
+        offset_key = (p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
+        if p.cfg.baseline_offset and offset_key not in offsets_scored:  # one row per distinct offset
+            offsets_scored.add(offset_key)
+            score(
+                f"{name} offset only",
+                offset_rates(p, times=times, units=units, n_units=n_units, start=start, plan=plan),
+            )
         if adapt_steps > 0:
             rates, info = model_rates(
                 p,

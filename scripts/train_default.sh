@@ -5,6 +5,7 @@
 #
 #   bash scripts/train_default.sh            # everything (about 1.5 h on 2 CPU cores)
 #   bash scripts/train_default.sh default    # only the data and the default checkpoint
+#   bash scripts/train_default.sh eval       # only the quality benchmark, on checkpoints already trained
 #
 # Data and run folders go to runs/ (git-ignored); no recording is ever committed.
 # The real recordings are read from ../shared/data/real (override with REAL_DATA=...).
@@ -24,6 +25,8 @@ export OMP_NUM_THREADS=1
 [ -d $R ] || $PY -m training.data $REAL/ibl_brainbox_fixture $REAL/human_mtl_zheng2022 \
     $REAL/rat_ca1_linear_track --out $R
 
+STAGE=${1:-all}
+if [ "$STAGE" != eval ]; then
 # ---- 2. the default checkpoint: synthetic + human MTL + rat CA1; the IBL recording is held out ------
 $PY -m training.train --config nh-small-default \
     --data $D/synth_train $R/human_mtl_zheng2022.h5 $R/rat_ca1_linear_track.h5 \
@@ -31,7 +34,7 @@ $PY -m training.train --config nh-small-default \
     --out runs/train/default
 mkdir -p nh_serve/models
 cp runs/train/default/best.safetensors nh_serve/models/nh-small.safetensors
-[ "${1:-all}" = "default" ] && exit 0
+[ "$STAGE" = "default" ] && exit 0
 
 # ---- 3. cheaper runs, same recipe with 450 steps (training/configs/nh-small-short.json) --------------
 short() { name=$1; shift; $PY -m training.train --config nh-small-short --val-data $D/synth_val \
@@ -50,6 +53,8 @@ short abl-mean --data $D/synth_train $R/ibl_brainbox_fixture.h5 $R/rat_ca1_linea
     --test-data $D/synth_test $R/human_mtl_zheng2022.h5 --set model_overrides.unit_embedding_mode=mean
 short abl-noact --data $D/synth_train $R/ibl_brainbox_fixture.h5 $R/rat_ca1_linear_track.h5 \
     --test-data $D/synth_test $R/human_mtl_zheng2022.h5 --set head_ablation=no_activity
+
+fi
 
 # ---- 4. quality benchmark ----------------------------------------------------------------------------
 mkdir -p runs/eval

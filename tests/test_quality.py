@@ -120,8 +120,15 @@ def test_eval_json_equals_metric_functions(setup, tmp_path):
                 }
             )
         rates = np.stack([pr.expected_counts for pr in p.predict_batch(token, wins)])
+        # the model's persistence offset alone: exp(log_baseline) of the same tokenized windows
+        batch = p.model.collate([p.tokenize_window(p.session(token), w["spike_times"], w["unit_ids"],
+                                 **{k: v for k, v in w.items() if k not in ("spike_times", "unit_ids")}) for w in wins])
+        with torch.no_grad():
+            base = torch.exp(p.model.log_baseline(batch["unit_counts"], batch["history_rate_hz"])).numpy()
+        offset = np.repeat((base * plan.bin_size)[:, :, None], plan.n_bins, axis=2)
         direct = {
             "model": evaluate(rates, targets.counts, bin_size=plan.bin_size),
+            "model offset only": evaluate(offset, targets.counts, bin_size=plan.bin_size),
             "oracle": evaluate(oracle, targets.counts, bin_size=plan.bin_size),
             **{n: evaluate(b, targets.counts, bin_size=plan.bin_size) for n, b in targets.baselines.items()},
         }
