@@ -144,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="which models to train (plain is always trained: the others are compared with it)",
+    )
     args = ap.parse_args(argv)
+    variants = tuple(dict.fromkeys([*args.variants, "plain"]))
     with tempfile.TemporaryDirectory() as d:
-        r = compare(Path(d), train_variants(Path(d), steps=args.steps, seed=args.seed, lr=args.lr))
+        r = compare(Path(d), train_variants(Path(d), steps=args.steps, seed=args.seed, lr=args.lr, variants=variants))
     pl = r.pop("plain")
     print(
         f"nh-tiny, {args.steps} steps, lr {args.lr:g}, seed {args.seed}; {pl['windows']} validation-in-time windows "
