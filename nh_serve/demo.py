@@ -54,7 +54,7 @@ def run_demo(out_dir: Path, *, checkpoint="default", stride_s: float = 1.0, prog
         if checkpoint is not None:
             p = load_predictor(checkpoint)
             times, units = s.spikes(s.start, s.end)
-            rates, _ = model_rates(p, times=times, units=units, unit_ids=s.unit_ids, start=s.start, plan=plan)
+            rates = model_rates(p, times=times, units=units, unit_ids=s.unit_ids, start=s.start, plan=plan).rates
             rows[f"model {p.cfg.name} ({p.model_hash})"] = evaluate(rates, targets.counts, bin_size=plan.bin_size)
         rows.update({name: evaluate(p, targets.counts, bin_size=plan.bin_size) for name, p in targets.baselines.items()})
         oracle = oracle_rates(s, plan)

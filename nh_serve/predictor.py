@@ -457,8 +457,7 @@ class Predictor:
             a, b = np.searchsorted(t, [c, c + cfg.context_s])
             # The history before the window, as training and predict() see it (a full history_s
             # seconds), where the reference holds that much before the window; else the reference
-            # rate stands in: a shorter history gives noisy rates the model never saw in training,
-            # and adapting to them made the adapted model worse on every recording we scored.
+            # rate stands in: a shorter history gives noisier rates than training ever gave the model.
             hist, hist_s = history_counts(t, u, n_units=s.n_units, ctx_start=c, history_s=cfg.history_s, start=r0)
             full = hist_s >= cfg.history_s - 1e-9
             items.append(

@@ -40,6 +40,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -103,6 +104,14 @@ def summarize(m: dict) -> dict:
     return out
 
 
+class ModelRates(NamedTuple):
+    """What :func:`model_rates` returns (expected counts per 20 ms bin)."""
+
+    rates: np.ndarray  # (W, U, T) the model's prediction
+    adaptation: dict | None  # what test-time adaptation did, if it ran
+    offset: np.ndarray | None  # (W, U, T) the persistence offset alone, if asked for
+
+
 def model_rates(
     p,
     *,
@@ -114,8 +123,17 @@ def model_rates(
     adapt_steps: int = 0,
     adapt_budget_s: float = 30.0,
     seed: int = 0,
-) -> tuple[np.ndarray, dict | None]:
-    """Expected counts ``(W, U, T)`` of a Predictor on every planned window, and its adaptation info."""
+    offset: bool = False,
+) -> ModelRates:
+    """Expected counts ``(W, U, T)`` of a Predictor on every planned window, and its adaptation info.
+
+    ``offset=True`` also returns the model's persistence offset by itself, flat over the
+    horizon: the head adds the log of :func:`nh_serve.model.baseline_rate_hz` (the last
+    ``activity_scales[-1]`` seconds' count shrunk toward the history rate) to the network's
+    output, so scoring the offset alone shows what the network adds on top of it. It is
+    computed by :meth:`~nh_serve.model.NeuroHorizon.log_baseline` on the very inputs the
+    model gets.
+    """
     cfg = p.cfg
     r0, r1 = plan.reference
     a, b = np.searchsorted(times, [r0, r1])
@@ -146,40 +164,25 @@ def model_rates(
         )
     preds = p.predict_batch(token, windows, horizon_s=plan.n_bins * plan.bin_size)
     rates = np.stack([pr.expected_counts for pr in preds])  # (W, U, T)
+    offset_counts = _offset_counts(p, token, windows, plan) if offset else None
     info = p.session(token).adaptation
     p.sessions.discard(token)  # free the cached embeddings of this recording
-    return rates, info
+    return ModelRates(rates, info, offset_counts)
 
 
-def offset_rates(p, *, times, units, n_units: int, start: float, plan) -> np.ndarray:
-    """Expected counts ``(W, U, T)`` of the model's persistence offset alone (no network).
-
-    The head adds the log of :func:`nh_serve.model.baseline_rate_hz` (the last
-    ``activity_scales[-1]`` seconds' count shrunk toward the history rate with
-    ``baseline_prior_s`` seconds of pseudo-observation) to the network's output;
-    scoring that offset by itself, constant over the horizon, shows what the
-    network adds on top of it.
-    """
+def _offset_counts(p, token: str, windows: list[dict], plan) -> np.ndarray:
+    """Expected counts ``(W, U, T)`` of the model's persistence offset alone (see :func:`model_rates`)."""
     import torch
 
-    from nh_serve.model import BASELINE_FLOOR_HZ, baseline_rate_hz
-
-    cfg = p.cfg
-    window_s = float(cfg.activity_scales[-1])
-    recent, hist_rate = [], []
-    for c in plan.ctx_starts:
-        c = float(c)
-        i, j = np.searchsorted(times, [c + cfg.context_s - window_s, c + cfg.context_s])
-        recent.append(np.bincount(units[i:j], minlength=n_units))
-        hist, hist_s = history_counts(times, units, n_units=n_units, ctx_start=c, history_s=cfg.history_s, start=start)
-        hist_rate.append(hist / hist_s)
-    rate = baseline_rate_hz(
-        torch.tensor(np.stack(recent), dtype=torch.float32)[..., None],  # (W, U, 1): the longest scale
-        torch.tensor(np.stack(hist_rate), dtype=torch.float32),  # (W, U) Hz
-        window_s=window_s,
-        prior_s=float(cfg.baseline_prior_s),
-        floor_hz=BASELINE_FLOOR_HZ,
-    ).numpy()  # (W, U) Hz
+    s = p.session(token)
+    unit_counts, hist_rate = [], []
+    for w in windows:
+        item = p.tokenize_window(s, w["spike_times"], w["unit_ids"], **{k: v for k, v in w.items() if k not in ("spike_times", "unit_ids")})
+        unit_counts.append(item["unit_counts"])  # (U, S)
+        hist_rate.append(item["history_rate_hz"])  # (U,)
+    with torch.no_grad():
+        log_base = p.model.log_baseline(torch.stack(unit_counts), torch.stack(hist_rate))  # (W, U) log Hz
+    rate = torch.exp(log_base).numpy()
     return np.repeat((rate * plan.bin_size)[:, :, None], plan.n_bins, axis=2)
 
 
@@ -240,18 +243,16 @@ def evaluate_recording(
     offsets_scored = set()
     for name, p in predictors.items():
         t0 = time.monotonic()
-        rates, _ = model_rates(p, times=times, units=units, unit_ids=unit_ids, start=start, plan=plan)
-        score(name, rates)
-        scores[name]["seconds"] = round(time.monotonic() - t0, 2)
         offset_key = (p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
-        if p.cfg.baseline_offset and offset_key not in offsets_scored:  # one row per distinct offset
+        want_offset = p.cfg.baseline_offset and offset_key not in offsets_scored  # one row per distinct offset
+        got = model_rates(p, times=times, units=units, unit_ids=unit_ids, start=start, plan=plan, offset=want_offset)
+        score(name, got.rates)
+        scores[name]["seconds"] = round(time.monotonic() - t0, 2)
+        if want_offset:
             offsets_scored.add(offset_key)
-            score(
-                f"{name} offset only",
-                offset_rates(p, times=times, units=units, n_units=n_units, start=start, plan=plan),
-            )
+            score(f"{name} offset only", got.offset)
         if adapt_steps > 0:
-            rates, info = model_rates(
+            rates, info, _ = model_rates(
                 p,
                 times=times,
                 units=units,

@@ -85,8 +85,8 @@ def test_serving_with_and_without_behaviour_and_images(runs):
     # the population rate rises after a scheduled image onset when the model is told about it
     t_next = schedule[0][schedule[0] >= c + 1.0][0]
     k = int((t_next + 0.12 - (c + 1.0)) / 0.02)  # bin ~120 ms after the coming onset
-    if k < 50:
-        assert both.rates_hz[:, k].sum() > none_coming.rates_hz[:, k].sum()
+    assert k < 50  # the next onset is at most 0.75 s into the forecast window
+    assert both.rates_hz[:, k].sum() > none_coming.rates_hz[:, k].sum()
     # An image outside the context and forecast window is refused with a message saying what to send.
     with pytest.raises(InputError, match="outside the context and forecast window"):
         p.predict(token, ctx_t, ids[ctx_u], images=(shown[0] + 2.0, shown[1]), **kw)

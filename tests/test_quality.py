@@ -120,11 +120,19 @@ def test_eval_json_equals_metric_functions(setup, tmp_path):
                 }
             )
         rates = np.stack([pr.expected_counts for pr in p.predict_batch(token, wins)])
-        # the model's persistence offset alone: exp(log_baseline) of the same tokenized windows
-        batch = p.model.collate([p.tokenize_window(p.session(token), w["spike_times"], w["unit_ids"],
-                                 **{k: v for k, v in w.items() if k not in ("spike_times", "unit_ids")}) for w in wins])
-        with torch.no_grad():
-            base = torch.exp(p.model.log_baseline(batch["unit_counts"], batch["history_rate_hz"])).numpy()
+        # the model's persistence offset alone, by hand: the context's count shrunk toward the
+        # history rate with baseline_prior_s seconds of pseudo-observation, floored at 0.01 Hz
+        prior = cfg.baseline_prior_s
+        base = np.stack(
+            [
+                np.maximum(
+                    (np.bincount(u[(t >= w["context_start"]) & (t < w["context_start"] + 1.0)], minlength=ids.size)
+                     + prior * w["history_counts"] / w["history_duration_s"]) / (1.0 + prior),
+                    0.01,
+                )
+                for w in wins
+            ]
+        )  # (W, U) Hz
         offset = np.repeat((base * plan.bin_size)[:, :, None], plan.n_bins, axis=2)
         direct = {
             "model": evaluate(rates, targets.counts, bin_size=plan.bin_size),

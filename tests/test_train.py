@@ -131,12 +131,15 @@ def test_image_schedules_hide_coming_images_in_a_fraction_of_windows(tmp_path):
     s.unit_features = s.features.astype(np.float32)
     it = s.images[0]
     c = float(it[(it > 40.0)][0]) - 0.5  # an image 0.5 s into the context
+    n_images = []
     for sched in (0.0, 0.3, 1.0):
         item, _ = window_item(s, c, cfg, image_schedule_s=sched)
         want = it[(it >= c) & (it < c + 1.0 + sched)] - c
         got = item["image_times"].numpy()
         np.testing.assert_allclose(got[:-1], want, atol=1e-5)
         assert got[-1] == pytest.approx(1.0 + sched) and item["image_values"][-1, -1] == 1.0
+        n_images.append(got.size - 1)
+    assert n_images[0] < n_images[2]  # the next image (0.5-1.5 s after this one) is due in the forecast
 
 
 def test_split_sessions_by_whole_recordings():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,18 @@ VARIANTS = {
 
 
 def train_variants(
-    root: Path, *, steps: int, seed: int = 0, lr: float = 3e-3, variants: tuple[str, ...] = tuple(VARIANTS)
+    root: Path,
+    *,
+    steps: int,
+    seed: int = 0,
+    lr: float = 3e-3,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    schedule_dropout: float = 0.5,
 ) -> dict[str, Path]:
-    """Write the recordings under ``root`` and train each variant; returns their checkpoints."""
+    """Write the recordings under ``root`` and train each variant; returns their checkpoints.
+
+    ``schedule_dropout`` is the training config's ``image_schedule_dropout``.
+    """
     torch.set_num_threads(1)
     write_synthetic_sessions(
         root / "train", n_sessions=3, seed=11, duration=DURATION_S, multimodal=True, n_units=N_UNITS
@@ -73,6 +83,7 @@ def train_variants(
                 "val_time_fraction": VAL_TIME_FRACTION,
                 "seed": seed,
                 "threads": 1,
+                "image_schedule_dropout": schedule_dropout,
             }
         )
         out = root / f"out_{name}"
@@ -148,13 +159,25 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
         help="which models to train (plain is always trained: the others are compared with it)",
     )
+    ap.add_argument(
+        "--schedule-dropout", type=float, default=0.5,
+        help="image_schedule_dropout of the training config (fraction of windows whose coming images are hidden)",
+    )
     args = ap.parse_args(argv)
     variants = tuple(dict.fromkeys([*args.variants, "plain"]))
     with tempfile.TemporaryDirectory() as d:
-        r = compare(Path(d), train_variants(Path(d), steps=args.steps, seed=args.seed, lr=args.lr, variants=variants))
+        t0 = time.monotonic()
+        ckpts = train_variants(
+            Path(d), steps=args.steps, seed=args.seed, lr=args.lr, variants=variants,
+            schedule_dropout=args.schedule_dropout,
+        )
+        train_s = time.monotonic() - t0
+        r = compare(Path(d), ckpts)
     pl = r.pop("plain")
     print(
-        f"nh-tiny, {args.steps} steps, lr {args.lr:g}, seed {args.seed}; {pl['windows']} validation-in-time windows "
+        f"nh-tiny, {args.steps} steps, lr {args.lr:g}, seed {args.seed}, image_schedule_dropout "
+        f"{args.schedule_dropout:g}; {len(ckpts)} models trained in {train_s:.0f} s on one CPU thread "
+        f"({train_s / len(ckpts):.0f} s each, data included); {pl['windows']} validation-in-time windows "
         "of the 3 training recordings, and the held-out recording (zero-shot)"
     )
     print(f"{'variant':<26}{'in-time b/s':>12}{'gain':>9}{'paired t':>10}{'better':>8}{'held-out b/s':>14}{'gain':>9}")
