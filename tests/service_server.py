@@ -71,6 +71,7 @@ class SharedServer:
             self.tmp / "bentoml",
             NH_SERVE_CHECKPOINT=str(self.checkpoint),
             NH_SERVE_CACHE_DIR=str(self.tmp / "export-cache"),  # the backend's on-the-fly exports
+            NH_SERVE_BACKEND="torch",  # the tests compare it with a local eager Predictor
             **TEST_LIMITS,
         )
         self.process = ServeProcess(env=env, log_path=self.tmp / "serve.log")

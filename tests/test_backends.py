@@ -80,6 +80,8 @@ def predictions(ckpt, cache, recording):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_all_backends_agree_on_real_windows(predictions, recording):
     assert {"torch", "torchscript", "onnxruntime"} <= set(predictions)
     if SLOW and B.available_backends("cpu")["torch-compile"] is None:
@@ -97,6 +99,8 @@ def test_all_backends_agree_on_real_windows(predictions, recording):
         np.testing.assert_allclose(batch, ref_single, rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_every_backend_refuses_non_finite_inputs(predictions, recording):
     """An infinite input rate makes eager torch answer NaN but onnxruntime's Clip the 1000 Hz ceiling,
     so every backend refuses non-finite inputs the same way before running."""
@@ -117,6 +121,8 @@ def test_every_backend_refuses_non_finite_inputs(predictions, recording):
             p._backend(batch, s.embeddings.unsqueeze(0))
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_onnxruntime_backend_is_cached_by_checkpoint_hash(predictions, ckpt, cache):
     p = predictions["onnxruntime"][2]
     d = p._backend.describe()
@@ -128,6 +134,7 @@ def test_onnxruntime_backend_is_cached_by_checkpoint_hash(predictions, ckpt, cac
     assert sorted(x.name for x in cache.iterdir()) == [path.name]  # no temporary files left
 
 
+@pytest.mark.slow
 def test_auto_picks_the_first_available_backend_of_the_table(ckpt, cache, monkeypatch):
     order = B.AUTO_ORDER["cpu"]
     want = next(n for n in order if B.available_backends("cpu")[n] is None)

@@ -173,6 +173,7 @@ def test_bad_input_rejected():
             B.predict_baselines(**{**ok, **change})
 
 
+@pytest.mark.real_data
 def test_real_recording_baselines_are_honest():
     path = REAL / "ibl_brainbox_fixture" / "spikes_flat.npz"
     if not path.exists():

@@ -120,7 +120,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def local(server):
-    return Predictor.load(str(server.checkpoint))
+    return Predictor.load(str(server.checkpoint), backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,8 @@ def _win(rec, start):
     return t[m], ids[m]
 
 
+@pytest.mark.service
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["base64", "json"])
 def test_client_round_trip_equals_local_predictor(server, local, rec, encoding):
     t, ids = rec
@@ -168,6 +170,8 @@ def test_client_round_trip_equals_local_predictor(server, local, rec, encoding):
         np.testing.assert_array_equal(a.bin_edges, b.bin_edges)
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_client_errors_carry_the_servers_message(server, rec):
     t, ids = rec
     with Client(server.url) as c:
@@ -248,6 +252,8 @@ def test_client_argument_checks():
         Client("http://x", retries=-1)
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_stream_predictions_example_runs(server, tmp_path):
     """examples/stream_predictions.py streams a small synthetic recording through the server and writes a PNG."""
     import importlib.util

@@ -71,6 +71,8 @@ def real_recordings():
     return recs
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 @pytest.mark.parametrize("fmt, backend", [("onnx", "onnxruntime"), ("torchscript", "torchscript")])
 def test_artifact_through_predictor_matches_eager(artifacts, eager, real_recordings, fmt, backend):
     p = Predictor.load(artifacts[fmt])
@@ -100,6 +102,8 @@ def test_artifact_through_predictor_matches_eager(artifacts, eager, real_recordi
     np.testing.assert_allclose(b.rates_hz, a.rates_hz, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_dynamic_shapes(artifacts, eager, fmt):
     """Unit, token and batch counts unlike the export example (B=2, U=7): 1 unit, 61 units, 5 windows."""
@@ -123,6 +127,8 @@ def test_dynamic_shapes(artifacts, eager, fmt):
             np.testing.assert_allclose(y.rates_hz, x.rates_hz, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_metadata_round_trip(artifacts, ckpt, fmt):
     md = read_artifact_metadata(artifacts[fmt])
@@ -147,6 +153,8 @@ def test_metadata_round_trip(artifacts, ckpt, fmt):
     assert info["provenance"]["artifact"]["format"] == fmt
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_adaptation_needs_gradients(artifacts):
     d = make_session(seed=5, n_units=6, duration=60.0)
     ids = np.asarray(d["unit_ids"]).astype(str)[d["unit_index"]]
@@ -159,6 +167,8 @@ def test_adaptation_needs_gradients(artifacts):
     assert p.session(tok).adaptation["steps"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_artifact_backend_mismatch(artifacts):
     with pytest.raises(InputError, match="onnxruntime"):
         Predictor.load(artifacts["onnx"], backend="torch")
@@ -175,6 +185,8 @@ def _copy_truncated(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
 def test_missing_empty_truncated_artifacts(artifacts, tmp_path, fmt, suffix):
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -206,6 +218,8 @@ def _bump_version(props):
     props[METADATA_KEY] = json.dumps(doc)
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_onnx_wrong_version_tampering_and_foreign_files(artifacts, tmp_path):
     src = artifacts["onnx"]
     p = _onnx_with(src, tmp_path / "v.onnx", lambda m, props: _bump_version(props))
@@ -246,6 +260,8 @@ def test_onnx_wrong_version_tampering_and_foreign_files(artifacts, tmp_path):
         Predictor.load(tmp_path / "text.onnx")
 
 
+@pytest.mark.slow
+@pytest.mark.real_data
 def test_torchscript_wrong_version_and_tampered_weights(artifacts, tmp_path):
     src = artifacts["torchscript"]
     extra = {"nh_serve.json": ""}

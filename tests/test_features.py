@@ -236,6 +236,7 @@ def test_feature_norm_rejects_bad_input():
         FeatureNorm.identity().apply(np.zeros((2, 30)))
 
 
+@pytest.mark.real_data
 def test_real_recording_features_are_finite():
     path = REAL / "ibl_brainbox_fixture" / "spikes_flat.npz"
     if not path.exists():

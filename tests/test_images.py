@@ -44,6 +44,7 @@ def make_frames(folder):
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "owl.png")
 
 
+@pytest.mark.slow
 def test_embeddings_use_the_weights_file_and_keep_the_session(tmp_path):
     import open_clip
     import torch

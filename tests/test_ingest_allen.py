@@ -90,6 +90,7 @@ def test_all_units_keeps_every_unit(allen_nwb):
     assert dict(zip(rec.unit_ids.tolist(), np.bincount(rec.unit_index).tolist())) == exp["spike_counts"]
 
 
+@pytest.mark.real_data
 def test_not_an_allen_file(tmp_path):
     _env_python()
     if not REAL_NWB:

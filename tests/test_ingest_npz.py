@@ -76,6 +76,7 @@ def test_bad_archives(tmp_path):
     assert list(tmp_path.glob("*.h5")) == []
 
 
+@pytest.mark.real_data
 @pytest.mark.skipif(not (REAL / "ibl_brainbox_fixture").is_dir(), reason="shared real data not present")
 def test_real_ibl_pickle_via_npz(tmp_path):
     with open(REAL / "ibl_brainbox_fixture" / "ephys_test.p", "rb") as fh:
@@ -116,6 +117,7 @@ def _matclust_units(path) -> list[np.ndarray]:
     return units
 
 
+@pytest.mark.real_data
 @pytest.mark.skipif(not (REAL / "rat_ca1_linear_track").is_dir(), reason="shared real data not present")
 def test_real_rat_ca1_matclust_via_flat_npz(tmp_path):
     units = _matclust_units(REAL / "rat_ca1_linear_track" / "spikes.mat")

@@ -25,6 +25,7 @@ def _real_nwb() -> Path:
     return files[0]
 
 
+@pytest.mark.real_data
 def test_real_human_file_matches_flat_spikes(tmp_path):
     nwb = _real_nwb()
     flat = np.load(REAL / "spikes_flat.npz")
@@ -45,6 +46,7 @@ def test_real_human_file_matches_flat_spikes(tmp_path):
     assert prov["trials_from"] == "intervals/recognition_table"
 
 
+@pytest.mark.real_data
 def test_real_file_has_no_trials_table_by_default():
     rec = read_nwb(_real_nwb())
     assert rec.trials is None

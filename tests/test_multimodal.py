@@ -31,6 +31,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_behaviour_and_images_beat_spikes_alone(runs):
     r = runs["scores"]["multimodal"]
     # Same 117 validation-in-time windows (never trained on): a clear, consistent gain. Across
@@ -44,6 +45,7 @@ def test_behaviour_and_images_beat_spikes_alone(runs):
     assert r["heldout_gain"] > 0.03, r
 
 
+@pytest.mark.slow
 def test_without_a_stimulus_schedule_it_is_no_worse_than_spikes_alone(runs):
     # Trained with the schedule hidden in half of the windows, the model falls back to what it
     # can still use (shown images, behaviour) instead of assuming that no image is coming.
@@ -52,6 +54,7 @@ def test_without_a_stimulus_schedule_it_is_no_worse_than_spikes_alone(runs):
     assert runs["scores"]["multimodal"]["gain"] > r["gain"] + 0.02  # the schedule is what helps most
 
 
+@pytest.mark.slow
 def test_serving_with_and_without_behaviour_and_images(runs):
     path = sorted((runs["root"] / "heldout").glob("*.h5"))[0]
     with open_session(path) as s:

@@ -37,7 +37,7 @@ def ckpt_path(tmp_path_factory):
 
 @pytest.fixture()
 def predictor(ckpt_path):
-    return Predictor.load(ckpt_path)
+    return Predictor.load(ckpt_path, backend="torch")
 
 
 def _window(rec, t0, t1):
@@ -248,7 +248,7 @@ def test_multimodal_model_serves_with_and_without_extra_inputs(tmp_path, recordi
     torch.manual_seed(0)
     model = NeuroHorizon(get_config("nh-tiny", behavior_dim=2, image_dim=8))
     save_model(tmp_path / "mm.safetensors", model, feature_norm=FeatureNorm.identity())
-    p = Predictor.load(tmp_path / "mm.safetensors")
+    p = Predictor.load(tmp_path / "mm.safetensors", backend="torch")
     rt, rid = _window(recording, 0.0, 60.0)
     token = p.register(rt, rid, reference_window=(0.0, 60.0))
     ct, cid = _window(recording, 70.0, 71.0)

@@ -88,7 +88,7 @@ def test_eval_json_equals_metric_functions(setup, tmp_path):
     assert len(res["recordings"]) == 2 and res["summary"]["synthetic_recordings"] == 2
 
     # The same figures computed by hand with the shared functions.
-    p = Predictor.load(root / "tiny.safetensors")
+    p = Predictor.load(root / "tiny.safetensors", backend="torch")
     cfg = p.cfg
     per_session = []
     for path, rec in zip(sessions, res["recordings"]):

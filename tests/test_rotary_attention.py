@@ -32,6 +32,7 @@ from kernels import (  # noqa: E402
     triton_available,
 )
 from nh_serve.errors import InputError  # noqa: E402
+from nh_serve.rotary import rotary_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 T_MIN, T_MAX = 1e-4, 2.0  # POYO-like periods: angles reach ~6e4 rad at t = 1 s
@@ -458,15 +459,12 @@ def test_kernel_gathers_keys_from_a_table(layout):
 @pytest.mark.parametrize("rotate_value,causal", [(True, False), (False, True)])
 def test_kernel_matches_model_rotary_attention(rotate_value, causal):
     """Same result as the model's pure PyTorch rotary_attention (head-major layout via views)."""
-    rotary = pytest.importorskip("nh_serve.rotary")
-    if not hasattr(rotary, "rotary_attention"):
-        pytest.skip("nh_serve.rotary.rotary_attention not available")
     B, N, H, Dh = 2, 19, 2, 16
     q, k, v, t, _, _, freqs = _inputs(seed=41, batch=B, n_q=N, lengths=[N, N], heads=H, head_dim=Dh)
     mask = torch.ones(B, N, dtype=torch.bool, device=DEVICE)
     mask[0, 11:] = False
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # the model's (B, H, N, Dh)
-    want = rotary.rotary_attention(
+    want = rotary_attention(
         qh, kh, vh, t, t, freqs, key_mask=mask, rotate_value=rotate_value, causal=causal
     )  # (B, H, N, Dh)
     got = rotary_cross_attention(

@@ -169,6 +169,7 @@ def _close(rec: dict, ref: dict, *, rtol: float, atol: float) -> None:
             assert v[k] == pytest.approx(ref["per_band"][band][k], rel=rtol, abs=atol), (band, k)
 
 
+@pytest.mark.real_data
 def test_scores_match_metrics_on_independent_predictions(data, scored):
     root, rec, ckpt = data
     assert scored.exit_code == 0
@@ -256,6 +257,7 @@ def test_multimodal_model_is_given_the_recordings_stimulus_schedule(tmp_path):
     assert with_schedule != pytest.approx(shown_only, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.real_data
 def test_real_recording_is_scored(data, scored):
     root, rec, ckpt = data
     if "real" not in rec:
@@ -266,6 +268,7 @@ def test_real_recording_is_scored(data, scored):
     assert r["flagged_units"]["no_spikes_scored"] > 0  # many IBL clusters are silent after the first minute
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("kw", [{}, {"stride_s": 0.37}, {"reference": (80.0, 100.0), "stride_s": 2.5}])
 def test_collect_targets_equals_per_window_loop(data, kw):
     root, rec, _ = data
@@ -299,6 +302,7 @@ def test_streaming_metrics_equal_evaluate():
         sm.update(counts[:2], {"p": -rates[:2] - 1})
 
 
+@pytest.mark.real_data
 def test_second_run_does_no_model_work(data, scored, monkeypatch):
     root, rec, ckpt = data
     before = {p: p.stat().st_mtime_ns for p in (scored.out / "recordings").glob("*/result.json")}
@@ -322,6 +326,7 @@ def test_second_run_does_no_model_work(data, scored, monkeypatch):
     assert again.doc["run"]["skipped"] == sorted(again.skipped)
 
 
+@pytest.mark.real_data
 def test_force_and_changed_settings_score_again(data, scored, monkeypatch):
     root, rec, ckpt = data
     out = root / "out_force"
@@ -344,6 +349,7 @@ def test_force_and_changed_settings_score_again(data, scored, monkeypatch):
     assert r.doc["recordings"][0]["windows"]["n"] == 50
 
 
+@pytest.mark.real_data
 def test_shards_merge_to_the_unsharded_result(data, scored, tmp_path):
     root, rec, ckpt = data
     inputs = [str(p) for p in rec.values()]
@@ -379,6 +385,7 @@ def test_shard_selection_is_deterministic():
             parse_shard(bad)
 
 
+@pytest.mark.real_data
 def test_bad_recordings_are_reported_and_the_rest_scored(data, tmp_path, capsys):
     root, rec, ckpt = data
     not_session = tmp_path / "notes.h5"
@@ -413,6 +420,7 @@ def test_bad_recordings_are_reported_and_the_rest_scored(data, tmp_path, capsys)
     assert len(summary) == 5 and sum(",failed," in line for line in summary) == 3
 
 
+@pytest.mark.real_data
 def test_usage_errors_exit_2(data, tmp_path, capsys):
     root, rec, ckpt = data
     blocker = tmp_path / "file"

@@ -69,6 +69,7 @@ def _assert_same(a, b, path="doc"):
         assert a == b, path
 
 
+@pytest.mark.slow
 def test_ray_engine_matches_local(ray_local, inputs, tmp_path):
     root, paths, ckpt = inputs
     args = [*map(str, paths), str(root / "missing.h5")]

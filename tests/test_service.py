@@ -29,6 +29,7 @@ from service_server import (
     stop_shared_server,
 )
 
+from nh_serve.backends import choose_backend
 from nh_serve.errors import InputError
 from nh_serve.predictor import Predictor
 from nh_serve.synth import make_session
@@ -62,7 +63,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def local(server):
-    return Predictor.load(str(server.checkpoint))
+    return Predictor.load(str(server.checkpoint), backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,8 @@ def token(http, rec):
 # ----------------------------------------------------------------------------- happy paths
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_register_then_predict_equals_local_predictor(http, rec, local):
     r = _post(http, "/register", _register_body(rec))
     assert r.status_code == 200, r.text
@@ -134,6 +137,8 @@ def test_register_then_predict_equals_local_predictor(http, rec, local):
     assert got["model_hash"] == local.model_hash
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_predict_with_reference_registers_and_returns_token(http, rec, local):
     ct, cids = _ctx(rec, 61.0)
     body = {**_register_body(rec), "context": _train(ct, cids), "context_start": 61.0, "horizon_s": 0.5}
@@ -157,6 +162,8 @@ def test_predict_with_reference_registers_and_returns_token(http, rec, local):
     )
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_units_order_is_the_callers_including_silent_units(http, rec, local):
     order = list(reversed(sorted(rec["unit_ids"].tolist()))) + ["silent_unit"]
     r = _post(http, "/register", _register_body(rec, units=order))
@@ -173,6 +180,8 @@ def test_units_order_is_the_callers_including_silent_units(http, rec, local):
     assert np.all(np.isfinite(want.rates_hz[-1])) and want.rates_hz[-1].min() >= 0
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_predict_batch_equals_local_and_base64_encoding(http, rec, local, token):
     starts = [60.0, 61.5, 63.25, 70.0]
     windows = [{"context": _train(*_ctx(rec, s)), "context_start": s} for s in starts]
@@ -199,6 +208,8 @@ def test_predict_batch_equals_local_and_base64_encoding(http, rec, local, token)
     )
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_compact_binary_request_forms(http, rec):
     """b64 float64 times + int32 indices into unit_table, and .npy string ids, equal the JSON form."""
     t, ids = _ref(rec)
@@ -222,6 +233,8 @@ def test_compact_binary_request_forms(http, rec):
     assert a["rates_hz"] == b["rates_hz"] and a["unit_ids"] == b["unit_ids"]
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_adapt_steps_run_and_are_reported(http, rec):
     r = _post(http, "/register", _register_body(rec, adapt_steps=2))
     assert r.status_code == 200, r.text
@@ -230,6 +243,8 @@ def test_adapt_steps_run_and_are_reported(http, rec):
     assert all(np.isfinite(v) for v in ad.values() if isinstance(v, float))
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_model_info(http, server):
     from nh_serve.checkpoint import read_metadata
 
@@ -242,6 +257,8 @@ def test_model_info(http, server):
     assert set(info["sessions"]) == {"active", "hits", "misses", "evictions"}
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_health_and_docs_endpoints(http):
     assert http.get("/livez").status_code == 200
     assert http.get("/readyz").status_code == 200
@@ -530,6 +547,8 @@ def _fill_token(body, token):
     return body
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_every_bad_input_gets_a_4xx_naming_the_field(http, rec, token):
     failures = []
     for name, path, body, status, needles in _bad_cases(rec):
@@ -553,6 +572,8 @@ def test_every_bad_input_gets_a_4xx_naming_the_field(http, rec, token):
     )
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_chunked_body_over_the_limit_gets_413(http):
     def chunks():
         for _ in range(40):
@@ -562,6 +583,8 @@ def test_chunked_body_over_the_limit_gets_413(http):
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_any_content_type_is_read_as_json(http, rec):
     body = json.dumps(_register_body(rec)).encode()
     for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
@@ -569,6 +592,8 @@ def test_any_content_type_is_read_as_json(http, rec):
         assert r.status_code == 200, (ctype, r.text)
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_evicted_session_gets_404_and_memory_stays_bounded(http, rec, server):
     first = _post(http, "/register", _register_body(rec)).json()["token"]
     for _ in range(MAX_SESSIONS):
@@ -583,6 +608,8 @@ def test_evicted_session_gets_404_and_memory_stays_bounded(http, rec, server):
 # ----------------------------------------------------------------------------- OpenAPI, metrics
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_openapi_documents_every_field_and_its_examples_work(http):
     spec = http.get("/docs.json").json()
     comps = spec["components"]["schemas"]
@@ -632,6 +659,8 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_metrics_have_the_service_counters(http, rec, token):
     before = http.get("/metrics").text
     for name in (
@@ -686,6 +715,8 @@ def test_metrics_have_the_service_counters(http, rec, token):
 # ----------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_concurrent_clients_get_no_5xx(server, rec, local):
     """8 clients x 10 s of predictions (and some bad requests) against one server: zero 5xx, right answers."""
     from nh_serve.client import Client, RequestRejected
@@ -737,6 +768,8 @@ def test_concurrent_clients_get_no_5xx(server, rec, local):
 # ----------------------------------------------------------------------------- start-up and packaging
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_start_fails_with_a_clear_message_without_a_checkpoint(tmp_path):
     env = bentoml_env(tmp_path / "bentoml", NH_SERVE_CHECKPOINT=str(tmp_path / "missing.safetensors"))
     bentoml = Path(sys.executable).parent / "bentoml"
@@ -752,6 +785,8 @@ def test_start_fails_with_a_clear_message_without_a_checkpoint(tmp_path):
     assert "missing.safetensors" in r.stderr and "NH_SERVE_CHECKPOINT" in r.stderr
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_start_stops_the_server_on_a_damaged_checkpoint(tmp_path):
     good = make_tiny_checkpoint(tmp_path / "good.safetensors")
     bad = tmp_path / "bad.safetensors"
@@ -769,6 +804,8 @@ def test_start_stops_the_server_on_a_damaged_checkpoint(tmp_path):
     assert "nh-serve cannot start" in log and "bad.safetensors" in log
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_bentoml_build_works_offline_and_the_bento_serves(tmp_path, server):
     """`bentoml build` with BENTOML_HOME in tmp (a few seconds), then serve the built Bento."""
     env = bentoml_env(tmp_path / "bentoml")
@@ -791,7 +828,9 @@ def test_bentoml_build_works_offline_and_the_bento_serves(tmp_path, server):
     proc = ServeProcess(target=tag, env=serve_env, cwd=tmp_path, log_path=tmp_path / "bento.log")
     try:
         proc.wait_ready(60)
-        assert httpx.get(f"{proc.url}/model", timeout=10).json()["name"] == "nh-tiny"
+        info = httpx.get(f"{proc.url}/model", timeout=10).json()
+        assert info["name"] == "nh-tiny"
+        assert info["backend"] == choose_backend("cpu")  # auto: the plugin backends are found when served
     finally:
         proc.stop()
     print(f"bentoml build took {build_s:.1f} s")

@@ -64,6 +64,8 @@ def _fuzz(op, mode, *, url: str, session, failures: list[str]) -> dict[int, int]
     return counts
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_fuzz_api_never_answers_5xx(server):
     import requests
 

@@ -503,6 +503,7 @@ def test_missing_folder_is_input_error(tmp_path):
 REAL_SETS = ["ibl_brainbox_fixture", "human_mtl_zheng2022", "rat_ca1_linear_track"]
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("name", REAL_SETS)
 def test_real_recording_round_trip(tmp_path, name):
     flat = REAL / name / "spikes_flat.npz"
@@ -523,6 +524,7 @@ def test_real_recording_round_trip(tmp_path, name):
             np.testing.assert_array_equal(s.unit_ids[uu], known[index[m]].astype(str))
 
 
+@pytest.mark.real_data
 def test_nwb_file_is_not_a_session_file():
     nwb = REAL / "human_mtl_zheng2022" / "sub-4_ses-4_ecephys+image.nwb"
     if not nwb.exists():

@@ -209,6 +209,7 @@ def test_resume_refuses_a_different_config(data_dir, tmp_path):
         train(_cfg(steps=5, ckpt_every=5, val_every=5, lr=1e-2), resume=True, **kw)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_end_with_identical_weights(data_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
