@@ -59,7 +59,6 @@ import os
 import platform
 import zipfile
 from dataclasses import dataclass, field
-from importlib import metadata as _md
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,7 @@ from nh_serve.config import ModelConfig
 from nh_serve.errors import CheckpointError, InputError
 from nh_serve.features import FeatureNorm
 from nh_serve.model import BEHAVIOR_KEYS, IMAGE_KEYS, SPIKE_KEYS
+from nh_serve.util import package_version
 
 ARTIFACT_FORMAT_VERSION = 2  # 2: image inputs carry the schedule-marker column
 """Version of the artifact layout and metadata written (and the only one read) by this nh-serve."""
@@ -174,11 +174,9 @@ def versions() -> dict[str, str]:
         ("onnxruntime", "onnxruntime"),
         ("onnxruntime_gpu", "onnxruntime-gpu"),
     ):
-        try:
-            out[key] = _md.version(dist)
-        except _md.PackageNotFoundError:
-            if key != "onnxruntime_gpu":
-                out[key] = "not installed"
+        v = package_version(dist, None)
+        if v is not None or key != "onnxruntime_gpu":
+            out[key] = v or "not installed"
     return out
 
 

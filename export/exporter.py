@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from export.artifact import SUFFIXES, build_metadata, check_format
 from export.parity import DEFAULT_TOLERANCE, ParityReport, check_predictor_parity, compare_backends
 from nh_serve.errors import InputError
+from nh_serve.util import atomic_path
 
 
 @dataclass
@@ -102,9 +102,8 @@ def export_model(
         metrics=metrics,
         provenance=provenance,
     )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.stem}.tmp-{os.getpid()}-{secrets.token_hex(3)}{dest.suffix}")
-    try:
+    # The file goes in place only if the block below ends without an exception (a failed check raises).
+    with atomic_path(dest, make_parents=True, keep_suffix=True) as tmp:
         say(f"exporting {cfg.name} ({source_hash[:12]}) to {fmt} ...")
         if fmt == "onnx":
             from export import onnx as fmt_module
@@ -133,12 +132,6 @@ def export_model(
         ).raise_if_failed(f"the exported {fmt} model (final file)")
         metadata = final.checkpoint.metadata
         del candidate, final
-        os.replace(tmp, dest)
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
     return ExportResult(
         path=dest, format=fmt, metadata=metadata, parity=report, seconds=time.perf_counter() - t_start
     )

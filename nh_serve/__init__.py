@@ -8,14 +8,10 @@ the model has never seen needs no retraining.
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
+from nh_serve.errors import CheckpointError, InputError, SessionFileError
+from nh_serve.util import package_version
 
-try:
-    __version__ = _metadata.version("nh-serve")
-except _metadata.PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0+unknown"
-
-from nh_serve.errors import CheckpointError, InputError, SessionFileError  # noqa: E402
+__version__ = package_version("nh-serve", "0+unknown")  # "0+unknown": a source tree without install
 
 __all__ = ["__version__", "InputError", "SessionFileError", "CheckpointError", "Predictor", "Prediction"]
 

@@ -40,7 +40,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ import safetensors.torch
 import torch
 
 from nh_serve.errors import CheckpointError, InputError
+from nh_serve.util import atomic_write, package_version
 
 FORMAT_VERSION = 1
 """Checkpoint format version written by this nh-serve (and the newest it reads)."""
@@ -204,7 +204,13 @@ def save_checkpoint(
     }
     doc["metadata_hash"] = _metadata_hash(doc)
     blob = safetensors.torch.save(tensors, metadata={METADATA_KEY: _canonical_json(doc)})
-    _write_atomic(dest, blob)
+    try:
+        atomic_write(dest, blob, durable=True, make_parents=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write checkpoint {dest}: {exc.strerror or exc}; check that the directory is writable and "
+            "has free space (nothing was written)"
+        ) from exc
     loaded = safetensors.torch.load(
         blob
     )  # exactly what load_checkpoint returns, detached from the caller's tensors
@@ -751,14 +757,8 @@ def _feature_norm_problem(norm: Any) -> str | None:
 
 
 def _default_provenance() -> dict:
-    try:
-        from importlib.metadata import version
-
-        pkg = version("nh_serve")
-    except Exception:
-        pkg = "unknown"
     return {
-        "nh_serve_version": pkg,
+        "nh_serve_version": package_version("nh-serve"),
         "torch_version": torch.__version__,
         "safetensors_version": getattr(safetensors, "__version__", "unknown"),
         "python_version": platform.python_version(),
@@ -804,45 +804,6 @@ def _summary(doc: dict, tensors: Mapping[str, tuple[str, tuple[int, ...]]]) -> d
         },
         "n_elements": sum(math.prod(shape) for _, shape in tensors.values()),
     }
-
-
-def _write_all(f, blob: bytes) -> None:
-    f.write(blob)
-
-
-def _write_atomic(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to ``path`` via a fsynced temporary file in the same directory and os.replace."""
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {exc.strerror or exc}; check the directory exists and is writable"
-        ) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_all(f, blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"cannot write checkpoint {path}: {exc.strerror or exc}; free disk space or pick another directory (nothing was written)"
-            ) from exc
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable (POSIX); not possible everywhere
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _expected_spec(name: str, want: Any) -> tuple[tuple[int, ...], torch.dtype | None]:

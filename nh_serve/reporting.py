@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
 from pathlib import Path
+
+from nh_serve.util import atomic_write, package_version
 
 
 def cpu_model() -> str:
@@ -35,10 +36,7 @@ def machine_info(packages: tuple[str, ...] = ("nh-serve", "torch", "numpy")) -> 
         "python": platform.python_version(),
     }
     for name in packages:
-        try:
-            info[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            info[name] = "not installed"
+        info[name] = package_version(name, "not installed")
     try:
         import torch
 
@@ -91,8 +89,5 @@ def write_doc_section(path: str | os.PathLike, name: str, markdown: str, *, titl
         text = text[:a] + body + text[b:]
     else:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    atomic_write(p, text, make_parents=True)
     return p

@@ -57,8 +57,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import h5py
@@ -67,8 +65,9 @@ from tqdm.auto import tqdm
 
 from nh_serve.errors import InputError, SessionFileError
 from nh_serve.spikes import check_spikes
+from nh_serve.util import atomic_path, package_version
 
-__all__ = ["FULL_CHECK_MAX_SPIKES", "Session", "open_session", "write_session", "package_version"]
+__all__ = ["FULL_CHECK_MAX_SPIKES", "Session", "open_session", "write_session"]
 
 #: Files with at most this many spikes get the full :meth:`Session.validate` pass at open.
 FULL_CHECK_MAX_SPIKES = 2_000_000
@@ -76,16 +75,6 @@ FULL_CHECK_MAX_SPIKES = 2_000_000
 _INDEX_STRIDE = 4096
 #: Spikes read per chunk by the full validation pass.
 _CHUNK = 1 << 20
-
-
-def package_version() -> str:
-    """Installed nh-serve version, or ``'0+unknown'`` when not installed as a distribution."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nh-serve")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 # --------------------------------------------------------------------------- reading helpers
@@ -800,8 +789,8 @@ def write_session(
     prov = dict(provenance or {})
     prov["written_by"] = {
         "package": "nh-serve",
-        "version": package_version(),
-        "temporaldata": getattr(td, "__version__", _dist_version("temporaldata")),
+        "version": package_version("nh-serve", "0+unknown"),
+        "temporaldata": getattr(td, "__version__", package_version("temporaldata")),
         "h5py": h5py.__version__,
         "numpy": np.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -818,30 +807,13 @@ def write_session(
     folder = path.parent
     if not folder.is_dir():
         raise InputError(f"{path}: folder {folder} does not exist; create it first")
-    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with h5py.File(str(tmp), "w") as f:
+        with atomic_path(path) as tmp, h5py.File(str(tmp), "w") as f:
             data.to_hdf5(f)
             f["spikes/unit_index"].attrs["min_value"] = int(u.min())
             f["spikes/unit_index"].attrs["max_value"] = int(u.max())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        if isinstance(err, OSError):
-            raise InputError(
-                f"{path}: could not write the session file ({err}); check the folder is writable and has space"
-            ) from None
-        raise
+    except OSError as err:
+        raise InputError(
+            f"{path}: could not write the session file ({err}); check the folder is writable and has space"
+        ) from None
     return path
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"

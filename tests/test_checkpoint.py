@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from nh_serve import checkpoint as ckpt_mod
+from nh_serve import util
 from nh_serve.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
@@ -576,7 +577,7 @@ def test_failed_write_leaves_destination_untouched(saved, monkeypatch):
         f.write(blob[: len(blob) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod, "_write_all", half_then_fail)
+    monkeypatch.setattr(util, "_write_all", half_then_fail)
     with pytest.raises(CheckpointError, match="No space left on device.*nothing was written"):
         save_checkpoint(path, state_dict={"w": torch.zeros(1000)}, config={}, feature_norm=_norm())
     assert path.read_bytes() == before
@@ -592,7 +593,7 @@ def test_interrupted_write_and_failed_rename(tmp_path, monkeypatch):
         f.write(blob[:10])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt_mod, "_write_all", interrupted)
+    monkeypatch.setattr(util, "_write_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, **kwargs)
     assert list(tmp_path.iterdir()) == []
@@ -601,7 +602,7 @@ def test_interrupted_write_and_failed_rename(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError(13, "Permission denied")
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", failing_replace)
+    monkeypatch.setattr(util.os, "replace", failing_replace)
     with pytest.raises(CheckpointError, match="Permission denied"):
         save_checkpoint(path, **kwargs)
     assert list(tmp_path.iterdir()) == []

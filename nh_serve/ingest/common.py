@@ -26,12 +26,12 @@ from __future__ import annotations
 import platform
 import re
 from dataclasses import dataclass, field
-from importlib import metadata as _metadata
 from pathlib import Path
 
 import numpy as np
 
 from nh_serve.errors import InputError
+from nh_serve.util import package_version
 
 DEFAULT_MIN_RATE = 0.1
 """Units firing below this rate (Hz, over the whole recording) are dropped by default."""
@@ -376,14 +376,6 @@ def filter_units(rec: Recording, flt: UnitFilter, *, start: float, end: float) -
 # provenance and writing
 
 
-def package_version(name: str) -> str | None:
-    """Installed version of distribution ``name``, or None when it is not installed."""
-    try:
-        return _metadata.version(name)
-    except _metadata.PackageNotFoundError:
-        return None
-
-
 def software_versions(*names: str) -> dict[str, str]:
     """Versions of the named distributions that are installed (the reader's libraries).
 
@@ -391,7 +383,7 @@ def software_versions(*names: str) -> dict[str, str]:
     """
     out = {"python": platform.python_version()}
     for name in names:
-        v = package_version(name)
+        v = package_version(name, None)
         if v is not None:
             out[name] = v
     return out

@@ -36,6 +36,7 @@ import numpy as np
 
 from nh_serve.errors import InputError
 from nh_serve.ingest.common import GOOD, Recording, spikes_from_ids, table_columns, velocity_from_position
+from nh_serve.util import package_version
 
 DEFAULT_WHEEL_RATE = 100.0
 """Hz: the grid on which the wheel position is differentiated."""
@@ -236,12 +237,6 @@ def read_ibl(
             "source": {"format": "ibl", "path": session_path, "one_mode": getattr(one, "mode", None)},
             "ids": {"eid": eid, "probe": probe, "collection": col},
             "wheel_rate_hz": wheel_rate if behavior is not None else None,
-            "software": {"ONE-api": _version("ONE-api")},
+            "software": {"ONE-api": package_version("ONE-api")},
         },
     )
-
-
-def _version(name: str) -> str:
-    from nh_serve.ingest.common import package_version
-
-    return package_version(name) or "unknown"

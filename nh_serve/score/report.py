@@ -25,6 +25,8 @@ import io
 
 import numpy as np
 
+from nh_serve.util import atomic_write
+
 COLORS = {
     "model": "#d62728",
     "reference_rate": "#7f7f7f",
@@ -274,8 +276,6 @@ def _td(v, cls: str = "") -> str:
 
 def write_report_html(path, doc: dict, summary_rows: list[dict], *, overview: str | None) -> None:
     """Write ``report.html``: settings, the summary table, the overview plot and each recording's plots."""
-    from nh_serve.score.store import atomic_write
-
     model, st = doc["model"], doc["settings"]
     used = sorted({str(r.get("backend")) for r in doc["recordings"] if r.get("backend")})
     backend = st["backend"] + (f" (used: {', '.join(used)})" if used and used != [st["backend"]] else "")

@@ -32,23 +32,12 @@ from pathlib import Path
 
 from nh_serve.errors import InputError
 from nh_serve.score.core import PREDICTORS, SCHEMA, RecordingResult
+from nh_serve.util import atomic_write, package_version
 
 RESULT = "result.json"
 RECORDINGS = "recordings"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 6 * 3600.0  # temporary folders older than this are from runs that died; removed
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def prepare_out(out) -> Path:
@@ -200,8 +189,6 @@ def build_doc(
     *, inputs: list[str], records: list[dict], failed: list[dict], model: dict, settings: dict, run: dict
 ) -> dict:
     """The scores.json document. Everything but ``run`` and each record's ``timing`` depends only on the inputs."""
-    from nh_serve.session import package_version
-
     records = sorted(records, key=lambda r: r["path"])
     failed = sorted(failed, key=lambda f: f["path"])
     mean = {}
@@ -211,7 +198,7 @@ def build_doc(
             mean[n] = sum(vals) / len(vals)
     return {
         "schema": SCHEMA,
-        "nh_serve_version": package_version(),
+        "nh_serve_version": package_version("nh-serve", "0+unknown"),
         "model": model,
         "settings": settings,
         "inputs": sorted(inputs),
