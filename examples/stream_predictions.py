@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from nh_serve.client import Client  # noqa: E402
-from nh_serve.evaluation import collect_targets, oracle_rates, plan_windows  # noqa: E402
-from nh_serve.metrics import evaluate  # noqa: E402
-from nh_serve.session import open_session  # noqa: E402
-from nh_serve.synth import make_demo  # noqa: E402
+from nh_serve.data.session import open_session  # noqa: E402
+from nh_serve.data.synth import make_demo  # noqa: E402
+from nh_serve.evaluation.metrics import evaluate  # noqa: E402
+from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

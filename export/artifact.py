@@ -32,16 +32,16 @@ The metadata document (:func:`build_metadata`)::
     }
 
 Inputs of the graphs (names = keyword arguments of
-:meth:`~nh_serve.model.NeuroHorizon.forward_with_embeddings`): the unit
+:meth:`~nh_serve.core.model.NeuroHorizon.forward_with_embeddings`): the unit
 inputs ``unit_embeddings (B, U, D)``, ``unit_mask``, ``unit_counts``,
 ``history_rate_hz``, ``ref_rate_hz``, the spike-token inputs ``(B, N)`` of
-:data:`~nh_serve.model.SPIKE_KEYS`, and ONLY for multimodal configs the
+:data:`~nh_serve.core.model.SPIKE_KEYS`, and ONLY for multimodal configs the
 behaviour inputs (``behavior_dim > 0``) and/or image inputs (``image_dim > 0``),
 which are then required (the Predictor's collate always provides them:
 behaviour padded to at least one masked sample; images always hold at least the
 schedule-marker token that ``tokenize`` appends). ``image_values`` is
 ``(B, Ni, image_dim + 1)``, the last column marking that token (see
-:mod:`nh_serve.model`); build image inputs with ``tokenize``, not by hand.
+:mod:`nh_serve.core.model`); build image inputs with ``tokenize``, not by hand.
 Format version 2 added that column; version-1 artifacts are refused. ``B``, ``U``, ``N`` and the event counts are
 dynamic. The output is ``log_rate_hz (B, U, n_bins)``.
 
@@ -62,10 +62,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nh_serve.config import ModelConfig
+from nh_serve.core.config import ModelConfig
+from nh_serve.core.model import BEHAVIOR_KEYS, IMAGE_KEYS, SPIKE_KEYS
+from nh_serve.data.features import FeatureNorm
 from nh_serve.errors import CheckpointError, InputError
-from nh_serve.features import FeatureNorm
-from nh_serve.model import BEHAVIOR_KEYS, IMAGE_KEYS, SPIKE_KEYS
 from nh_serve.util import package_version
 
 ARTIFACT_FORMAT_VERSION = 2  # 2: image inputs carry the schedule-marker column
@@ -371,7 +371,7 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None, device
     """Load an exported artifact with its runtime (onnxruntime session or TorchScript module).
 
     ``threads``: intra-op threads of the onnxruntime sessions (default
-    :func:`nh_serve.backends.default_threads`); TorchScript uses torch's global
+    :func:`nh_serve.inference.backends.default_threads`); TorchScript uses torch's global
     thread setting. ``device``: ``"cpu"`` or ``"cuda"`` (onnxruntime's CUDA provider
     when onnxruntime-gpu is installed; TorchScript moves the module).
     """

@@ -4,7 +4,7 @@
 
 1. exports the graphs (:mod:`export.onnx` or :mod:`export.torchscript`) and writes
    them with their metadata to a temporary file beside ``out``;
-2. loads that file through :meth:`nh_serve.predictor.Predictor.load`, exactly as
+2. loads that file through :meth:`nh_serve.inference.predictor.Predictor.load`, exactly as
    a service would, and compares it with the eager model
    (:func:`export.parity.check_predictor_parity`: random inputs and a real or
    synthetic recording);
@@ -74,15 +74,15 @@ def export_model(
     opset: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export ``model`` (a :class:`~nh_serve.model.NeuroHorizon`) to ``out`` as ``fmt`` after a parity check.
+    """Export ``model`` (a :class:`~nh_serve.core.model.NeuroHorizon`) to ``out`` as ``fmt`` after a parity check.
 
     ``recordings``: see :func:`export.parity.check_predictor_parity` (``"auto"``: real recordings
     if found, else synthetic). ``tolerance``: largest relative error accepted (default 1e-4).
     Raises :class:`InputError` (bad format / path), :class:`~nh_serve.errors.CheckpointError`
     (export failed) or :class:`~export.parity.ParityError` (no file written).
     """
-    from nh_serve.checkpoint import content_hash
-    from nh_serve.predictor import Predictor
+    from nh_serve.inference.checkpoint import content_hash
+    from nh_serve.inference.predictor import Predictor
 
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
@@ -148,7 +148,7 @@ def export_checkpoint(
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Load a checkpoint (path, ``"default"`` or None) and :func:`export_model` it."""
-    from nh_serve.checkpoint import load_model
+    from nh_serve.inference.checkpoint import load_model
 
     fmt = check_format(fmt)
     model, norm, ckpt = load_model(checkpoint)

@@ -17,7 +17,7 @@ graph (``GraphProto`` serialised deterministically) and of the embedded
 instead of producing wrong rates.
 
 The onnxruntime sessions use ``intra_op_num_threads`` = ``threads`` (default
-:func:`nh_serve.backends.default_threads`), one inter-op thread and sequential
+:func:`nh_serve.inference.backends.default_threads`), one inter-op thread and sequential
 execution: the graph is a chain of small ops, latency is what counts.
 """
 
@@ -319,7 +319,7 @@ def load(path: Path, *, threads: int | None = None, device: str = "cpu") -> tupl
         raise InputError(
             "the onnxruntime backend needs onnxruntime: pip install 'nh-serve[onnx]' (onnxruntime-gpu on CUDA machines)"
         ) from None
-    from nh_serve.backends import default_threads
+    from nh_serve.inference.backends import default_threads
 
     path = Path(path)
     _, doc, embed_bytes = _parse(path)

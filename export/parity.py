@@ -3,7 +3,7 @@
 Two kinds of cases:
 
 * **random**: windows of random spikes with random z-scored features, built with
-  the shared :func:`~nh_serve.model.tokenize` / :func:`~nh_serve.model.collate`,
+  the shared :func:`~nh_serve.core.model.tokenize` / :func:`~nh_serve.core.model.collate`,
   at batch, unit and token counts different from the export example (one unit
   with no spikes; batches whose windows have different unit counts, so units and
   tokens are padded and masked; behaviour / image events for multimodal configs,
@@ -12,8 +12,8 @@ Two kinds of cases:
   checked on its own.
 * **recording**: a real recording (``<data>/<name>/spikes_flat.npz`` with
   ``spike_times`` (s) and ``unit_ids``), or a synthetic one
-  (:func:`nh_serve.synth.make_session`) when none is available. Both models go
-  through :class:`~nh_serve.predictor.Predictor` (the same reference features,
+  (:func:`nh_serve.data.synth.make_session`) when none is available. Both models go
+  through :class:`~nh_serve.inference.predictor.Predictor` (the same reference features,
   tokenization and batching code): register a 60 s reference, predict a few
   context windows after it (with and without ``history_counts``), compare.
 
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nh_serve.core.model import collate, tokenize
 from nh_serve.errors import CheckpointError, InputError
-from nh_serve.model import collate, tokenize
 
 DEFAULT_TOLERANCE = 1e-4
 """Largest relative error accepted between an exported model and eager PyTorch (float32)."""
@@ -279,8 +279,8 @@ def load_recordings(
 
 
 def synthetic_recording(*, seed: int = 0, n_units: int = 48) -> tuple[str, np.ndarray, np.ndarray]:
-    """A 90 s synthetic recording (:func:`nh_serve.synth.make_session`) as ``(name, times, unit ids)``."""
-    from nh_serve.synth import make_session
+    """A 90 s synthetic recording (:func:`nh_serve.data.synth.make_session`) as ``(name, times, unit ids)``."""
+    from nh_serve.data.synth import make_session
 
     d = make_session(seed=seed, n_units=n_units, duration=90.0)
     ids = np.asarray(d["unit_ids"]).astype(str)
@@ -295,7 +295,7 @@ def recording_windows(
     times: np.ndarray, ids: np.ndarray, units: np.ndarray, *, cfg, reference: tuple[float, float], n: int = 3
 ) -> list[dict]:
     """``n`` Predictor windows after the reference (every other one with ``history_counts``)."""
-    from nh_serve.spikes import units_to_index
+    from nh_serve.data.spikes import units_to_index
 
     r0, r1 = reference
     last = float(times[-1]) - cfg.context_s  # latest context start inside the recording

@@ -1,6 +1,6 @@
 """TorchScript export (``torch.jit.script``) and its runner.
 
-The whole :class:`~nh_serve.model.NeuroHorizon` (eval mode) is scripted; the
+The whole :class:`~nh_serve.core.model.NeuroHorizon` (eval mode) is scripted; the
 methods marked ``@torch.jit.export`` in the model (``embed_units``,
 ``forward_with_embeddings``, ...) stay callable on the loaded module, and the
 optional multimodal inputs stay ``Optional[Tensor]`` arguments (passed when the
@@ -9,7 +9,7 @@ unit counts of the example.
 
 The metadata document is the extra file ``nh_serve.json``. ``integrity`` records
 that the module's state dict has the source checkpoint's content hash
-(:func:`nh_serve.checkpoint.content_hash`); the loader recomputes it, so
+(:func:`nh_serve.inference.checkpoint.content_hash`); the loader recomputes it, so
 damaged or swapped weights are refused.
 
 TorchScript is deprecated upstream in favour of ``torch.export``; it still
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from export.artifact import EXTRA_FILE, encode_metadata, parse_metadata
-from nh_serve.checkpoint import content_hash
 from nh_serve.errors import CheckpointError
+from nh_serve.inference.checkpoint import content_hash
 
 
 def script_model(model: nn.Module) -> torch.jit.ScriptModule:

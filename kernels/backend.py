@@ -1,6 +1,6 @@
 """The ``triton`` inference backend: NeuroHorizon with its attention and head on the fused kernels.
 
-Registered in :data:`nh_serve.backends.BACKENDS` when :mod:`nh_serve.backends`
+Registered in :data:`nh_serve.inference.backends.BACKENDS` when :mod:`nh_serve.inference.backends`
 first uses its registry (``PLUGIN_MODULES``). Importing this module does not
 import Triton.
 
@@ -8,17 +8,17 @@ How the kernels enter the model: :func:`fuse_model` makes a structural copy of
 the loaded model that shares every parameter and buffer with it (no weights are
 copied) and sets the copy's hooks:
 
-- every :class:`~nh_serve.rotary.RotaryCrossAttention` and
-  :class:`~nh_serve.rotary.RotarySelfAttention` gets ``fused_attention =``
+- every :class:`~nh_serve.core.rotary.RotaryCrossAttention` and
+  :class:`~nh_serve.core.rotary.RotarySelfAttention` gets ``fused_attention =``
   :func:`fused_attention`, i.e. :func:`kernels.rotary_cross_attention`. The
   encoder passes its ``(B, U * 3, H * Dh)`` key / value table of (unit, token
   type) rows with ``kv_index`` (``row = unit * 3 + type``), so per-token keys and
   values never exist in memory; the processor and decoder self-attention use
   the same kernel with shared times (``causal`` for the decoder bins);
-- :class:`~nh_serve.model.PerNeuronHead` gets ``fused_combine =``
+- :class:`~nh_serve.core.model.PerNeuronHead` gets ``fused_combine =``
   :class:`FusedHead` (:func:`kernels.per_neuron_head`, exact-erf GELU), for heads
   of 2 or 3 linear layers (``head_layers``); deeper heads keep the PyTorch
-  :meth:`~nh_serve.model.PerNeuronHead.combine`.
+  :meth:`~nh_serve.core.model.PerNeuronHead.combine`.
 
 Everything else (norms, projections, feed-forwards, masking, clamping) is the
 model's own code, so the backend follows the model. The loaded model is left
@@ -42,10 +42,10 @@ import torch
 from torch import Tensor
 
 from kernels import per_neuron_head, rotary_cross_attention, triton_interpret_mode
-from nh_serve.backends import Backend, BackendSpec, BuildRequest, TorchBackend, register_backend
+from nh_serve.core.model import NeuroHorizon, PerNeuronHead
+from nh_serve.core.rotary import RotaryCrossAttention, RotarySelfAttention
 from nh_serve.errors import InputError
-from nh_serve.model import NeuroHorizon, PerNeuronHead
-from nh_serve.rotary import RotaryCrossAttention, RotarySelfAttention
+from nh_serve.inference.backends import Backend, BackendSpec, BuildRequest, TorchBackend, register_backend
 
 __all__ = ["FusedHead", "TritonBackend", "fuse_model", "fused_attention", "triton_unavailable"]
 
@@ -82,7 +82,7 @@ def fused_attention(
     rotate_value: bool,
     causal: bool,
 ) -> Tensor:
-    """:class:`~nh_serve.rotary.FusedAttention` on :func:`kernels.rotary_cross_attention`.
+    """:class:`~nh_serve.core.rotary.FusedAttention` on :func:`kernels.rotary_cross_attention`.
 
     ``q`` ``(B, Nq, H * Dh)``; ``k``, ``v`` ``(B, Nk, H * Dh)`` or, with ``kv_index`` ``(B, Nk)``,
     ``(B, M, H * Dh)`` tables (views into the projections; only reshaped, never copied); times

@@ -595,7 +595,7 @@ def markdown_section(
 
 def write_markdown(path: Path, section: str) -> None:
     """Replace the kernels section of ``path`` (shared writer of all benchmark sections)."""
-    from nh_serve.reporting import write_doc_section
+    from nh_serve.evaluation.reporting import write_doc_section
 
     write_doc_section(path, "kernels", section, title="Benchmarks")
 

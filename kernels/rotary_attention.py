@@ -24,7 +24,7 @@ Convention (identical to torch_brain ``RotaryTimeEmbedding`` +
   gets an output of zeros, never NaN. (PyTorch's SDPA returns NaN there.)
 - ``causal=True`` (self-attention use, :func:`rotary_self_attention`): query i
   sees the keys whose position within its row is <= i (top-left aligned, as
-  the model's ``nh_serve.rotary.rotary_attention``).
+  the model's ``nh_serve.core.rotary.rotary_attention``).
 - bf16 / fp16 inputs are rotated in float32 and rounded once for the dots;
   torch_brain rotates in the input dtype, so the two agree to bf16 rounding.
 

@@ -19,7 +19,7 @@ __all__ = ["__version__", "InputError", "SessionFileError", "CheckpointError", "
 def __getattr__(name: str):
     # ``from nh_serve import Predictor`` without importing torch for every ``import nh_serve``.
     if name in ("Predictor", "Prediction"):
-        from nh_serve import predictor
+        from nh_serve.inference import predictor
 
         return getattr(predictor, name)
     raise AttributeError(f"module 'nh_serve' has no attribute {name!r}")

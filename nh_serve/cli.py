@@ -16,22 +16,22 @@ from nh_serve.errors import InputError
 
 # Modules with top-level subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
-    "nh_serve.demo",
-    "nh_serve.synth",
+    "nh_serve.evaluation.demo",
+    "nh_serve.data.synth",
     "nh_serve.ingest.cli",
     "training.train",
-    "nh_serve.quality",
+    "nh_serve.evaluation.quality",
     "export.cli",
-    "nh_serve.score.cli",
+    "nh_serve.evaluation.score.cli",
 )
 
 # Modules with ``nh-serve bench <name>`` subcommands.
 BENCH_MODULES = (
-    "nh_serve.bench_features",
-    "nh_serve.bench_forward",
-    "nh_serve.bench_predict",
-    "nh_serve.bench_service",
-    "nh_serve.bench_score",
+    "nh_serve.bench.features",
+    "nh_serve.bench.forward",
+    "nh_serve.bench.predict",
+    "nh_serve.bench.service",
+    "nh_serve.bench.score",
 )
 
 

@@ -5,7 +5,7 @@ the OpenAPI page is at ``/docs``. Modules:
 
 * :mod:`service.settings` -- limits and options read from ``NH_SERVE_*`` environment variables;
 * :mod:`service.schemas` -- the pydantic request/response models (every field documented with units);
-* :mod:`service.handlers` -- the framework-free request handling on top of :class:`nh_serve.predictor.Predictor`;
+* :mod:`service.handlers` -- the framework-free request handling on top of :class:`nh_serve.inference.predictor.Predictor`;
 * :mod:`service.middleware` -- body-size limit (413), JSON bodies whatever the Content-Type, readable validation errors;
 * :mod:`service.metrics` -- Prometheus counters and histograms added to ``/metrics``;
 * :mod:`service.launcher` -- start/stop ``bentoml serve`` from Python (tests, benchmarks);

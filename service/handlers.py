@@ -1,14 +1,14 @@
 """Request handling of the HTTP API, independent of BentoML.
 
 :class:`Handlers` turns the validated request models of :mod:`service.schemas`
-into :class:`~nh_serve.predictor.Predictor` calls and the results into response
+into :class:`~nh_serve.inference.predictor.Predictor` calls and the results into response
 models. Every user mistake becomes an :class:`ApiError` with an HTTP status and
 a message naming the field:
 
 * 400 -- bad values (:class:`~nh_serve.errors.InputError` from the Predictor or the decoders);
 * 404 -- unknown or expired session token;
 * 413 -- more units, spikes or windows than the configured limits
-  (:class:`~nh_serve.wire.TooLarge` from the decoders, or raised here).
+  (:class:`~nh_serve.client.wire.TooLarge` from the decoders, or raised here).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from nh_serve.client.wire import TooLarge, decode_array, decode_spikes, encode_array
 from nh_serve.errors import InputError
-from nh_serve.wire import TooLarge, decode_array, decode_spikes, encode_array
 from service import schemas
 from service.settings import Settings
 

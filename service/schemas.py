@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API (pydantic v2), documented with units.
 
 Arrays travel as JSON lists or in the compact encoded form of
-:mod:`nh_serve.wire` (``{"b64": ..., "dtype": ..., "shape": ...}`` or
+:mod:`nh_serve.client.wire` (``{"b64": ..., "dtype": ..., "shape": ...}`` or
 ``{"npy": ...}``). Times are seconds on the recording's own clock; rates are Hz
 (spikes per second); counts are spikes.
 
@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from nh_serve.wire import DTYPES
+from nh_serve.client.wire import DTYPES
 
 # ----------------------------------------------------------------------------- arrays
 

@@ -23,10 +23,10 @@ def make_tiny_checkpoint():
     ``norm_seed`` draws a random (non-identity) feature normalisation, so code
     that forgets to apply it gives different rates; ``None`` stores the identity.
     """
-    from nh_serve.checkpoint import save_model
-    from nh_serve.config import get_config
-    from nh_serve.features import FeatureNorm
-    from nh_serve.model import NeuroHorizon
+    from nh_serve.core.config import get_config
+    from nh_serve.core.model import NeuroHorizon
+    from nh_serve.data.features import FeatureNorm
+    from nh_serve.inference.checkpoint import save_model
 
     def make(path, *, seed: int = 0, norm_seed: int | None = None, config: str = "nh-tiny", **metadata):
         torch.manual_seed(seed)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from real_data import REAL
 
-from nh_serve import backends as B
 from nh_serve.errors import InputError
-from nh_serve.predictor import Predictor
+from nh_serve.inference import backends as B
+from nh_serve.inference.predictor import Predictor
 
 
 @pytest.fixture(autouse=True)

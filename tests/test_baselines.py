@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from real_data import REAL
 
-from nh_serve import baselines as B
+from nh_serve.data.features import DEFAULT_REFERENCE_S, reference_rate_hz
+from nh_serve.data.spikes import bin_counts
 from nh_serve.errors import InputError
-from nh_serve.features import DEFAULT_REFERENCE_S, reference_rate_hz
-from nh_serve.metrics import bits_per_spike
-from nh_serve.spikes import bin_counts
+from nh_serve.evaluation import baselines as B
+from nh_serve.evaluation.metrics import bits_per_spike
 
 NB, BS = 50, 0.02
 

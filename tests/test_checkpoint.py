@@ -1,4 +1,4 @@
-"""Tests for nh_serve.checkpoint: round trips, hashing, and every damaged-file case."""
+"""Tests for nh_serve.inference.checkpoint: round trips, hashing, and every damaged-file case."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from nh_serve import checkpoint as ckpt_mod
 from nh_serve import util
-from nh_serve.checkpoint import (
+from nh_serve.errors import CheckpointError, InputError
+from nh_serve.inference import checkpoint as ckpt_mod
+from nh_serve.inference.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     check_state_dict,
@@ -25,7 +26,6 @@ from nh_serve.checkpoint import (
     save_checkpoint,
     short_hash,
 )
-from nh_serve.errors import CheckpointError, InputError
 
 N_FEATURES = 33
 

@@ -1,4 +1,4 @@
-"""Tests for nh_serve.client (against the shared test server) and its wire encodings (nh_serve.wire)."""
+"""Tests for nh_serve.client (against the shared test server) and its wire encodings (nh_serve.client.wire)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from service_server import shared_server, stop_shared_server
 
 from nh_serve.client import Client, RequestRejected, ServerError, SessionNotFound
+from nh_serve.client.wire import TooLarge, decode_array, decode_spikes, encode_array, encode_spikes
+from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
-from nh_serve.predictor import Prediction, Predictor
-from nh_serve.synth import make_session
-from nh_serve.wire import TooLarge, decode_array, decode_spikes, encode_array, encode_spikes
+from nh_serve.inference.predictor import Prediction, Predictor
 
 # ----------------------------------------------------------------------------- wire encodings
 
@@ -258,7 +258,7 @@ def test_stream_predictions_example_runs(server, tmp_path):
     """examples/stream_predictions.py streams a small synthetic recording through the server and writes a PNG."""
     import importlib.util
 
-    from nh_serve.session import write_session
+    from nh_serve.data.session import write_session
 
     d = make_session(seed=9, n_units=12, duration=66.0, multimodal=True)
     keys = (

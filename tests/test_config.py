@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nh_serve.config import CONFIGS, ModelConfig, get_config
+from nh_serve.core.config import CONFIGS, ModelConfig, get_config
 
 
 def test_registry_configs_are_valid_and_named():

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from real_data import REAL
 
-from nh_serve.errors import InputError
-from nh_serve.features import (
+from nh_serve.data.features import (
     ACORR_EDGES_S,
     DEFAULT_REFERENCE_S,
     FEATURE_NAMES,
@@ -19,6 +18,7 @@ from nh_serve.features import (
     reference_features,
     reference_rate_hz,
 )
+from nh_serve.errors import InputError
 
 CV, FANO = 1, 32
 HIST = slice(2, 22)

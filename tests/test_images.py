@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nh_serve.data.session import open_session, write_session
 from nh_serve.errors import InputError
-from nh_serve.images import embed_images, load_presentations, to_pil
 from nh_serve.ingest.cli import run
-from nh_serve.session import open_session, write_session
+from nh_serve.ingest.images import embed_images, load_presentations, to_pil
 
 MODEL = "ViT-S-32"  # the smallest ViT in open_clip's list: 22.6 M image-tower parameters
 

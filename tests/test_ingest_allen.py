@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from real_data import REAL as REAL_DATA
 
+from nh_serve.data.session import open_session
 from nh_serve.errors import InputError
 from nh_serve.ingest.allen import allen_python, read_allen
 from nh_serve.ingest.cli import run
-from nh_serve.session import open_session
 
 HERE = Path(__file__).resolve().parent
 REAL_NWB = sorted((REAL_DATA / "human_mtl_zheng2022").glob("*.nwb"))

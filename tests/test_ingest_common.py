@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nh_serve.data.session import open_session
 from nh_serve.errors import InputError
 from nh_serve.ingest.common import (
     Recording,
@@ -19,7 +20,6 @@ from nh_serve.ingest.common import (
     velocity_from_position,
     write_recording,
 )
-from nh_serve.session import open_session
 
 
 def test_format_unit_ids():

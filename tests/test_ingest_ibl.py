@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nh_serve.data.session import open_session
 from nh_serve.errors import InputError
 from nh_serve.ingest.cli import run
 from nh_serve.ingest.ibl import make_one, read_ibl
-from nh_serve.session import open_session
 
 SESSION = "mylab/Subjects/KS001/2024-03-05/001"
 BARE = "mylab/Subjects/KS002/2024-03-06/002"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from real_data import REAL
 
+from nh_serve.data.session import open_session
 from nh_serve.errors import InputError
 from nh_serve.ingest.cli import run
 from nh_serve.ingest.npz import read_npz
-from nh_serve.session import open_session
 
 
 def test_full_archive_round_trip(tmp_path):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from real_data import REAL as REAL_DATA
 
+from nh_serve.data.session import open_session
 from nh_serve.errors import InputError
 from nh_serve.ingest.cli import run
 from nh_serve.ingest.nwb import read_nwb
-from nh_serve.session import open_session
 
 REAL = REAL_DATA / "human_mtl_zheng2022"
 

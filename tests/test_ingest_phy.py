@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nh_serve.data.session import open_session
 from nh_serve.errors import InputError
 from nh_serve.ingest.cli import run
 from nh_serve.ingest.phy import read_phy
-from nh_serve.session import open_session
 
 FS = 30000.0
 

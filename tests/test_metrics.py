@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from nh_serve import metrics as M
 from nh_serve.errors import InputError
+from nh_serve.evaluation import metrics as M
 
 LN2 = math.log(2.0)
 

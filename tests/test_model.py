@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from nh_serve.config import get_config
-from nh_serve.errors import InputError
-from nh_serve.model import (
+from nh_serve.core.config import get_config
+from nh_serve.core.model import (
     BASELINE_FLOOR_HZ,
     LOG_RATE_MAX,
     LOG_RATE_MIN,
@@ -24,7 +23,8 @@ from nh_serve.model import (
     poisson_loss,
     tokenize,
 )
-from nh_serve.spikes import bin_counts
+from nh_serve.data.spikes import bin_counts
+from nh_serve.errors import InputError
 
 CTX_START = 10.0
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from nh_serve.data.session import open_session
 from nh_serve.errors import InputError
-from nh_serve.predictor import Predictor
-from nh_serve.session import open_session
+from nh_serve.inference.predictor import Predictor
 from training.multimodal_check import compare, train_variants
 
 STEPS = 300  # ~10 s per model on one CPU thread

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from nh_serve.checkpoint import load_model, save_model
-from nh_serve.config import get_config
+from nh_serve.core.config import get_config
+from nh_serve.core.model import NeuroHorizon
+from nh_serve.data.features import FeatureNorm, reference_features
+from nh_serve.data.synth import make_session
 from nh_serve.errors import CheckpointError, InputError
-from nh_serve.features import FeatureNorm, reference_features
-from nh_serve.model import NeuroHorizon
-from nh_serve.predictor import Predictor, SessionCache
-from nh_serve.synth import make_session
+from nh_serve.inference.checkpoint import load_model, save_model
+from nh_serve.inference.predictor import Predictor, SessionCache
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_predict_batch_equals_single_predictions_and_horizon_truncates(predictor
 
 
 def test_predict_batch_chunks_large_sessions_by_unit_windows(predictor, recording, monkeypatch):
-    import nh_serve.predictor as mod
+    import nh_serve.inference.predictor as mod
 
     rt, rid = _window(recording, 0.0, 60.0)
     token = predictor.register(rt, rid, reference_window=(0.0, 60.0))
@@ -155,7 +155,7 @@ def test_adaptation_lowers_the_reference_loss_and_stays_within_budget(predictor,
 
 
 def test_session_cache_is_lru_with_ttl():
-    from nh_serve.predictor import RegisteredSession
+    from nh_serve.inference.predictor import RegisteredSession
 
     def sess(tok):
         return RegisteredSession(
@@ -233,7 +233,7 @@ def test_unknown_backend_and_bad_checkpoints(ckpt_path, tmp_path):
     model, norm, ck = load_model(ckpt_path)
     bad = dict(ck.state_dict)
     bad.pop(next(iter(bad)))
-    from nh_serve.checkpoint import save_checkpoint
+    from nh_serve.inference.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "bad.safetensors", state_dict=bad, config=ck.config, feature_norm=ck.feature_norm)
     with pytest.raises(CheckpointError, match="missing"):

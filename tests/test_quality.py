@@ -1,4 +1,4 @@
-"""Quality benchmark (nh_serve.quality, ``nh-serve eval``) on a tiny checkpoint and synthetic recordings."""
+"""Quality benchmark (nh_serve.evaluation.quality, ``nh-serve eval``) on a tiny checkpoint and synthetic recordings."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from nh_serve import quality
-from nh_serve.checkpoint import save_model
-from nh_serve.config import get_config
+from nh_serve.core.config import get_config
+from nh_serve.core.model import NeuroHorizon
+from nh_serve.data.features import FeatureNorm
+from nh_serve.data.session import open_session
+from nh_serve.data.synth import write_synthetic_sessions
 from nh_serve.errors import InputError
-from nh_serve.evaluation import collect_targets, oracle_rates, plan_windows
-from nh_serve.features import FeatureNorm
-from nh_serve.metrics import evaluate
-from nh_serve.model import NeuroHorizon
-from nh_serve.predictor import Predictor
-from nh_serve.session import open_session
-from nh_serve.synth import write_synthetic_sessions
+from nh_serve.evaluation import quality
+from nh_serve.evaluation.metrics import evaluate
+from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows
+from nh_serve.inference.checkpoint import save_model
+from nh_serve.inference.predictor import Predictor
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nh_serve.rotary import (
+from nh_serve.core.rotary import (
     RotaryCrossAttention,
     RotarySelfAttention,
     apply_rotary,

@@ -31,8 +31,8 @@ from kernels import (  # noqa: E402
     rotary_self_attention,
     triton_available,
 )
+from nh_serve.core.rotary import rotary_attention  # noqa: E402
 from nh_serve.errors import InputError  # noqa: E402
-from nh_serve.rotary import rotary_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 T_MIN, T_MAX = 1e-4, 2.0  # POYO-like periods: angles reach ~6e4 rad at t = 1 s

@@ -1,4 +1,4 @@
-"""Tests of batch scoring (nh_serve.score) and the block-wise evaluation helpers it uses."""
+"""Tests of batch scoring (nh_serve.evaluation.score) and the block-wise evaluation helpers it uses."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ import pytest
 import torch
 from real_data import REAL
 
-from nh_serve.baselines import predict_baselines
-from nh_serve.checkpoint import save_model
-from nh_serve.config import get_config
+from nh_serve.core.config import get_config
+from nh_serve.core.model import NeuroHorizon
+from nh_serve.data.features import FeatureNorm, reference_rate_hz
+from nh_serve.data.session import open_session, write_session
+from nh_serve.data.spikes import bin_counts
+from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
-from nh_serve.evaluation import StreamingMetrics, collect_targets, oracle_rates, plan_windows
-from nh_serve.features import FeatureNorm, reference_rate_hz
-from nh_serve.metrics import evaluate
-from nh_serve.model import NeuroHorizon
-from nh_serve.predictor import Predictor
-from nh_serve.score import ScoreSettings, merge_outputs, run_score
-from nh_serve.score.cli import add_cli
-from nh_serve.score.shard import parse_shard, select_shard
-from nh_serve.score.store import comparable
-from nh_serve.session import open_session, write_session
-from nh_serve.spikes import bin_counts
-from nh_serve.synth import make_session
+from nh_serve.evaluation.baselines import predict_baselines
+from nh_serve.evaluation.metrics import evaluate
+from nh_serve.evaluation.score import ScoreSettings, merge_outputs, run_score
+from nh_serve.evaluation.score.cli import add_cli
+from nh_serve.evaluation.score.shard import parse_shard, select_shard
+from nh_serve.evaluation.score.store import comparable
+from nh_serve.evaluation.sliding import StreamingMetrics, collect_targets, oracle_rates, plan_windows
+from nh_serve.inference.checkpoint import save_model
+from nh_serve.inference.predictor import Predictor
 
 SETTINGS = ScoreSettings(batch_size=16, backend="torch")
 WRITE_KEYS = ("spike_times", "unit_index", "unit_ids", "start", "end", "true_rates", "provenance")

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from nh_serve.checkpoint import save_model
-from nh_serve.config import get_config
-from nh_serve.features import FeatureNorm
-from nh_serve.model import NeuroHorizon
-from nh_serve.score import ScoreSettings, run_score
-from nh_serve.score.ray_engine import local_runtime_env
-from nh_serve.score.store import comparable
-from nh_serve.session import write_session
-from nh_serve.synth import make_session
+from nh_serve.core.config import get_config
+from nh_serve.core.model import NeuroHorizon
+from nh_serve.data.features import FeatureNorm
+from nh_serve.data.session import write_session
+from nh_serve.data.synth import make_session
+from nh_serve.evaluation.score import ScoreSettings, run_score
+from nh_serve.evaluation.score.ray_engine import local_runtime_env
+from nh_serve.evaluation.score.store import comparable
+from nh_serve.inference.checkpoint import save_model
 
 ray = pytest.importorskip("ray")
 

@@ -29,11 +29,11 @@ from service_server import (
     stop_shared_server,
 )
 
-from nh_serve.backends import choose_backend
+from nh_serve.client.wire import encode_array
+from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
-from nh_serve.predictor import Predictor
-from nh_serve.synth import make_session
-from nh_serve.wire import encode_array
+from nh_serve.inference.backends import choose_backend
+from nh_serve.inference.predictor import Predictor
 from service import schemas
 from service.handlers import ApiError, Handlers, api_field_names
 from service.middleware import validation_message
@@ -246,7 +246,7 @@ def test_adapt_steps_run_and_are_reported(http, rec):
 @pytest.mark.service
 @pytest.mark.slow
 def test_model_info(http, server):
-    from nh_serve.checkpoint import read_metadata
+    from nh_serve.inference.checkpoint import read_metadata
 
     info = http.get("/model").json()
     assert info["name"] == "nh-tiny"
@@ -821,7 +821,7 @@ def test_bentoml_build_works_offline_and_the_bento_serves(tmp_path, server):
     name, version = tag.split(":")
     bento = tmp_path / "bentoml" / "bentos" / name / version
     assert (bento / "src" / "service" / "service.py").is_file()
-    assert (bento / "src" / "nh_serve" / "predictor.py").is_file()
+    assert (bento / "src" / "nh_serve" / "inference" / "predictor.py").is_file()
     assert "/predict_batch" in (bento / "apis" / "openapi.yaml").read_text()
     # Serve the built Bento from outside the repository.
     serve_env = bentoml_env(tmp_path / "bentoml", NH_SERVE_CHECKPOINT=str(server.checkpoint))

@@ -1,4 +1,4 @@
-"""Tests for nh_serve.session: layout compatibility with temporaldata, lazy windows, validation, atomic writes."""
+"""Tests for nh_serve.data.session: layout compatibility with temporaldata, lazy windows, validation, atomic writes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import temporaldata as td
 from real_data import REAL
 
+from nh_serve.data.session import Session, open_session, write_session
 from nh_serve.errors import InputError, SessionFileError
-from nh_serve.session import Session, open_session, write_session
 
 
 def _spikes(n=5000, n_units=7, duration=100.0, seed=0):

@@ -1,4 +1,4 @@
-"""Tests for nh_serve.synth: determinism, realistic statistics, ground truth and multimodal structure."""
+"""Tests for nh_serve.data.synth: determinism, realistic statistics, ground truth and multimodal structure."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import temporaldata as td
 
-from nh_serve.errors import InputError
-from nh_serve.session import open_session
-from nh_serve.spikes import bin_counts
-from nh_serve.synth import (
+from nh_serve.data.session import open_session
+from nh_serve.data.spikes import bin_counts
+from nh_serve.data.synth import (
     BIN_SIZE,
     IMAGE_DIM,
     N_IMAGES,
@@ -23,6 +22,7 @@ from nh_serve.synth import (
     make_session,
     write_synthetic_sessions,
 )
+from nh_serve.errors import InputError
 
 
 @pytest.fixture(scope="module")

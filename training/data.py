@@ -1,9 +1,9 @@
 """Training data: recordings held in memory and (session, window) samples.
 
-Every training recording is a session file (:mod:`nh_serve.session`). Training
+Every training recording is a session file (:mod:`nh_serve.data.session`). Training
 recordings are small, so :func:`load_session` reads each one's spikes into
 memory once; a window is then cut with two binary searches and tokenized with
-the model's own :func:`nh_serve.model.tokenize` (cheap, done per step).
+the model's own :func:`nh_serve.core.model.tokenize` (cheap, done per step).
 
 Per recording (times in seconds):
 
@@ -11,10 +11,10 @@ Per recording (times in seconds):
   ``ref = auto_reference_s(duration, reference_s)`` (60 s, or a quarter of a
   short recording, at least 10 s; the 2-minute IBL recording gets 30 s). The 33
   reference features and the reference rates come from it, exactly as
-  :meth:`nh_serve.predictor.Predictor.register` computes them.
+  :meth:`nh_serve.inference.predictor.Predictor.register` computes them.
 - **windows**: a context ``[c, c + context_s)``, the target = spike counts in the
   ``n_bins`` bins of ``bin_size_s`` after it, the slow-rate input = counts in
-  ``[max(start, c - history_s), c)`` (:func:`nh_serve.quality.history_counts`,
+  ``[max(start, c - history_s), c)`` (:func:`nh_serve.evaluation.quality.history_counts`,
   the same function the quality benchmark feeds the Predictor with). Contexts
   start after the reference window, as in evaluation.
 - **time split** (training recordings): contexts of training windows start in
@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nh_serve.config import ModelConfig
+from nh_serve.core.config import ModelConfig
+from nh_serve.core.model import tokenize
+from nh_serve.data.features import FeatureNorm, reference_features, reference_rate_hz
+from nh_serve.data.session import open_session, write_session
+from nh_serve.data.spikes import bin_counts, history_counts
 from nh_serve.errors import InputError
-from nh_serve.features import FeatureNorm, reference_features, reference_rate_hz
-from nh_serve.model import tokenize
-from nh_serve.quality import auto_reference_s
-from nh_serve.session import open_session, write_session
-from nh_serve.spikes import bin_counts, history_counts
+from nh_serve.evaluation.quality import auto_reference_s
 
 SESSION_SUFFIXES = (".h5", ".hdf5", ".nwb.h5")
 

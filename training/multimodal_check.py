@@ -2,7 +2,7 @@
 
     python -m training.multimodal_check --steps 300 --seed 0
 
-Writes four multimodal synthetic recordings (:func:`nh_serve.synth.write_synthetic_sessions`,
+Writes four multimodal synthetic recordings (:func:`nh_serve.data.synth.write_synthetic_sessions`,
 40 units x 180 s; three train, one held out) and trains ``nh-tiny`` with
 :func:`training.train.train` once per variant (same seed, steps and data):
 ``multimodal`` (``behavior_dim=2, image_dim=32``, the widths synth writes),
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nh_serve.checkpoint import load_model
-from nh_serve.metrics import bits_per_spike, poisson_nll
-from nh_serve.model import collate
-from nh_serve.synth import write_synthetic_sessions
+from nh_serve.core.model import collate
+from nh_serve.data.synth import write_synthetic_sessions
+from nh_serve.evaluation.metrics import bits_per_spike, poisson_nll
+from nh_serve.inference.checkpoint import load_model
 from training.data import apply_norm, load_session, window_item
 from training.train import make_train_config, train, validation_windows
 

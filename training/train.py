@@ -5,9 +5,9 @@ A compact plain-PyTorch loop (also ``nh-serve train``):
 - **Samples**: each step draws ``batch_size`` (recording, window) pairs from the
   training recordings (recording by ``session_weights``, context start uniform
   in its training range, see :mod:`training.data`), tokenizes them with
-  :func:`nh_serve.model.tokenize` and pads them with :func:`nh_serve.model.collate`.
+  :func:`nh_serve.core.model.tokenize` and pads them with :func:`nh_serve.core.model.collate`.
   Target: the spike counts of the ``n_bins`` bins after the context.
-- **Loss**: :func:`nh_serve.model.poisson_loss` (mean Poisson NLL per unit and bin).
+- **Loss**: :func:`nh_serve.core.model.poisson_loss` (mean Poisson NLL per unit and bin).
 - **Optimiser**: AdamW (weight decay on matrices only), linear warm-up for
   ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr``; gradient-norm
   clipping at ``grad_clip``; bf16 autocast on CUDA, float32 on CPU.
@@ -22,12 +22,12 @@ A compact plain-PyTorch loop (also ``nh-serve train``):
   normalisation is fitted on the training recordings only and travels in the
   checkpoint.
 - **Validation** every ``val_every`` steps: Poisson loss and bits/spike over the
-  1 s horizon (:func:`nh_serve.metrics.bits_per_spike`, per recording, then
+  1 s horizon (:func:`nh_serve.evaluation.metrics.bits_per_spike`, per recording, then
   averaged) on validation recordings (``val_sessions``) and on the
   validation-in-time windows (``val_time``).
 - **Checkpoints** every ``ckpt_every`` steps, all written atomically into
   ``--out``: ``last.safetensors`` and ``best.safetensors`` (best validation
-  bits/spike; :func:`nh_serve.checkpoint.save_model` files that
+  bits/spike; :func:`nh_serve.inference.checkpoint.save_model` files that
   ``Predictor.load`` reads) and ``train_state.safetensors`` (weights, AdamW
   moments, step and bookkeeping; no pickle). ``--resume`` continues from it
   with the same optimiser state, schedule and data order; a killed run loses at
@@ -56,13 +56,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from nh_serve.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_model
-from nh_serve.config import CONFIGS, ModelConfig, get_config
+from nh_serve.core.config import CONFIGS, ModelConfig, get_config
+from nh_serve.core.model import collate, poisson_loss
+from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm
 from nh_serve.errors import CheckpointError, InputError
-from nh_serve.features import MIN_REFERENCE_S, FeatureNorm
-from nh_serve.metrics import bits_per_spike
-from nh_serve.model import collate, poisson_loss
-from nh_serve.quality import HEAD_ABLATIONS, build_model
+from nh_serve.evaluation.metrics import bits_per_spike
+from nh_serve.evaluation.quality import HEAD_ABLATIONS, build_model
+from nh_serve.inference.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_model
 from training.data import (
     TrainSession,
     apply_norm,
@@ -94,7 +94,7 @@ class TrainConfig:
     Attributes:
         name: label of the run configuration.
         model: registered model config (``nh-tiny``, ``nh-small``, ``nh-base``).
-        model_overrides: fields of :class:`~nh_serve.config.ModelConfig` to change.
+        model_overrides: fields of :class:`~nh_serve.core.config.ModelConfig` to change.
         head_ablation: ``none`` or ``no_activity`` (the head gets no per-unit
             activity input and no baseline offset: an ablation).
         steps: optimiser steps.

@@ -51,7 +51,7 @@ def _flt(args) -> UnitFilter:
 
 def _finish(rec: Recording, args) -> int:
     path = write_recording(rec, args.out, flt=_flt(args))
-    from nh_serve.session import open_session
+    from nh_serve.data.session import open_session
 
     with open_session(path, full_check=False) as s:
         f = s.provenance.get("filters", {})
@@ -111,7 +111,7 @@ def _run_npz(args) -> int:
 
 
 def _run_embed(args) -> int:
-    from nh_serve.images import embed_images
+    from nh_serve.ingest.images import embed_images
 
     path = embed_images(
         frames=args.frames,
@@ -127,7 +127,7 @@ def _run_embed(args) -> int:
         device=args.device,
         overwrite=args.overwrite,
     )
-    from nh_serve.session import open_session
+    from nh_serve.data.session import open_session
 
     with open_session(path, full_check=False) as s:
         n = s.image_events(s.start, s.end)

@@ -6,7 +6,7 @@ with a row into a unit table, the unit ids as strings, optional per-unit
 labels (``"good"``, ``"mua"``, ``"noise"``, ...) and metrics, optional
 behaviour, trials, and the provenance of the source. :func:`write_recording`
 then applies the unit filters once for all formats and writes the session
-file through :func:`nh_serve.session.write_session`.
+file through :func:`nh_serve.data.session.write_session`.
 
 Unit filters (:class:`UnitFilter`):
 
@@ -426,7 +426,7 @@ def write_recording(rec: Recording, out, *, flt: UnitFilter, software: dict[str,
     (``write_session``): on error no file is left.
     Returns the written path.
     """
-    from nh_serve.session import write_session
+    from nh_serve.data.session import write_session
 
     start, end = recording_extent(rec)
     res = filter_units(rec, flt, start=start, end=end)

@@ -1,0 +1,334 @@
+"""NeuroHorizon model configurations.
+
+A :class:`ModelConfig` fixes every size and time constant of a model; it is
+frozen, validated on construction and travels inside checkpoints as JSON
+(:meth:`ModelConfig.to_dict` / :meth:`ModelConfig.from_dict`).
+
+Time constants are in seconds. The model reads a context of ``context_s``
+seconds of spikes and predicts ``n_bins`` bins of ``bin_size_s`` seconds that
+start at the context end (default: 1 s of context, 50 x 20 ms bins).
+
+Registered configurations (:data:`CONFIGS`, :func:`get_config`):
+
+``nh-tiny``
+    A few thousand parameters, for tests: a forward pass on a handful of units
+    takes milliseconds.
+``nh-small``
+    The default served model, sized for the product latency target (a forward
+    pass for 100 units with a 1 s context in a few ms on 2 CPU cores).
+``nh-base``
+    A larger model for GPU serving and batch scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+UNIT_EMBEDDING_MODES = ("idencoder", "random", "mean")
+
+# The longest horizon (n_bins * bin_size_s) and context a config may ask for, seconds.
+MAX_HORIZON_S = 10.0
+MAX_CONTEXT_S = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Sizes and time constants of a NeuroHorizon model (times in seconds).
+
+    Attributes:
+        name: Label of the configuration (informational; kept in checkpoints).
+        dim: Width of every token (spike, latent, bin) and of unit embeddings.
+        depth: Number of processor self-attention blocks over the latents.
+        heads: Attention heads of the processor and decoder self-attention.
+        dim_head: Width of one attention head (all attention layers). 0 means
+            ``dim // heads``. Must be a multiple of 4: the first half of every
+            head (``rotate_dim = dim_head // 2``, an even number) is rotated.
+        cross_heads: Attention heads of the encoder, decoder and multimodal
+            cross-attention.
+        latent_step: Spacing of the latent grid over the context, seconds.
+        n_latents_per_step: Learned latents repeated at each grid time, so the
+            model has ``n_latents = n_latents_per_step * context_s / latent_step``.
+        context_s: Length of the spike context, seconds.
+        bin_size_s: Width of one predicted bin, seconds.
+        n_bins: Number of predicted bins after the context end.
+        ffn_mult: Hidden width multiplier of the GEGLU feed-forward blocks.
+        dropout: Dropout probability (feed-forward and residual branches; training only).
+        n_features: Width of the per-unit reference feature vector (33).
+        unit_embedding_mode: ``idencoder`` (MLP, default), ``random`` (fixed random
+            projection, not trainable) or ``mean`` (one linear layer).
+        head_hidden: Hidden width of the per-neuron head.
+        head_layers: Linear layers in the per-neuron head (>= 2): the split first
+            layer, ``head_layers - 2`` hidden layers, and the output layer.
+        activity_scales: Per-unit recent-activity windows, seconds, ascending, each
+            in ``(0, context_s]``: the head sees the unit's rate in the last
+            ``s`` seconds of the context for each ``s``.
+        history_s: Length of the slower history window before the context, seconds.
+        behavior_dim: Width of behaviour samples (0 = the model takes no behaviour).
+        image_dim: Width of image-embedding events (0 = the model takes no images).
+        multimodal_every: Insert a multimodal cross-attention before processor
+            block ``i`` for every ``i % multimodal_every == 0`` (only when
+            ``behavior_dim`` or ``image_dim`` is non-zero).
+        t_min: Shortest rotary period, seconds.
+        t_max: Longest rotary period, seconds (keep it above
+            ``context_s + n_bins * bin_size_s`` so relative times do not alias).
+        baseline_offset: Add the log of a shrunk recent-rate estimate to the head
+            output, so the network learns a residual around a persistence
+            baseline (see :func:`nh_serve.core.model.baseline_rate_hz`).
+        baseline_prior_s: Pseudo-observation time (seconds) of the slow history rate
+            when shrinking the recent rate toward it.
+        head_activity: Give the per-neuron head each unit's activity (recent counts,
+            history and reference rates). ``False`` is an ablation: the head sees
+            the unit embedding only (train it with ``baseline_offset=False`` too).
+    """
+
+    name: str = "custom"
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    dim_head: int = 0
+    cross_heads: int = 2
+    latent_step: float = 0.125
+    n_latents_per_step: int = 4
+    context_s: float = 1.0
+    bin_size_s: float = 0.02
+    n_bins: int = 50
+    ffn_mult: int = 2
+    dropout: float = 0.0
+    n_features: int = 33
+    unit_embedding_mode: str = "idencoder"
+    head_hidden: int = 64
+    head_layers: int = 2
+    activity_scales: tuple[float, ...] = field(default=(0.05, 0.25, 1.0))
+    history_s: float = 30.0
+    behavior_dim: int = 0
+    image_dim: int = 0
+    multimodal_every: int = 1
+    t_min: float = 1e-3
+    t_max: float = 4.0
+    baseline_offset: bool = True
+    baseline_prior_s: float = 2.0
+    head_activity: bool = True
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.dim_head == 0:
+            if self.dim % self.heads != 0:
+                raise ValueError(
+                    f"dim ({self.dim}) must be divisible by heads ({self.heads}) when dim_head is 0 "
+                    "(derived as dim // heads); change dim or heads, or set dim_head explicitly"
+                )
+            object.__setattr__(self, "dim_head", self.dim // self.heads)
+        object.__setattr__(self, "activity_scales", tuple(float(s) for s in self.activity_scales))
+        for key in (
+            "dim",
+            "depth",
+            "heads",
+            "cross_heads",
+            "n_latents_per_step",
+            "n_bins",
+            "ffn_mult",
+            "n_features",
+            "head_hidden",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.dim_head % 4 != 0:
+            raise ValueError(
+                f"dim_head ({self.dim_head}) must be a multiple of 4 so that the rotated half "
+                f"(dim_head // 2 = {self.dim_head // 2}) has an even width"
+            )
+        if self.head_layers < 2:
+            raise ValueError(
+                f"head_layers must be >= 2 (split first layer + output layer), got {self.head_layers}"
+            )
+        for key in ("behavior_dim", "image_dim"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0 = no such input), got {getattr(self, key)}")
+        if self.is_multimodal and not 1 <= self.multimodal_every <= self.depth:
+            raise ValueError(
+                f"multimodal_every ({self.multimodal_every}) must be between 1 and depth ({self.depth})"
+            )
+        for key in ("latent_step", "context_s", "bin_size_s", "history_s", "t_min", "t_max"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{key} must be a positive number of seconds, got {v}")
+        if self.context_s > MAX_CONTEXT_S:
+            raise ValueError(f"context_s ({self.context_s} s) is longer than the {MAX_CONTEXT_S} s supported")
+        n_steps = self.context_s / self.latent_step
+        if abs(n_steps - round(n_steps)) > 1e-6 or round(n_steps) < 1:
+            raise ValueError(
+                f"context_s ({self.context_s}) must be a whole multiple of latent_step ({self.latent_step})"
+            )
+        if self.horizon_s > MAX_HORIZON_S:
+            raise ValueError(
+                f"n_bins * bin_size_s = {self.n_bins} x {self.bin_size_s} = {self.horizon_s:g} s is longer "
+                f"than the {MAX_HORIZON_S} s horizon supported; use fewer or shorter bins"
+            )
+        if self.bin_size_s < 1e-3:
+            raise ValueError(f"bin_size_s ({self.bin_size_s} s) must be at least 1 ms")
+        if not self.t_min < self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must be smaller than t_max ({self.t_max})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.unit_embedding_mode not in UNIT_EMBEDDING_MODES:
+            raise ValueError(
+                f"unit_embedding_mode {self.unit_embedding_mode!r} is not one of {', '.join(UNIT_EMBEDDING_MODES)}"
+            )
+        scales = self.activity_scales
+        if len(scales) == 0:
+            raise ValueError("activity_scales must list at least one window length in seconds")
+        if any(not (math.isfinite(s) and 0 < s <= self.context_s) for s in scales):
+            raise ValueError(
+                f"activity_scales {scales} must each be in (0, context_s = {self.context_s}] seconds"
+            )
+        if any(b <= a for a, b in zip(scales, scales[1:])):
+            raise ValueError(f"activity_scales {scales} must be strictly ascending")
+        if not (math.isfinite(self.baseline_prior_s) and self.baseline_prior_s >= 0):
+            raise ValueError(f"baseline_prior_s must be >= 0 seconds, got {self.baseline_prior_s}")
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def rotate_dim(self) -> int:
+        """Rotated width of each attention head (the first half)."""
+        return self.dim_head // 2
+
+    @property
+    def n_latent_steps(self) -> int:
+        """Number of latent grid times over the context."""
+        return int(round(self.context_s / self.latent_step))
+
+    @property
+    def n_latents(self) -> int:
+        """Total latent tokens: ``n_latents_per_step * n_latent_steps``."""
+        return self.n_latents_per_step * self.n_latent_steps
+
+    @property
+    def horizon_s(self) -> float:
+        """Predicted horizon, seconds: ``n_bins * bin_size_s``."""
+        return self.n_bins * self.bin_size_s
+
+    @property
+    def n_activity(self) -> int:
+        """Per-unit activity features the head sees: one per scale + history rate + reference rate."""
+        return len(self.activity_scales) + 2
+
+    @property
+    def is_multimodal(self) -> bool:
+        """Whether the model takes behaviour and/or image-embedding inputs."""
+        return self.behavior_dim > 0 or self.image_dim > 0
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of all fields (``activity_scales`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["activity_scales"] = list(self.activity_scales)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build a config from :meth:`to_dict` output; missing keys take defaults.
+
+        Raises ``ValueError`` naming unknown keys (e.g. a config from a newer version).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"model config must be a dict of fields, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
+            )
+        d = dict(d)
+        if "activity_scales" in d and isinstance(d["activity_scales"], list):
+            d["activity_scales"] = tuple(d["activity_scales"])
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """Copy with some fields changed (validated). Unknown fields raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` for fields of the wrong type (bools are not ints here)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        kind = f.type
+        if kind == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok:
+                object.__setattr__(cfg, f.name, float(v))
+        elif kind == "bool":
+            ok = isinstance(v, bool)
+        elif kind == "str":
+            ok = isinstance(v, str)
+        else:  # activity_scales
+            ok = isinstance(v, (tuple, list)) and all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) for s in v
+            )
+        if not ok:
+            raise ValueError(f"model config field {f.name} must be of type {kind}, got {v!r}")
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "nh-tiny": ModelConfig(
+        name="nh-tiny",
+        dim=32,
+        depth=1,
+        heads=2,
+        dim_head=16,
+        cross_heads=1,
+        latent_step=0.25,
+        n_latents_per_step=2,
+        ffn_mult=2,
+        head_hidden=16,
+        head_layers=2,
+    ),
+    "nh-small": ModelConfig(
+        name="nh-small",
+        dim=128,
+        depth=2,
+        heads=4,
+        dim_head=32,
+        cross_heads=2,
+        latent_step=0.125,
+        n_latents_per_step=4,
+        ffn_mult=2,
+        head_hidden=64,
+        head_layers=2,
+    ),
+    "nh-base": ModelConfig(
+        name="nh-base",
+        dim=256,
+        depth=6,
+        heads=8,
+        dim_head=32,
+        cross_heads=4,
+        latent_step=0.125,
+        n_latents_per_step=8,
+        ffn_mult=4,
+        head_hidden=128,
+        head_layers=3,
+        dropout=0.1,
+    ),
+}
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """Return the registered config ``name`` with ``overrides`` applied (validated).
+
+    ``name`` is kept as given; the overrides are visible in :meth:`ModelConfig.to_dict`.
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
+    return CONFIGS[name].replace(**overrides) if overrides else CONFIGS[name]

@@ -1,0 +1,532 @@
+"""The Predictor: load a checkpoint, register a recording's units, predict the next second.
+
+This is the API everything user-facing builds on (the service, the client,
+batch scoring, the examples)::
+
+    from nh_serve import Predictor
+    p = Predictor.load()                                  # the built-in default checkpoint
+    token = p.register(ref_times, ref_unit_ids, reference_window=(0.0, 60.0))
+    pred = p.predict(token, ctx_times, ctx_unit_ids, context_start=120.0)
+    pred.rates_hz      # (U, 50) Hz, units in the registered order (pred.unit_ids)
+    pred.bin_edges     # (51,) absolute seconds
+
+``register`` computes the 33 reference features of every unit once
+(:mod:`nh_serve.data.features`), z-scores them with the statistics stored in the
+checkpoint and runs the IDEncoder; the unit embeddings are cached under a
+session token (bounded LRU with a time limit), so a closed-loop tool sends
+its reference once and then only one context window per prediction.
+``register(..., adapt_steps=N)`` refines the cached embeddings by a few
+gradient steps of next-second Poisson loss on the reference window itself
+(model weights frozen), within a time budget.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_features, reference_rate_hz
+from nh_serve.data.spikes import bin_counts, check_spikes, history_counts, units_to_index
+from nh_serve.errors import InputError
+
+# Inference backends (torch, torch-compile, torchscript, onnxruntime, plugins such as the Triton
+# kernels) live in nh_serve.inference.backends; BACKENDS and TorchBackend are re-exported for existing callers.
+from nh_serve.inference.backends import BACKENDS, Backend, TorchBackend, make_backend, open_artifact_model  # noqa: F401
+
+#: Most windows x units that predict_batch runs at once (memory: ~50 bins x head width floats each).
+MAX_UNIT_WINDOWS = 16_384
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted rates for one context window."""
+
+    rates_hz: np.ndarray  # (U, T) float32 firing rate in Hz per future bin
+    bin_edges: np.ndarray  # (T + 1,) float64 absolute seconds
+    unit_ids: np.ndarray  # (U,) str, the registered unit order
+    model: str  # model config name
+    model_hash: str  # short content hash of the checkpoint weights
+
+    @property
+    def bin_size(self) -> float:
+        return float(self.bin_edges[1] - self.bin_edges[0])
+
+    @property
+    def expected_counts(self) -> np.ndarray:
+        """(U, T) expected spike counts per bin (rate x bin width)."""
+        return self.rates_hz * np.diff(self.bin_edges).astype(np.float32)[None, :]
+
+
+@dataclass
+class RegisteredSession:
+    """Everything the model needs about a recording's units, computed once at registration."""
+
+    token: str
+    unit_ids: np.ndarray  # (U,) str
+    reference: tuple[float, float]  # [start, end) seconds
+    features: np.ndarray  # (U, 33) raw reference features
+    ref_rate_hz: np.ndarray  # (U,) Hz
+    embeddings: torch.Tensor  # (U, D) unit embeddings used for prediction
+    adaptation: dict | None = None  # what test-time adaptation did, if it ran
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit_ids.shape[0])
+
+
+class SessionCache:
+    """Thread-safe LRU of registered sessions with a time-to-live (seconds since last use)."""
+
+    def __init__(self, *, max_sessions: int = 64, ttl_s: float = 3600.0):
+        if int(max_sessions) < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0 seconds, got {ttl_s}")
+        self.max_sessions = int(max_sessions)
+        self.ttl_s = float(ttl_s)
+        self._items: OrderedDict[str, RegisteredSession] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def put(self, s: RegisteredSession) -> None:
+        with self._lock:
+            self._expire(time.monotonic())
+            self._items[s.token] = s
+            self._items.move_to_end(s.token)
+            while len(self._items) > self.max_sessions:
+                self._items.popitem(last=False)
+                self.evictions += 1
+
+    def get(self, token: str) -> RegisteredSession:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            s = self._items.get(token)
+            if s is None:
+                self.misses += 1
+                raise InputError(
+                    f"session token {token!r} is unknown or expired (sessions expire {self.ttl_s:g} s after "
+                    f"their last use, and at most {self.max_sessions} are kept); register the reference again"
+                )
+            self.hits += 1
+            s.last_used = now
+            self._items.move_to_end(token)
+            return s
+
+    def discard(self, token: str) -> None:
+        """Forget a session (no error if it is not there)."""
+        with self._lock:
+            self._items.pop(token, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def _expire(self, now: float) -> None:
+        dead = [k for k, s in self._items.items() if now - s.last_used > self.ttl_s]
+        for k in dead:
+            del self._items[k]
+            self.evictions += 1
+
+
+def _as_unit_ids(ids: Any, name: str) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.ndim != 1:
+        raise InputError(f"{name}: must be a 1-D list of unit ids (one per spike), got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iuUSO":
+        raise InputError(f"{name}: unit ids must be integers or strings, got dtype {a.dtype}")
+    return a.astype(str)
+
+
+class Predictor:
+    """Predict every unit's firing rate over the next second from its last second of spikes."""
+
+    def __init__(
+        self,
+        *,
+        model,
+        feature_norm: FeatureNorm,
+        checkpoint=None,
+        backend: str | Backend = "torch",
+        max_sessions: int = 64,
+        session_ttl_s: float = 3600.0,
+        threads: int | None = None,
+        cache_dir=None,
+    ):
+        """``backend``: a name of :data:`nh_serve.inference.backends.BACKENDS`, ``"auto"`` or a built
+        :class:`~nh_serve.inference.backends.Backend`; ``threads``: intra-op threads (onnxruntime sessions;
+        for torch backends ``torch.set_num_threads``, process-wide, only when given); ``cache_dir``:
+        where on-the-fly exports are cached (see :func:`nh_serve.inference.backends.cache_dir`)."""
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.feature_norm = feature_norm
+        self.checkpoint = checkpoint
+        self.model_hash = checkpoint.short_hash if checkpoint is not None else "unsaved"
+        self.sessions = SessionCache(max_sessions=max_sessions, ttl_s=session_ttl_s)
+        self._backend = make_backend(
+            backend, model=model, checkpoint=checkpoint, feature_norm=feature_norm, threads=threads, cache_dir=cache_dir
+        )
+        self.backend_name = self._backend.name
+
+    @classmethod
+    def load(cls, checkpoint=None, *, backend: str = "auto", threads: int | None = None, **kwargs) -> Predictor:
+        """Load a checkpoint file (``None`` or ``"default"``: the built-in one) or an exported artifact.
+
+        An artifact (``.onnx``, or a TorchScript ``.pt`` / ``.ts`` from ``nh-serve export``) carries
+        its config and feature normalisation; it runs on its own backend (``onnxruntime`` /
+        ``torchscript``; ``"auto"`` picks it) and reports its source checkpoint's hash.
+        """
+        art_model = open_artifact_model(checkpoint, threads=threads)
+        if art_model is not None:
+            return cls(
+                model=art_model,
+                feature_norm=art_model.artifact.feature_norm,
+                checkpoint=art_model.artifact,
+                backend=backend,
+                threads=threads,
+                **kwargs,
+            )
+        from nh_serve.inference.checkpoint import load_model
+
+        model, norm, ckpt = load_model(checkpoint)
+        return cls(model=model, feature_norm=norm, checkpoint=ckpt, backend=backend, threads=threads, **kwargs)
+
+    # ------------------------------------------------------------------ registration
+    def register(
+        self,
+        spike_times,
+        unit_ids,
+        *,
+        reference_window: tuple[float, float] | None = None,
+        units: Sequence | None = None,
+        adapt_steps: int = 0,
+        adapt_time_budget_s: float = 10.0,
+        seed: int = 0,
+    ) -> str:
+        """Register a recording's units from its reference spikes; returns a session token.
+
+        Args:
+            spike_times: ``(N,)`` sorted spike times in seconds over the reference window.
+            unit_ids: ``(N,)`` unit id (int or str) of each spike.
+            reference_window: ``(start, end)`` seconds; default ``(first spike, last spike)``.
+                At least ``MIN_REFERENCE_S`` (10 s) long.
+            units: the unit ids in the order predictions should use, which may include
+                units that were silent in the reference; default: sorted unique ids of the spikes.
+            adapt_steps: gradient steps of test-time unit adaptation (0 = zero-shot embeddings).
+            adapt_time_budget_s: stop adapting after this many seconds.
+        """
+        ids = _as_unit_ids(unit_ids, "reference unit_ids")
+        t = np.asarray(spike_times)
+        if t.ndim != 1 or t.shape[0] != ids.shape[0]:
+            raise InputError(
+                f"reference spikes: {t.shape} spike times but {ids.shape[0]} unit ids; pass one unit id per spike"
+            )
+        if t.size == 0:
+            raise InputError("reference spikes: no spikes; send the spikes of the reference window")
+        if units is None:
+            order = np.unique(ids)
+        else:
+            order = _as_unit_ids(units, "units")
+            if order.size == 0:
+                raise InputError("units: there are zero units; pass at least one unit id")
+            if np.unique(order).size != order.size:
+                raise InputError("units: unit ids must be unique")
+        uidx = units_to_index(ids, order, name="reference unit_ids")
+        if reference_window is None:
+            tf = t.astype(np.float64)
+            if not np.all(np.isfinite(tf)):
+                check_spikes(tf, uidx, n_units=order.size, name="reference spikes")
+            reference_window = (float(tf.min()), float(np.nextafter(tf.max(), np.inf)))
+        r0, r1 = (float(x) for x in reference_window)
+        if not (math.isfinite(r0) and math.isfinite(r1)):
+            raise InputError(f"reference_window: must be finite seconds, got ({r0}, {r1})")
+        if r1 - r0 < MIN_REFERENCE_S:
+            raise InputError(
+                f"reference_window: [{r0:g}, {r1:g}) s is {r1 - r0:.3g} s long; send at least "
+                f"{MIN_REFERENCE_S:g} s of reference spikes (60 s recommended)"
+            )
+        feats = reference_features(t, uidx, n_units=order.size, start=r0, end=r1)  # (U, 33)
+        ref_rate = reference_rate_hz(t, uidx, n_units=order.size, start=r0, end=r1)  # (U,)
+        with torch.inference_mode():
+            x = torch.from_numpy(self.feature_norm.apply(feats)).unsqueeze(0)  # (1, U, 33)
+            emb = self.model.embed_units(x)[0].clone()  # (U, D)
+        session = RegisteredSession(
+            token=secrets.token_urlsafe(12),
+            unit_ids=order,
+            reference=(r0, r1),
+            features=feats,
+            ref_rate_hz=ref_rate.astype(np.float32),
+            embeddings=emb,
+        )
+        if adapt_steps > 0:
+            session.embeddings, session.adaptation = self._adapt(
+                session, t, uidx, steps=int(adapt_steps), budget_s=float(adapt_time_budget_s), seed=seed
+            )
+        self.sessions.put(session)
+        return session.token
+
+    def session(self, session) -> RegisteredSession:
+        """The :class:`RegisteredSession` of a token (or the object itself)."""
+        if isinstance(session, RegisteredSession):
+            return session
+        if not isinstance(session, str):
+            raise InputError(f"session: pass the token returned by register(), got {type(session).__name__}")
+        return self.sessions.get(session)
+
+    # ------------------------------------------------------------------ prediction
+    def tokenize_window(
+        self,
+        s: RegisteredSession,
+        spike_times,
+        unit_ids,
+        *,
+        context_start: float,
+        behavior=None,
+        images=None,
+        image_schedule_s: float | None = None,
+        history_counts=None,
+        history_duration_s: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One window -> the model's tokenized inputs (no batch axis)."""
+        ids = _as_unit_ids(unit_ids, "context unit_ids")
+        t = np.asarray(spike_times)
+        if t.ndim != 1 or t.shape[0] != ids.shape[0]:
+            raise InputError(
+                f"context spikes: {t.shape} spike times but {ids.shape[0]} unit ids; pass one unit id per spike"
+            )
+        uidx = units_to_index(ids, s.unit_ids, name="context unit_ids")
+        return self.model.tokenize(
+            unit_features=s.features,  # replaced by the cached embeddings; keeps tokenize's checks
+            spike_times=t,
+            spike_unit_index=uidx,
+            ctx_start=context_start,
+            ref_rate_hz=s.ref_rate_hz,
+            history_counts=history_counts,
+            history_duration_s=history_duration_s,
+            behavior=behavior,
+            images=images,
+            image_schedule_s=image_schedule_s,
+        )
+
+    def _run(self, s: RegisteredSession, items: list[dict[str, torch.Tensor]]) -> np.ndarray:
+        batch = self.model.collate(items)
+        batch.pop("unit_features")
+        emb = s.embeddings.unsqueeze(0).expand(len(items), -1, -1)  # (B, U, D)
+        with torch.inference_mode():
+            log_rate = self._backend(batch, emb)  # (B, U, T)
+        return torch.exp(log_rate).float().numpy()
+
+    def _horizon_bins(self, horizon_s: float | None) -> int:
+        T = self.cfg.n_bins
+        if horizon_s is None:
+            return T
+        h = float(horizon_s)
+        n = int(round(h / self.cfg.bin_size_s))
+        max_h = T * self.cfg.bin_size_s
+        if not math.isfinite(h) or h <= 0 or h > max_h + 1e-9:
+            raise InputError(f"horizon_s: must be in (0, {max_h:g}] s (this model's horizon), got {horizon_s}")
+        if abs(n * self.cfg.bin_size_s - h) > 1e-6:
+            raise InputError(f"horizon_s: must be a multiple of the {self.cfg.bin_size_s * 1000:g} ms bin, got {h:g} s")
+        return n
+
+    def _prediction(self, s: RegisteredSession, rates: np.ndarray, context_start: float, n_bins: int) -> Prediction:
+        t0 = float(context_start) + self.cfg.context_s
+        edges = t0 + self.cfg.bin_size_s * np.arange(n_bins + 1, dtype=np.float64)
+        return Prediction(
+            rates_hz=np.ascontiguousarray(rates[:, :n_bins], dtype=np.float32),
+            bin_edges=edges,
+            unit_ids=s.unit_ids,
+            model=self.cfg.name,
+            model_hash=self.model_hash,
+        )
+
+    def predict(
+        self,
+        session,
+        spike_times,
+        unit_ids,
+        *,
+        context_start: float,
+        behavior=None,
+        images=None,
+        image_schedule_s: float | None = None,
+        history_counts=None,
+        history_duration_s: float | None = None,
+        horizon_s: float | None = None,
+    ) -> Prediction:
+        """Predict the rates of every registered unit over the bins after the context.
+
+        Args:
+            session: token from :meth:`register`.
+            spike_times: ``(n,)`` sorted spike times (seconds) inside the context
+                ``[context_start, context_start + 1 s)``.
+            unit_ids: ``(n,)`` registered unit id of each spike.
+            context_start: start of the context window, seconds.
+            behavior: optional ``(times (Nb,), values (Nb, behavior_dim))`` inside the context.
+            images: optional ``(times (Ni,), embeddings (Ni, image_dim))`` presentation onsets inside
+                the context or the forecast window ``[context_start, context_start + context_s +
+                horizon_s)`` (2 s for the shipped configs): images
+                shown and images scheduled to be shown (a planned stimulus sequence).
+            image_schedule_s: seconds after the context end up to which ``images`` is complete
+                (0 .. the horizon); default: the whole forecast window if an image lies in it, else 0
+                (only shown images known). Pass the horizon with no later image for "none coming".
+            history_counts: optional ``(U,)`` spike counts over the ``history_s`` seconds before the
+                context (registered unit order); default: the reference rate stands in.
+            horizon_s: predict only the first ``horizon_s`` seconds (a multiple of the bin size).
+        """
+        s = self.session(session)
+        n = self._horizon_bins(horizon_s)
+        item = self.tokenize_window(
+            s, spike_times, unit_ids, context_start=context_start, behavior=behavior, images=images,
+            image_schedule_s=image_schedule_s,
+            history_counts=history_counts, history_duration_s=history_duration_s,
+        )
+        rates = self._run(s, [item])[0]
+        return self._prediction(s, rates, context_start, n)
+
+    def predict_batch(self, session, windows: Sequence[dict], *, horizon_s: float | None = None, batch_size: int = 64) -> list[Prediction]:
+        """Predict many windows of one registered session at once.
+
+        ``windows`` is a sequence of dicts with the keyword arguments of
+        :meth:`predict` (``spike_times``, ``unit_ids``, ``context_start`` and
+        optional ``behavior``, ``images``, ``image_schedule_s``, ``history_counts``, ``history_duration_s``).
+        They run ``batch_size`` at a time, fewer for large sessions so that a chunk holds at most
+        :data:`MAX_UNIT_WINDOWS` unit-windows (the head's activations grow with windows x units).
+        """
+        try:  # ints and numpy integers, not floats or bools
+            size = None if isinstance(batch_size, (bool, np.bool_)) else operator.index(batch_size)
+        except TypeError:
+            size = None
+        if size is None or size < 1:
+            raise InputError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        batch_size = size
+        s = self.session(session)
+        n = self._horizon_bins(horizon_s)
+        batch_size = max(1, min(batch_size, MAX_UNIT_WINDOWS // max(1, s.n_units)))
+        out: list[Prediction] = []
+        allowed = {
+            "spike_times", "unit_ids", "context_start", "behavior", "images", "image_schedule_s",
+            "history_counts", "history_duration_s",
+        }
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i : i + batch_size]
+            items = []
+            for j, w in enumerate(chunk):
+                extra = set(w) - allowed
+                if extra:
+                    raise InputError(f"windows[{i + j}]: unknown field(s) {', '.join(sorted(extra))}")
+                try:
+                    items.append(self.tokenize_window(s, w["spike_times"], w["unit_ids"], **{k: v for k, v in w.items() if k not in ("spike_times", "unit_ids")}))
+                except KeyError as e:
+                    raise InputError(f"windows[{i + j}]: missing field {e.args[0]!r}") from None
+                except InputError as e:
+                    raise InputError(f"windows[{i + j}]: {e}") from None
+            rates = self._run(s, items)
+            out.extend(self._prediction(s, r, w["context_start"], n) for r, w in zip(rates, chunk))
+        return out
+
+    # ------------------------------------------------------------------ adaptation
+    def _adapt(self, s: RegisteredSession, times: np.ndarray, uidx: np.ndarray, *, steps: int, budget_s: float, seed: int):
+        """Refine the unit embeddings on next-second Poisson loss inside the reference window."""
+        from nh_serve.core.model import poisson_loss
+
+        cfg = self.cfg
+        r0, r1 = s.reference
+        span = cfg.context_s + cfg.n_bins * cfg.bin_size_s
+        starts = np.arange(r0, r1 - span + 1e-9, 0.5)
+        if starts.size == 0:
+            raise InputError(
+                f"adapt_steps: the reference window ({r1 - r0:g} s) is shorter than one context + horizon ({span:g} s)"
+            )
+        order = np.argsort(times, kind="stable")
+        t, u = np.asarray(times, np.float64)[order], uidx[order]
+        items, targets = [], []
+        for c in starts:
+            a, b = np.searchsorted(t, [c, c + cfg.context_s])
+            # The history before the window, as training and predict() see it (a full history_s
+            # seconds), where the reference holds that much before the window; else the reference
+            # rate stands in: a shorter history gives noisier rates than training ever gave the model.
+            hist, hist_s = history_counts(t, u, n_units=s.n_units, ctx_start=c, history_s=cfg.history_s, start=r0)
+            full = hist_s >= cfg.history_s - 1e-9
+            items.append(
+                self.model.tokenize(
+                    unit_features=s.features, spike_times=t[a:b], spike_unit_index=u[a:b], ctx_start=c,
+                    ref_rate_hz=s.ref_rate_hz,
+                    history_counts=hist if full else None,
+                    history_duration_s=hist_s if full else None,
+                )
+            )
+            h0, h1 = np.searchsorted(t, [c + cfg.context_s, c + span])
+            targets.append(bin_counts(t[h0:h1], u[h0:h1], n_units=s.n_units, start=c + cfg.context_s, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins))
+        batch = self.model.collate(items)
+        batch.pop("unit_features")
+        counts = torch.from_numpy(np.stack(targets))  # (W, U, T)
+        gen = torch.Generator().manual_seed(seed)
+        emb0 = s.embeddings.detach().clone()
+        emb = emb0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([emb], lr=1e-2)
+        W = counts.shape[0]
+        mb = min(16, W)
+        def full_loss(e: torch.Tensor) -> float:
+            with torch.no_grad():
+                lr = self.model.forward_with_embeddings(e.unsqueeze(0).expand(W, -1, -1), **batch)
+                return float(poisson_loss(lr, counts, bin_size_s=cfg.bin_size_s, unit_mask=batch["unit_mask"]))
+
+        t_start = time.monotonic()
+        loss_before, done = full_loss(emb0), 0
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        try:
+            for _ in range(steps):
+                if time.monotonic() - t_start > budget_s:
+                    break
+                idx = torch.randperm(W, generator=gen)[:mb]
+                sub = {k: v[idx] for k, v in batch.items()}
+                log_rate = self.model.forward_with_embeddings(emb.unsqueeze(0).expand(mb, -1, -1), **sub)
+                loss = poisson_loss(log_rate, counts[idx], bin_size_s=cfg.bin_size_s, unit_mask=sub["unit_mask"])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                done += 1
+        finally:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        loss_after = full_loss(emb.detach())
+        if not loss_after <= loss_before:  # never hand back embeddings that fit the reference worse
+            emb = emb0.clone()
+        info = {
+            "steps": done,
+            "seconds": round(time.monotonic() - t_start, 4),
+            "loss_before": loss_before,  # mean Poisson NLL over all reference windows
+            "loss_after": min(loss_after, loss_before),
+            "windows": int(W),
+        }
+        return emb.detach(), info
+
+    # ------------------------------------------------------------------ introspection
+    def info(self) -> dict:
+        """The model's name, hash, config and the checkpoint's training summary and metrics."""
+        ck = self.checkpoint
+        return {
+            "name": self.cfg.name,
+            "hash": self.model_hash,
+            "backend": self.backend_name,
+            "backend_details": self._backend.describe(),
+            "config": self.cfg.to_dict(),
+            "training": ck.training if ck is not None else {},
+            "metrics": ck.metrics if ck is not None else {},
+            "provenance": ck.provenance if ck is not None else {},
+        }
