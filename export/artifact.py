@@ -35,7 +35,7 @@ Inputs of the graphs (names = keyword arguments of
 :meth:`~nh_serve.core.model.NeuroHorizon.forward_with_embeddings`): the unit
 inputs ``unit_embeddings (B, U, D)``, ``unit_mask``, ``unit_counts``,
 ``history_rate_hz``, ``ref_rate_hz``, the spike-token inputs ``(B, N)`` of
-:data:`~nh_serve.core.model.SPIKE_KEYS`, and ONLY for multimodal configs the
+:data:`~nh_serve.data.windows.SPIKE_KEYS`, and ONLY for multimodal configs the
 behaviour inputs (``behavior_dim > 0``) and/or image inputs (``image_dim > 0``),
 which are then required (the Predictor's collate always provides them:
 behaviour padded to at least one masked sample; images always hold at least the
@@ -63,8 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from nh_serve.core.config import ModelConfig
-from nh_serve.core.model import BEHAVIOR_KEYS, IMAGE_KEYS, SPIKE_KEYS
 from nh_serve.data.features import FeatureNorm
+from nh_serve.data.windows import BEHAVIOR_KEYS, IMAGE_KEYS, SPIKE_KEYS
 from nh_serve.errors import CheckpointError, InputError
 from nh_serve.util import package_version
 

@@ -148,7 +148,7 @@ def export_checkpoint(
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Load a checkpoint (path, ``"default"`` or None) and :func:`export_model` it."""
-    from nh_serve.inference.checkpoint import load_model
+    from nh_serve.inference.model_io import load_model
 
     fmt = check_format(fmt)
     model, norm, ckpt = load_model(checkpoint)

@@ -3,7 +3,7 @@
 Two kinds of cases:
 
 * **random**: windows of random spikes with random z-scored features, built with
-  the shared :func:`~nh_serve.core.model.tokenize` / :func:`~nh_serve.core.model.collate`,
+  the shared :func:`~nh_serve.data.windows.tokenize` / :func:`~nh_serve.data.windows.collate`,
   at batch, unit and token counts different from the export example (one unit
   with no spikes; batches whose windows have different unit counts, so units and
   tokens are padded and masked; behaviour / image events for multimodal configs,
@@ -28,6 +28,7 @@ A check fails when either exceeds the tolerance (:data:`DEFAULT_TOLERANCE`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -39,7 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nh_serve.core.model import collate, tokenize
+from nh_serve.data.spikes import units_to_index
+from nh_serve.data.windows import Window, collate, cut_windows, tokenize
 from nh_serve.errors import CheckpointError, InputError
 
 DEFAULT_TOLERANCE = 1e-4
@@ -293,25 +295,17 @@ def synthetic_recording(*, seed: int = 0, n_units: int = 48) -> tuple[str, np.nd
 
 def recording_windows(
     times: np.ndarray, ids: np.ndarray, units: np.ndarray, *, cfg, reference: tuple[float, float], n: int = 3
-) -> list[dict]:
-    """``n`` Predictor windows after the reference (every other one with ``history_counts``)."""
-    from nh_serve.data.spikes import units_to_index
-
+) -> list[Window]:
+    """``n`` windows after the reference, cut by the window pipeline; every other one without history."""
     r0, r1 = reference
     last = float(times[-1]) - cfg.context_s  # latest context start inside the recording
     starts = [max(r0, min(r1 + 7.0 * i, last)) for i in range(n)]
-    out = []
-    for i, c in enumerate(starts):
-        a, b = np.searchsorted(times, [c, c + cfg.context_s])
-        w: dict[str, Any] = {"spike_times": times[a:b], "unit_ids": ids[a:b], "context_start": float(c)}
-        if i % 2 == 1:
-            h_start = max(c - cfg.history_s, r0)
-            h0 = np.searchsorted(times, h_start)
-            idx = units_to_index(ids[h0:a], units, name="history")
-            w["history_counts"] = np.bincount(idx, minlength=units.size).astype(np.float32)
-            w["history_duration_s"] = max(float(c - h_start), 1e-3)
-        out.append(w)
-    return out
+    uidx = units_to_index(ids, units, name="recording unit_ids")
+    cut = cut_windows(times, uidx, starts, n_units=units.size, cfg=cfg, history_start=r0)
+    return [
+        w if i % 2 == 1 else dataclasses.replace(w, history_counts=None, history_duration_s=None)
+        for i, w in enumerate(cut)
+    ]
 
 
 def compare_predictors(
@@ -336,13 +330,13 @@ def compare_predictors(
         tok_test = candidate.register(times[m], ids[m], reference_window=(t0, r1), units=units)
         e_err = embed_error(candidate.session(tok_test).embeddings, reference.session(tok_ref).embeddings)
         windows = recording_windows(times, ids, units, cfg=cfg, reference=(t0, r1))
-        p_ref = reference.predict_batch(tok_ref, windows)
-        p_test = candidate.predict_batch(tok_test, windows)
+        p_ref = reference.predict_windows(tok_ref, windows)
+        p_test = candidate.predict_windows(tok_test, windows)
         r_ref = np.stack([p.rates_hz for p in p_ref]).astype(np.float64)
         r_test = np.stack([p.rates_hz for p in p_test]).astype(np.float64)
         with np.errstate(all="ignore"):
             r_err = float(np.max(np.abs(r_test - r_ref) / r_ref)) if np.all(np.isfinite(r_test)) else math.inf
-        n_tok = max(int(w["spike_times"].size) for w in windows) + 2 * units.size
+        n_tok = max(int(w.spike_times.size) for w in windows) + 2 * units.size
         report.cases.append(
             ParityCase(
                 name=name,

@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "nh_serve.data.synth",
     "nh_serve.ingest.cli",
     "training.train",
-    "nh_serve.evaluation.quality",
+    "nh_serve.evaluation.quality_cli",
     "export.cli",
     "nh_serve.evaluation.score.cli",
 )

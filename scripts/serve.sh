@@ -22,7 +22,8 @@ fi
 import os
 import sys
 
-from nh_serve.inference.checkpoint import read_metadata, resolve_checkpoint
+from nh_serve.inference.checkpoint import read_metadata
+from nh_serve.inference.model_io import resolve_checkpoint
 from nh_serve.errors import CheckpointError
 
 spec = os.environ.get("NH_SERVE_CHECKPOINT") or "default"

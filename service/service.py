@@ -106,7 +106,7 @@ class NHServe:
         from pathlib import Path
 
         from nh_serve.errors import InputError
-        from nh_serve.inference.checkpoint import resolve_checkpoint
+        from nh_serve.inference.model_io import resolve_checkpoint
         from nh_serve.inference.predictor import Predictor
         from service.handlers import Handlers
         from service.metrics import ServiceMetrics

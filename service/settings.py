@@ -5,7 +5,7 @@ variable                       default    meaning
 =============================  =========  ==========================================================
 ``NH_SERVE_CHECKPOINT``        default    checkpoint (or exported artifact) path; ``default`` is the
                                           built-in ``nh_serve/models/nh-small.safetensors``
-``NH_SERVE_BACKEND``           auto       inference backend (:data:`nh_serve.inference.predictor.BACKENDS`)
+``NH_SERVE_BACKEND``           auto       inference backend (:data:`nh_serve.inference.backends.BACKENDS`)
 ``NH_SERVE_MAX_SESSIONS``      64         registered sessions kept (least recently used evicted)
 ``NH_SERVE_SESSION_TTL_S``     3600       a session expires this many seconds after its last use
 ``NH_SERVE_MAX_UNITS``         1024       units per session

@@ -26,7 +26,7 @@ def make_tiny_checkpoint():
     from nh_serve.core.config import get_config
     from nh_serve.core.model import NeuroHorizon
     from nh_serve.data.features import FeatureNorm
-    from nh_serve.inference.checkpoint import save_model
+    from nh_serve.inference.model_io import save_model
 
     def make(path, *, seed: int = 0, norm_seed: int | None = None, config: str = "nh-tiny", **metadata):
         torch.manual_seed(seed)

@@ -51,7 +51,7 @@ def make_tiny_checkpoint(path: Path, *, seed: int = 0, **overrides) -> Path:
     from nh_serve.core.config import get_config
     from nh_serve.core.model import NeuroHorizon
     from nh_serve.data.features import FeatureNorm
-    from nh_serve.inference.checkpoint import save_model
+    from nh_serve.inference.model_io import save_model
 
     torch.manual_seed(seed)
     model = NeuroHorizon(get_config("nh-tiny", **overrides))

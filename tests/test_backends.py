@@ -10,6 +10,7 @@ import pytest
 import torch
 from real_data import REAL
 
+from nh_serve.data.windows import collate
 from nh_serve.errors import InputError
 from nh_serve.inference import backends as B
 from nh_serve.inference.predictor import Predictor
@@ -108,7 +109,7 @@ def test_every_backend_refuses_non_finite_inputs(predictions, recording):
     w = _windows(t, ids, [70.0])[0]
     for _, _, p, tok in predictions.values():
         s = p.session(tok)
-        batch = p.model.collate([p.tokenize_window(s, w["spike_times"], w["unit_ids"], context_start=70.0)])
+        batch = collate([p.tokenize_window(s, w["spike_times"], w["unit_ids"], context_start=70.0)])
         batch.pop("unit_features")
         batch["history_rate_hz"][0, 3] = float("inf")
         with pytest.raises(

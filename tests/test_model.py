@@ -19,11 +19,10 @@ from nh_serve.core.model import (
     NeuroHorizon,
     PerNeuronHead,
     baseline_rate_hz,
-    collate,
     poisson_loss,
-    tokenize,
 )
 from nh_serve.data.spikes import bin_counts
+from nh_serve.data.windows import collate, tokenize
 from nh_serve.errors import InputError
 
 CTX_START = 10.0

@@ -13,8 +13,9 @@ from nh_serve.core.model import NeuroHorizon
 from nh_serve.data.features import FeatureNorm, reference_features
 from nh_serve.data.synth import make_session
 from nh_serve.errors import CheckpointError, InputError
-from nh_serve.inference.checkpoint import load_model, save_model
-from nh_serve.inference.predictor import Predictor, SessionCache
+from nh_serve.inference.model_io import load_model, save_model
+from nh_serve.inference.predictor import Predictor
+from nh_serve.inference.sessions import RegisteredSession, SessionCache
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,6 @@ def test_adaptation_lowers_the_reference_loss_and_stays_within_budget(predictor,
 
 
 def test_session_cache_is_lru_with_ttl():
-    from nh_serve.inference.predictor import RegisteredSession
-
     def sess(tok):
         return RegisteredSession(
             token=tok, unit_ids=np.array(["a"]), reference=(0, 10), features=np.zeros((1, 33)),

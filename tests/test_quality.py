@@ -12,14 +12,15 @@ import torch
 
 from nh_serve.core.config import get_config
 from nh_serve.core.model import NeuroHorizon
-from nh_serve.data.features import FeatureNorm
+from nh_serve.data.features import FeatureNorm, auto_reference_s
 from nh_serve.data.session import open_session
 from nh_serve.data.synth import write_synthetic_sessions
+from nh_serve.data.windows import history_counts
 from nh_serve.errors import InputError
-from nh_serve.evaluation import quality
+from nh_serve.evaluation import quality_cli
 from nh_serve.evaluation.metrics import evaluate
 from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows
-from nh_serve.inference.checkpoint import save_model
+from nh_serve.inference.model_io import build_model, load_model, save_model
 from nh_serve.inference.predictor import Predictor
 
 
@@ -36,7 +37,7 @@ def setup(tmp_path_factory):
     model = NeuroHorizon(get_config("nh-tiny"))
     ckpt = save_model(root / "tiny.safetensors", model, feature_norm=FeatureNorm.identity())
     torch.manual_seed(1)
-    abl = quality.build_model(get_config("nh-tiny"), head_ablation="no_activity")
+    abl = build_model(get_config("nh-tiny"), head_ablation="no_activity")
     save_model(
         root / "noact.safetensors",
         abl,
@@ -48,21 +49,21 @@ def setup(tmp_path_factory):
 
 def _cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
-    quality.add_cli(p.add_subparsers())
+    quality_cli.add_cli(p.add_subparsers())
     args = p.parse_args(argv)
     return args.func(args)
 
 
 def test_auto_reference_and_history_counts():
-    assert quality.auto_reference_s(120.0) == 30.0  # the 2-minute IBL recording
-    assert quality.auto_reference_s(2820.0) == 60.0
-    assert quality.auto_reference_s(20.0) == 10.0
+    assert auto_reference_s(120.0) == 30.0  # the 2-minute IBL recording
+    assert auto_reference_s(2820.0) == 60.0
+    assert auto_reference_s(20.0) == 10.0
     t = np.array([0.5, 1.0, 2.0, 4.9, 5.0, 7.0])
     u = np.array([0, 1, 0, 1, 0, 2])
-    counts, dur = quality.history_counts(t, u, n_units=4, ctx_start=5.0, history_s=3.0, start=0.0)
+    counts, dur = history_counts(t, u, n_units=4, ctx_start=5.0, history_s=3.0, start=0.0)
     np.testing.assert_array_equal(counts, [1, 1, 0, 0])  # [2, 5): spikes at 2.0 (unit 0) and 4.9 (unit 1)
     assert dur == 3.0
-    counts, dur = quality.history_counts(t, u, n_units=4, ctx_start=5.0, history_s=30.0, start=0.2)
+    counts, dur = history_counts(t, u, n_units=4, ctx_start=5.0, history_s=30.0, start=0.2)
     np.testing.assert_array_equal(counts, [2, 2, 0, 0])
     assert dur == pytest.approx(4.8)
 
@@ -195,7 +196,7 @@ def test_compare_adapt_and_report(setup, tmp_path):
 
 def test_no_activity_ablation_ignores_activity_inputs(setup):
     root, _, _ = setup
-    m = quality.load_predictor(root / "noact.safetensors").model
+    m = load_model(root / "noact.safetensors")[0]
     assert not m.cfg.head_activity and not m.cfg.baseline_offset
     # the switch is in the checkpoint's config: every loader (scoring, the service) gets the ablation
     assert not Predictor.load(root / "noact.safetensors", backend="torch").cfg.head_activity
@@ -204,7 +205,7 @@ def test_no_activity_ablation_ignores_activity_inputs(setup):
     v2 = m.unit_vectors(emb, torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.zeros(1, 3))
     assert torch.equal(v1, v2) and torch.equal(v1[..., : m.cfg.dim], emb)
     # The plain model does use them.
-    q = quality.load_predictor(root / "tiny.safetensors").model
+    q = load_model(root / "tiny.safetensors")[0]
     assert not torch.equal(
         q.unit_vectors(emb, torch.ones(1, 3, 3), torch.ones(1, 3), torch.ones(1, 3)),
         q.unit_vectors(emb, torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.zeros(1, 3)),
@@ -213,7 +214,8 @@ def test_no_activity_ablation_ignores_activity_inputs(setup):
     legacy = NeuroHorizon(get_config("nh-tiny", baseline_offset=False))
     save_model(root / "legacy.safetensors", legacy, feature_norm=FeatureNorm.identity(),
                training={"head_ablation": "no_activity"})
-    assert not quality.load_predictor(root / "legacy.safetensors").model.cfg.head_activity
+    assert not load_model(root / "legacy.safetensors")[0].cfg.head_activity
+    assert not Predictor.load(root / "legacy.safetensors", backend="torch").cfg.head_activity  # every loader
 
 
 def test_bad_input(setup, tmp_path):

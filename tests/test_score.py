@@ -26,7 +26,7 @@ from nh_serve.evaluation.score.cli import add_cli
 from nh_serve.evaluation.score.shard import parse_shard, select_shard
 from nh_serve.evaluation.score.store import comparable
 from nh_serve.evaluation.sliding import StreamingMetrics, collect_targets, oracle_rates, plan_windows
-from nh_serve.inference.checkpoint import save_model
+from nh_serve.inference.model_io import save_model
 from nh_serve.inference.predictor import Predictor
 
 SETTINGS = ScoreSettings(batch_size=16, backend="torch")
@@ -311,7 +311,7 @@ def test_second_run_does_no_model_work(data, scored, monkeypatch):
         raise AssertionError("the model must not run for recordings that are already scored")
 
     monkeypatch.setattr(Predictor, "load", classmethod(boom))
-    monkeypatch.setattr(Predictor, "predict_batch", boom)
+    monkeypatch.setattr(Predictor, "predict_windows", boom)
     again = run_score(
         list(rec.values()),
         out=scored.out,
@@ -332,9 +332,9 @@ def test_force_and_changed_settings_score_again(data, scored, monkeypatch):
     out = root / "out_force"
     shutil.copytree(scored.out, out)
     calls = []
-    orig = Predictor.predict_batch
+    orig = Predictor.predict_windows
     monkeypatch.setattr(
-        Predictor, "predict_batch", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+        Predictor, "predict_windows", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
     )
     quiet = {"checkpoint": ckpt, "progress": False, "echo": lambda s: None}
     r = run_score(

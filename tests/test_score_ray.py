@@ -17,7 +17,7 @@ from nh_serve.data.synth import make_session
 from nh_serve.evaluation.score import ScoreSettings, run_score
 from nh_serve.evaluation.score.ray_engine import local_runtime_env
 from nh_serve.evaluation.score.store import comparable
-from nh_serve.inference.checkpoint import save_model
+from nh_serve.inference.model_io import save_model
 
 ray = pytest.importorskip("ray")
 

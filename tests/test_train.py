@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from nh_serve.data.session import write_session
-from nh_serve.data.spikes import history_counts
 from nh_serve.data.synth import make_session, write_synthetic_sessions
+from nh_serve.data.windows import history_counts
 from nh_serve.errors import InputError
-from nh_serve.inference.checkpoint import content_hash, load_checkpoint, load_model
+from nh_serve.inference.checkpoint import content_hash, load_checkpoint
+from nh_serve.inference.model_io import load_model
 from training import train as train_mod
 from training.data import find_sessions, load_session, sample_image_schedules, split_sessions, window_item
 from training.train import load_train_config, lr_at, make_train_config, train

@@ -2,8 +2,8 @@
 
 Every training recording is a session file (:mod:`nh_serve.data.session`). Training
 recordings are small, so :func:`load_session` reads each one's spikes into
-memory once; a window is then cut with two binary searches and tokenized with
-the model's own :func:`nh_serve.core.model.tokenize` (cheap, done per step).
+memory once; a window is then cut and tokenized by the window pipeline,
+:mod:`nh_serve.data.windows` (cheap, done per step).
 
 Per recording (times in seconds):
 
@@ -14,8 +14,8 @@ Per recording (times in seconds):
   :meth:`nh_serve.inference.predictor.Predictor.register` computes them.
 - **windows**: a context ``[c, c + context_s)``, the target = spike counts in the
   ``n_bins`` bins of ``bin_size_s`` after it, the slow-rate input = counts in
-  ``[max(start, c - history_s), c)`` (:func:`nh_serve.evaluation.quality.history_counts`,
-  the same function the quality benchmark feeds the Predictor with). Contexts
+  ``[max(start, c - history_s), c)``, cut by :func:`nh_serve.data.windows.cut_window`,
+  the same window pipeline the Predictor, evaluation and scoring use. Contexts
   start after the reference window, as in evaluation.
 - **time split** (training recordings): contexts of training windows start in
   ``[ref_end, split - span]``, validation-in-time windows in ``[split, end - span]``
@@ -39,12 +39,10 @@ import numpy as np
 import torch
 
 from nh_serve.core.config import ModelConfig
-from nh_serve.core.model import tokenize
-from nh_serve.data.features import FeatureNorm, reference_features, reference_rate_hz
+from nh_serve.data.features import FeatureNorm, auto_reference_s, reference_features, reference_rate_hz
 from nh_serve.data.session import open_session, write_session
-from nh_serve.data.spikes import bin_counts, history_counts
+from nh_serve.data.windows import cut_window, target_counts, tokenize_window
 from nh_serve.errors import InputError
-from nh_serve.evaluation.quality import auto_reference_s
 
 SESSION_SUFFIXES = (".h5", ".hdf5", ".nwb.h5")
 
@@ -242,42 +240,25 @@ def window_item(
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Tokenized inputs and target counts ``(U, n_bins)`` of the window whose context starts at ``c``.
 
-    Image models get the images shown in the context and those due in the first
+    The window pipeline (:mod:`nh_serve.data.windows`) cuts it as the Predictor, evaluation and
+    scoring do. Image models get the images shown in the context and those due in the first
     ``image_schedule_s`` seconds of the forecast window (default: all of it).
     """
-    t, u = s.times, s.units
-    a, b = np.searchsorted(t, [c, c + cfg.context_s])
-    hist, hist_s = history_counts(
-        t, u, n_units=s.n_units, ctx_start=c, history_s=cfg.history_s, start=s.start
+    w = cut_window(
+        s.times,
+        s.units,
+        c,
+        n_units=s.n_units,
+        cfg=cfg,
+        history_start=s.start,
+        behavior=s.behavior,
+        images=s.images,
+        image_schedule_s=image_schedule_s,
     )
-    kwargs = {}
-    if s.behavior is not None:
-        bt, bv = s.behavior
-        i, j = np.searchsorted(bt, [c, c + cfg.context_s])
-        kwargs["behavior"] = (bt[i:j], bv[i:j])
-    if s.images is not None:
-        it, iv = s.images
-        # presentations already shown and those scheduled in the forecast window
-        sched = cfg.horizon_s if image_schedule_s is None else float(image_schedule_s)
-        i, j = np.searchsorted(it, [c, c + cfg.context_s + sched])
-        kwargs["images"] = (it[i:j], iv[i:j])
-        kwargs["image_schedule_s"] = sched
-    item = tokenize(
-        cfg,
-        unit_features=s.unit_features,
-        spike_times=t[a:b],
-        spike_unit_index=u[a:b],
-        ctx_start=c,
-        ref_rate_hz=s.ref_rate_hz,
-        history_counts=hist,
-        history_duration_s=hist_s,
-        **kwargs,
-    )
-    t_now = c + cfg.context_s
-    h0, h1 = np.searchsorted(t, [t_now, t_now + cfg.horizon_s])
-    y = bin_counts(
-        t[h0:h1], u[h0:h1], n_units=s.n_units, start=t_now, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins
-    )
+    item = tokenize_window(cfg, w, unit_features=s.unit_features, ref_rate_hz=s.ref_rate_hz)
+    y = target_counts(
+        s.times, s.units, [c + cfg.context_s], n_units=s.n_units, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins
+    )[0]
     return item, y
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nh_serve.core.model import collate
 from nh_serve.data.synth import write_synthetic_sessions
+from nh_serve.data.windows import collate
 from nh_serve.evaluation.metrics import bits_per_spike, poisson_nll
-from nh_serve.inference.checkpoint import load_model
+from nh_serve.inference.model_io import load_model
 from training.data import apply_norm, load_session, window_item
 from training.train import make_train_config, train, validation_windows
 

@@ -5,7 +5,7 @@ A compact plain-PyTorch loop (also ``nh-serve train``):
 - **Samples**: each step draws ``batch_size`` (recording, window) pairs from the
   training recordings (recording by ``session_weights``, context start uniform
   in its training range, see :mod:`training.data`), tokenizes them with
-  :func:`nh_serve.core.model.tokenize` and pads them with :func:`nh_serve.core.model.collate`.
+  :func:`nh_serve.data.windows.tokenize` and pads them with :func:`nh_serve.data.windows.collate`.
   Target: the spike counts of the ``n_bins`` bins after the context.
 - **Loss**: :func:`nh_serve.core.model.poisson_loss` (mean Poisson NLL per unit and bin).
 - **Optimiser**: AdamW (weight decay on matrices only), linear warm-up for
@@ -57,12 +57,13 @@ import torch
 from torch import nn
 
 from nh_serve.core.config import CONFIGS, ModelConfig, get_config
-from nh_serve.core.model import collate, poisson_loss
+from nh_serve.core.model import poisson_loss
 from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm
+from nh_serve.data.windows import collate
 from nh_serve.errors import CheckpointError, InputError
 from nh_serve.evaluation.metrics import bits_per_spike
-from nh_serve.evaluation.quality import HEAD_ABLATIONS, build_model
-from nh_serve.inference.checkpoint import content_hash, load_checkpoint, save_checkpoint, save_model
+from nh_serve.inference.checkpoint import content_hash, load_checkpoint, save_checkpoint
+from nh_serve.inference.model_io import HEAD_ABLATIONS, build_model, save_model
 from training.data import (
     TrainSession,
     apply_norm,

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from nh_serve.core.config import CONFIGS, get_config
+from nh_serve.data.windows import collate
 from nh_serve.errors import InputError
 from nh_serve.inference.predictor import MAX_UNIT_WINDOWS
 
@@ -95,7 +96,7 @@ def build_model(config: str, checkpoint: str | None, *, seed: int = 0):
     from nh_serve.data.features import FeatureNorm
 
     if checkpoint is not None:
-        from nh_serve.inference.checkpoint import load_model
+        from nh_serve.inference.model_io import load_model
 
         return load_model(checkpoint)
     torch.manual_seed(seed)
@@ -255,7 +256,7 @@ def measure_latency(predictors: dict, rec: dict, *, runs: int, warmup: int) -> l
     for i in range(max(runs, W)):
         w = wins[i % W]
         t = time.perf_counter()
-        batch = p0.model.collate(
+        batch = collate(
             [p0.tokenize_window(s0, w["spike_times"], w["unit_ids"], context_start=w["context_start"])]
         )
         tok_t.append(time.perf_counter() - t)
@@ -531,7 +532,7 @@ def run(
         s = ref.session(tok)
         batches = []
         for w in rec["windows"][:40]:
-            b = ref.model.collate(
+            b = collate(
                 [ref.tokenize_window(s, w["spike_times"], w["unit_ids"], context_start=w["context_start"])]
             )
             b.pop("unit_features")

@@ -54,7 +54,7 @@ def random_checkpoint(folder: Path, config: str = "nh-small", seed: int = 0) -> 
     from nh_serve.core.config import get_config
     from nh_serve.core.model import NeuroHorizon
     from nh_serve.data.features import FeatureNorm
-    from nh_serve.inference.checkpoint import save_model
+    from nh_serve.inference.model_io import save_model
 
     path = folder / f"{config}-random-{seed}.safetensors"
     if not path.exists():
@@ -185,7 +185,7 @@ def run(
 ) -> dict:
     """Run the benchmark; print the tables and (if ``doc``) write the ``score`` section of that Markdown file."""
     from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
-    from nh_serve.inference.checkpoint import default_checkpoint_path
+    from nh_serve.inference.model_io import default_checkpoint_path
 
     echo = echo or (lambda s: print(s, flush=True))
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="nh-serve-bench-score-"))
@@ -196,7 +196,7 @@ def run(
     elif checkpoint == "random":
         ck = random_checkpoint(folder)
     else:
-        from nh_serve.inference.checkpoint import resolve_checkpoint
+        from nh_serve.inference.model_io import resolve_checkpoint
 
         ck = resolve_checkpoint(checkpoint)
     from nh_serve.inference.checkpoint import read_metadata

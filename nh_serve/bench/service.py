@@ -302,7 +302,7 @@ async def _load_clients(url: str, clients: int, duration_s: float, n_units: int)
 
 def _checkpoint(spec: str | None, tmp: Path) -> tuple[str, str]:
     """(path, description) of the checkpoint to serve; a random-weight nh-small when there is none."""
-    from nh_serve.inference.checkpoint import default_checkpoint_path, save_model
+    from nh_serve.inference.model_io import default_checkpoint_path, save_model
 
     if spec not in (None, "default"):
         return str(spec), f"`{spec}`"

@@ -29,7 +29,7 @@ import numpy as np
 
 from nh_serve.client.wire import decode_array, encode_array, encode_spikes
 from nh_serve.errors import InputError
-from nh_serve.inference.predictor import Prediction
+from nh_serve.prediction import Prediction
 
 __all__ = ["Client", "RequestRejected", "SessionNotFound", "ServerError"]
 

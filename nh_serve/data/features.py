@@ -121,6 +121,11 @@ def _check_window(start, end) -> tuple[float, float]:
     return s, e
 
 
+def auto_reference_s(duration_s: float, reference_s: float = DEFAULT_REFERENCE_S) -> float:
+    """Reference-window length (s): ``reference_s``, or a quarter of a short recording, at least 10 s."""
+    return float(min(reference_s, max(MIN_REFERENCE_S, duration_s / 4.0)))
+
+
 def reference_rate_hz(times, unit_index, *, n_units: int, start: float, end: float) -> np.ndarray:
     """Mean firing rate of every unit over the reference window ``[start, end)``.
 

@@ -137,15 +137,17 @@ def units_to_index(unit_ids, known_ids, *, name: str = "unit_ids") -> np.ndarray
     return order[pos_c].astype(np.int64)
 
 
-def history_counts(times, unit_index, *, n_units: int, ctx_start: float, history_s: float, start: float):
-    """Spike counts per unit in the history before a context, and the history's length.
+def prefix_counts(units: np.ndarray, positions: np.ndarray, n_units: int, weights=None) -> np.ndarray:
+    """Per-unit sums over spikes ``[0, p)`` for each position ``p``: ``(len(positions), n_units)``.
 
-    The history is ``[max(start, ctx_start - history_s), ctx_start)`` (seconds;
-    ``start`` is the recording start). ``times`` must be sorted. Returns
-    ``(counts (U,) float32, duration_s)``, what ``tokenize(history_counts=...,
-    history_duration_s=...)`` and ``Predictor.predict`` take.
+    ``units`` is the unit row of each spike (time order); counts are int64 (exact), or
+    float sums of ``weights``. One ``bincount`` over (segment between consecutive
+    positions, unit) and a cumulative sum over segments: O(N + Q U) for N spikes and
+    Q positions. Counts in ``[p_a, p_b)`` are ``prefix(p_b) - prefix(p_a)``.
     """
-    h0 = max(float(start), float(ctx_start) - float(history_s))
-    a, b = np.searchsorted(times, [h0, ctx_start])
-    counts = np.bincount(np.asarray(unit_index[a:b], dtype=np.int64), minlength=n_units).astype(np.float32)
-    return counts, float(ctx_start) - h0
+    n = units.shape[0]
+    pos, inv = np.unique(positions, return_inverse=True)  # (Q,) sorted
+    seg = np.repeat(np.arange(pos.size + 1), np.diff(np.concatenate(([0], pos, [n]))))  # (N,) segment of spike
+    table = np.bincount(seg * n_units + units, weights=weights, minlength=(pos.size + 1) * n_units)
+    cum = np.cumsum(table.reshape(pos.size + 1, n_units), axis=0)[: pos.size]  # row q: spikes before pos[q]
+    return cum[inv.reshape(-1)]

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from nh_serve.data.session import open_session
 from nh_serve.data.synth import make_demo
+from nh_serve.data.windows import recorded_inputs
 from nh_serve.evaluation.metrics import evaluate
-from nh_serve.evaluation.quality import load_predictor, model_rates
+from nh_serve.evaluation.quality import model_rates
 from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows
+from nh_serve.inference.predictor import Predictor
 
 
 def score_table(rows: dict[str, dict]) -> str:
@@ -52,9 +54,12 @@ def run_demo(out_dir: Path, *, checkpoint="default", stride_s: float = 1.0, prog
         targets = collect_targets(s, plan, progress=progress)
         rows = {}
         if checkpoint is not None:
-            p = load_predictor(checkpoint)
+            p = Predictor.load(checkpoint, backend="torch")
             times, units = s.spikes(s.start, s.end)
-            rates = model_rates(p, times=times, units=units, unit_ids=s.unit_ids, start=s.start, plan=plan).rates
+            inputs = recorded_inputs(s, p.cfg, s.start, s.end)
+            rates = model_rates(
+                p, times=times, units=units, unit_ids=s.unit_ids, start=s.start, plan=plan, inputs=inputs
+            ).rates
             rows[f"model {p.cfg.name} ({p.model_hash})"] = evaluate(rates, targets.counts, bin_size=plan.bin_size)
         rows.update({name: evaluate(p, targets.counts, bin_size=plan.bin_size) for name, p in targets.baselines.items()})
         oracle = oracle_rates(s, plan)

@@ -5,7 +5,7 @@ every causal baseline (:mod:`nh_serve.evaluation.baselines`) and, on synthetic r
 the oracle (the true rates). Everything goes through the shared pieces:
 
 - :func:`nh_serve.evaluation.sliding.plan_windows` places the reference window (the
-  first ``--reference-s`` seconds; by default :func:`auto_reference_s`: 60 s, or
+  first ``--reference-s`` seconds; by default :func:`~nh_serve.data.features.auto_reference_s`: 60 s, or
   a quarter of a recording shorter than 4 minutes, e.g. 30 s for a 2-minute
   one) and one prediction window every ``--stride`` seconds after it;
   :func:`nh_serve.evaluation.sliding.collect_targets` bins the observed horizon counts
@@ -13,11 +13,14 @@ the oracle (the true rates). Everything goes through the shared pieces:
   ground truth of synthetic files.
 - Model predictions come from the :class:`~nh_serve.inference.predictor.Predictor`:
   ``register`` with the reference-window spikes (zero-shot: the unit
-  embeddings come from the IDEncoder only), then ``predict_batch`` with each
-  window's context spikes and ``history_counts`` = each unit's spikes in the
-  ``history_s`` seconds before the context (:func:`history_counts`, the same
-  function training uses). With ``--adapt-steps N`` the units are registered a
-  second time with test-time adaptation and scored as ``<name> adapted``.
+  embeddings come from the IDEncoder only), then ``predict_windows`` with the
+  windows the window pipeline (:func:`nh_serve.data.windows.cut_windows`, as in
+  training and scoring) cuts: each window's context spikes, ``history_counts`` =
+  each unit's spikes in the ``history_s`` seconds before the context, and for
+  multimodal checkpoints the recording's behaviour and image events (the stimulus
+  schedule of the forecast window known), as ``nh-serve score`` gives them. With
+  ``--adapt-steps N`` the units are registered a second time with test-time
+  adaptation and scored as ``<name> adapted``.
 - :func:`nh_serve.evaluation.metrics.evaluate` gives bits/spike (NLB definition) over the
   whole 1 s horizon and per band (0-250, 250-500, 500-1000 ms), the pooled
   firing-rate correlation and R², and their means over units.
@@ -26,67 +29,31 @@ Several checkpoints can be scored on the same windows (``--compare
 NAME=PATH``), e.g. ablations. Checkpoints trained with ``head_ablation =
 no_activity`` (:mod:`training.train`) store ``head_activity=False`` in their config.
 Synthetic recordings are also averaged (mean over recordings of each metric) and
-the model's mean bits/spike is reported as a fraction of the oracle's.
-``--json PATH`` writes every figure; ``--report A.json B.json --doc
-docs/results.md`` turns saved results into the ``quality`` section of a
-Markdown file.
+the model's mean bits/spike is reported as a fraction of the oracle's. The
+command line and the Markdown tables are :mod:`nh_serve.evaluation.quality_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from nh_serve.data.features import DEFAULT_REFERENCE_S, MIN_REFERENCE_S
-from nh_serve.data.spikes import history_counts
+from nh_serve.data.features import MIN_REFERENCE_S, auto_reference_s
+from nh_serve.data.session import open_session
+from nh_serve.data.windows import RecordedInputs, cut_windows, recorded_inputs
 from nh_serve.errors import InputError
 from nh_serve.evaluation.baselines import DEFAULT_HISTORY_S
+from nh_serve.evaluation.metrics import evaluate
+from nh_serve.evaluation.reporting import machine_info
+from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows
+from nh_serve.inference.predictor import Predictor
 
-HEAD_ABLATIONS = ("none", "no_activity")
 ORACLE = "oracle"
-
-
-# ================================================================================================
-# Shared with training
-# ================================================================================================
-
-
-def auto_reference_s(duration_s: float, reference_s: float = DEFAULT_REFERENCE_S) -> float:
-    """Reference-window length (s): ``reference_s``, or a quarter of a short recording, at least 10 s."""
-    return float(min(reference_s, max(MIN_REFERENCE_S, duration_s / 4.0)))
-
-
-def build_model(cfg, *, head_ablation: str = "none"):
-    """A fresh model for ``cfg``; ``head_ablation="no_activity"`` also turns the baseline offset off."""
-    from nh_serve.core.model import NeuroHorizon
-
-    if head_ablation == "none":
-        return NeuroHorizon(cfg)
-    if head_ablation == "no_activity":
-        return NeuroHorizon(cfg.replace(baseline_offset=False, head_activity=False))
-    raise InputError(f"unknown head ablation {head_ablation!r}; use one of {', '.join(HEAD_ABLATIONS)}")
-
-
-def load_predictor(spec):
-    """A :class:`~nh_serve.inference.predictor.Predictor` for a checkpoint path or ``"default"`` (ablations rebuilt)."""
-    from nh_serve.inference.checkpoint import load_model
-    from nh_serve.inference.predictor import Predictor
-
-    model, norm, ckpt = load_model(spec)
-    ablation = (ckpt.training or {}).get("head_ablation", "none")
-    if ablation == "no_activity" and model.cfg.head_activity:
-        # checkpoints from before ``head_activity`` existed say so only in their training record
-        m = build_model(model.cfg, head_ablation=ablation)
-        m.load_state_dict(model.state_dict())
-        model = m.eval()
-    return Predictor(model=model, feature_norm=norm, checkpoint=ckpt)
 
 
 # ================================================================================================
@@ -120,6 +87,7 @@ def model_rates(
     unit_ids,
     start: float,
     plan,
+    inputs: RecordedInputs | None = None,
     adapt_steps: int = 0,
     adapt_budget_s: float = 30.0,
     seed: int = 0,
@@ -132,7 +100,8 @@ def model_rates(
     ``activity_scales[-1]`` seconds' count shrunk toward the history rate) to the network's
     output, so scoring the offset alone shows what the network adds on top of it. It is
     computed by :meth:`~nh_serve.core.model.NeuroHorizon.log_baseline` on the very inputs the
-    model gets.
+    model gets. ``inputs``: the recording's behaviour / image events for a multimodal model
+    (:func:`~nh_serve.data.windows.recorded_inputs`), given to it as ``nh-serve score`` does.
     """
     cfg = p.cfg
     r0, r1 = plan.reference
@@ -146,23 +115,19 @@ def model_rates(
         adapt_time_budget_s=adapt_budget_s,
         seed=seed,
     )
-    windows = []
-    for c in plan.ctx_starts:
-        c = float(c)
-        i, j = np.searchsorted(times, [c, c + cfg.context_s])
-        hist, hist_s = history_counts(
-            times, units, n_units=unit_ids.shape[0], ctx_start=c, history_s=cfg.history_s, start=start
-        )
-        windows.append(
-            {
-                "spike_times": times[i:j],
-                "unit_ids": unit_ids[units[i:j]],
-                "context_start": c,
-                "history_counts": hist,
-                "history_duration_s": hist_s,
-            }
-        )
-    preds = p.predict_batch(token, windows, horizon_s=plan.n_bins * plan.bin_size)
+    # each window's context spikes and history_counts = every unit's spikes in the history_s seconds
+    # before the context (the window pipeline training and scoring use)
+    windows = cut_windows(
+        times,
+        units,
+        plan.ctx_starts,
+        n_units=unit_ids.shape[0],
+        cfg=cfg,
+        history_start=start,
+        behavior=inputs.behavior if inputs is not None else None,
+        images=inputs.images if inputs is not None else None,
+    )
+    preds = p.predict_windows(token, windows, horizon_s=plan.n_bins * plan.bin_size)
     rates = np.stack([pr.expected_counts for pr in preds])  # (W, U, T)
     offset_counts = _offset_counts(p, token, windows, plan) if offset else None
     info = p.session(token).adaptation
@@ -170,14 +135,11 @@ def model_rates(
     return ModelRates(rates, info, offset_counts)
 
 
-def _offset_counts(p, token: str, windows: list[dict], plan) -> np.ndarray:
+def _offset_counts(p, token: str, windows: list, plan) -> np.ndarray:
     """Expected counts ``(W, U, T)`` of the model's persistence offset alone (see :func:`model_rates`)."""
-    import torch
-
-    s = p.session(token)
     unit_counts, hist_rate = [], []
     for w in windows:
-        item = p.tokenize_window(s, w["spike_times"], w["unit_ids"], **{k: v for k, v in w.items() if k not in ("spike_times", "unit_ids")})
+        item = p.tokenize(token, w)
         unit_counts.append(item["unit_counts"])  # (U, S)
         hist_rate.append(item["history_rate_hz"])  # (U,)
     with torch.no_grad():
@@ -197,11 +159,12 @@ def evaluate_recording(
     max_windows: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score every predictor, baseline and (synthetic files) the oracle on one recording."""
-    from nh_serve.data.session import open_session
-    from nh_serve.evaluation.metrics import evaluate
-    from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows
+    """Score every predictor, baseline and (synthetic files) the oracle on one recording.
 
+    Multimodal checkpoints get the recording's behaviour and image events as ``nh-serve
+    score`` gives them (:func:`~nh_serve.data.windows.recorded_inputs`): the stimulus
+    schedule of each forecast window is known; a file without them gives none.
+    """
     first = next(iter(predictors.values())).cfg
     for name, p in predictors.items():
         c = p.cfg
@@ -209,10 +172,6 @@ def evaluate_recording(
             raise InputError(
                 f"--compare {name}: its context / bins differ from the main checkpoint's; "
                 "compare checkpoints with the same context and horizon"
-            )
-        if c.is_multimodal:
-            raise InputError(
-                f"checkpoint {name} takes behaviour or images; this benchmark scores spike-only models"
             )
     path = Path(path)
     with open_session(path) as s:
@@ -231,6 +190,7 @@ def evaluate_recording(
         targets = collect_targets(s, plan, history_s=DEFAULT_HISTORY_S, progress=progress)
         oracle = oracle_rates(s, plan)
         times, units = s.spikes(s.start, s.end)
+        inputs = {name: recorded_inputs(s, p.cfg, s.start, s.end) for name, p in predictors.items()}
         unit_ids = np.asarray(s.unit_ids).astype(str)
         start, duration, n_units = float(s.start), float(s.duration), int(s.n_units)
     counts = targets.counts
@@ -245,7 +205,9 @@ def evaluate_recording(
         t0 = time.monotonic()
         offset_key = (p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
         want_offset = p.cfg.baseline_offset and offset_key not in offsets_scored  # one row per distinct offset
-        got = model_rates(p, times=times, units=units, unit_ids=unit_ids, start=start, plan=plan, offset=want_offset)
+        got = model_rates(
+            p, times=times, units=units, unit_ids=unit_ids, start=start, plan=plan, inputs=inputs[name], offset=want_offset
+        )
         score(name, got.rates)
         scores[name]["seconds"] = round(time.monotonic() - t0, 2)
         if want_offset:
@@ -259,6 +221,7 @@ def evaluate_recording(
                 unit_ids=unit_ids,
                 start=start,
                 plan=plan,
+                inputs=inputs[name],
                 adapt_steps=adapt_steps,
                 adapt_budget_s=adapt_budget_s,
             )
@@ -307,10 +270,6 @@ def run_benchmark(
     progress: bool = True,
 ) -> dict:
     """Score ``checkpoints`` (name -> path or ``"default"``) on every recording; a JSON-serialisable dict."""
-    from tqdm.auto import tqdm
-
-    from nh_serve.evaluation.reporting import machine_info
-
     if not sessions:
         raise InputError("eval: pass at least one session file")
     if reference_s is not None and reference_s < MIN_REFERENCE_S:
@@ -319,7 +278,7 @@ def run_benchmark(
         raise InputError(f"--adapt-steps: must be >= 0, got {adapt_steps}")
     if stride_s <= 0:
         raise InputError(f"--stride: must be > 0 seconds, got {stride_s}")
-    predictors = {name: load_predictor(spec) for name, spec in checkpoints.items()}
+    predictors = {name: Predictor.load(spec, backend="torch") for name, spec in checkpoints.items()}
     recs = [
         evaluate_recording(
             path,
@@ -376,204 +335,3 @@ def run_benchmark(
         "summary": summary,
         "machine": machine_info(),
     }
-
-
-# ================================================================================================
-# Tables
-# ================================================================================================
-
-
-def _rows(scores: dict, names: list[str] | None = None) -> list[dict]:
-    rows = []
-    for n in names or list(scores):
-        s = scores[n]
-        row = {"predictor": n, "bits/spike": s["bits_per_spike"]}
-        row.update({f"bps {b}": v for b, v in s["bands"].items()})
-        row.update(
-            {
-                "corr": s["correlation"],
-                "R²": s["r2"],
-                "corr (unit mean)": s["corr_unit_mean"],
-                "R² (unit mean)": s["r2_unit_mean"],
-            }
-        )
-        rows.append(row)
-    return rows
-
-
-def markdown_report(result: dict) -> str:
-    """Markdown tables of one :func:`run_benchmark` result."""
-    from nh_serve.evaluation.reporting import markdown_table
-
-    out = []
-    s = result["summary"]
-    if "synthetic_mean" in s:
-        out.append(f"Synthetic recordings (mean over {s['synthetic_recordings']} held-out recordings):\n")
-        out.append(markdown_table(_rows(s["synthetic_mean"])))
-        frac = ", ".join(f"{n}: {v:.1%}" for n, v in s["fraction_of_oracle"].items() if v is not None)
-        out.append(f"\nFraction of the oracle's bits/spike: {frac}\n")
-    for r in result["recordings"]:
-        if r["synthetic"]:
-            continue
-        ref = r["reference_s"]
-        out.append(
-            f"{r['recording']} ({r['units']} units, {r['duration_s']:.0f} s, reference "
-            f"{ref[1] - ref[0]:g} s, {r['windows']} windows):\n"
-        )
-        out.append(markdown_table(_rows(r["scores"])))
-        out.append("")
-    adapt = [(r["recording"], n, a) for r in result["recordings"] for n, a in r["adaptation"].items() if a]
-    if adapt:
-        secs = [a["seconds"] for _, _, a in adapt]
-        steps = [a["steps"] for _, _, a in adapt]
-        out.append(
-            f"Test-time adaptation: {np.mean(steps):.0f} steps on average in {np.mean(secs):.1f} s per "
-            f"recording (min {min(secs):.1f} s, max {max(secs):.1f} s).\n"
-        )
-    return "\n".join(out)
-
-
-# ================================================================================================
-# Command line
-# ================================================================================================
-
-
-def _parse_compare(items: list[str]) -> dict:
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise InputError(f"--compare: expected NAME=PATH, got {it!r}")
-        name, path = it.split("=", 1)
-        if not name or name in out:
-            raise InputError(f"--compare: names must be unique and non-empty, got {name!r}")
-        out[name] = path
-    return out
-
-
-def _command(args: argparse.Namespace) -> str:
-    parts = ["nh-serve", "eval", "--checkpoint", args.checkpoint]
-    for c in args.compare:
-        parts += ["--compare", c]
-    for flag, v in (
-        ("--reference-s", args.reference_s),
-        ("--adapt-steps", args.adapt_steps or None),
-        ("--stride", args.stride if args.stride != 1.0 else None),
-        ("--max-windows", args.max_windows),
-        ("--json", args.json),
-        ("--name", args.name if args.name != "model" else None),
-    ):
-        if v is not None:
-            parts += [flag, str(v)]
-    return shlex.join(parts + list(args.sessions))
-
-
-def write_report(json_paths: list[str], doc: str) -> Path:
-    """Write saved benchmark results (``--json`` files) as the ``quality`` section of ``doc``."""
-    from nh_serve.evaluation.reporting import machine_line, write_doc_section
-
-    parts = [
-        "## Quality benchmark\n",
-        "Zero-shot next-second prediction on recordings no model saw in training (bits/spike: NLB "
-        "definition over the 50 x 20 ms bins after each prediction time, overall and per band; correlation "
-        "and R² pooled over windows, units and bins, and their means over units). Which recordings each "
-        "checkpoint was trained on: [model-card.md](model-card.md).\n",
-    ]
-    for jp in json_paths:
-        try:
-            res = json.loads(Path(jp).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(
-                f"--report: cannot read {jp} ({e}); pass files written by `nh-serve eval --json`"
-            ) from None
-        ck = res["checkpoints"]
-        parts.append(f"### {res.get('title') or res['main']}\n")
-        parts.append(
-            "Checkpoints: "
-            + "; ".join(f"`{n}` = {c['path']} ({c['model']}, {c['hash']})" for n, c in ck.items())
-            + "\n"
-        )
-        parts.append(f"Command: `{res.get('command', '')}`\n")
-        parts.append(markdown_report(res))
-    parts.append(machine_line())
-    return write_doc_section(doc, "quality", "\n".join(parts))
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.report:
-        if not args.doc:
-            raise InputError("--report: pass --doc FILE.md to write the tables into")
-        p = write_report(args.report, args.doc)
-        print(f"wrote the quality section of {p}")
-        return 0
-    if not args.sessions:
-        raise InputError("eval: pass at least one session file")
-    checkpoints = {args.name: args.checkpoint, **_parse_compare(args.compare)}
-    res = run_benchmark(
-        checkpoints,
-        [Path(s) for s in args.sessions],
-        reference_s=args.reference_s,
-        adapt_steps=args.adapt_steps,
-        adapt_budget_s=args.adapt_budget_s,
-        stride_s=args.stride,
-        max_windows=args.max_windows,
-        progress=not args.no_progress,
-    )
-    res["command"] = _command(args)
-    if args.title:
-        res["title"] = args.title
-    print(markdown_report(res))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``nh-serve eval``."""
-    p = subparsers.add_parser(
-        "eval",
-        help="quality benchmark of a checkpoint on held-out recordings",
-        description="Score a checkpoint's next-second predictions (zero-shot, and adapted with --adapt-steps) "
-        "against the baselines and, on synthetic recordings, the true rates.",
-    )
-    p.add_argument("sessions", nargs="*", help="held-out session files")
-    p.add_argument(
-        "--checkpoint", default="default", help="checkpoint file or 'default' (the built-in model)"
-    )
-    p.add_argument("--name", default="model", help="name of the main checkpoint in tables (default 'model')")
-    p.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="also score this checkpoint on the same windows (repeatable), e.g. ablations",
-    )
-    p.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
-    p.add_argument(
-        "--reference-s",
-        type=float,
-        default=None,
-        help="reference window length, seconds (default: 60, or a quarter of recordings under 4 min)",
-    )
-    p.add_argument(
-        "--adapt-steps", type=int, default=0, help="also score with N steps of test-time adaptation"
-    )
-    p.add_argument(
-        "--adapt-budget-s", type=float, default=30.0, help="time budget of the adaptation, seconds"
-    )
-    p.add_argument("--stride", type=float, default=1.0, help="seconds between prediction windows (default 1)")
-    p.add_argument(
-        "--max-windows", type=int, default=None, help="score at most this many windows per recording"
-    )
-    p.add_argument("--title", default=None, help="heading of this run in --report output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--report",
-        nargs="+",
-        default=None,
-        metavar="JSON",
-        help="instead of scoring, write saved --json results as the quality section of --doc",
-    )
-    p.add_argument("--doc", default=None, help="Markdown file for --report (e.g. docs/results.md)")
-    p.set_defaults(func=_run)

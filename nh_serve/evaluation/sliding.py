@@ -35,6 +35,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nh_serve.data.features import DEFAULT_REFERENCE_S, MIN_REFERENCE_S, reference_rate_hz
+from nh_serve.data.spikes import prefix_counts
+from nh_serve.data.windows import target_counts
 from nh_serve.errors import InputError
 from nh_serve.evaluation import baselines as B
 from nh_serve.evaluation.baselines import DEFAULT_HISTORY_S
@@ -218,27 +220,13 @@ class SpikeBlock:
 
         Counts are int64 and exact; ``counts in [a, b) = prefix(b) - prefix(a)``.
         """
-        return _prefix_at(self.units, self.positions(np.asarray(t, dtype=np.float64)), n_units, weights)
+        return prefix_counts(self.units, self.positions(np.asarray(t, dtype=np.float64)), n_units, weights)
 
     def counts_between(self, a, b, *, n_units: int) -> np.ndarray:
         """``(len(a), n_units)`` int64 spike counts of every unit in ``[a_i, b_i)`` (seconds)."""
         a = np.asarray(a, dtype=np.float64)
         pre = self.prefix_sums(np.concatenate([a, np.asarray(b, dtype=np.float64)]), n_units=n_units)
         return pre[a.size :] - pre[: a.size]
-
-
-def _prefix_at(units: np.ndarray, positions: np.ndarray, n_units: int, weights=None) -> np.ndarray:
-    """Per-unit sums over spikes ``[0, p)`` for each position ``p``: ``(len(positions), n_units)``.
-
-    One ``bincount`` over (segment between consecutive positions, unit) and a
-    cumulative sum over segments; O(N + Q U) for N spikes and Q positions.
-    """
-    n = units.shape[0]
-    pos, inv = np.unique(positions, return_inverse=True)  # (Q,) sorted
-    seg = np.repeat(np.arange(pos.size + 1), np.diff(np.concatenate(([0], pos, [n]))))  # (N,) segment of spike
-    table = np.bincount(seg * n_units + units, weights=weights, minlength=(pos.size + 1) * n_units)
-    cum = np.cumsum(table.reshape(pos.size + 1, n_units), axis=0)[: pos.size]  # row q: spikes before pos[q]
-    return cum[inv.reshape(-1)]
 
 
 def iter_spike_blocks(
@@ -266,20 +254,11 @@ def iter_spike_blocks(
 def horizon_counts(block: SpikeBlock, plan: WindowPlan, *, n_units: int) -> np.ndarray:
     """``(w, U, T)`` float32 observed counts in the horizon bins of the block's windows.
 
-    Same binning as :func:`nh_serve.data.spikes.bin_counts` per window (bins
-    ``floor((t - t_now) / bin_size)``), also when horizons overlap (stride < horizon).
+    :func:`nh_serve.data.windows.target_counts` (the targets training and test-time
+    adaptation use) on the block's spikes; horizons may overlap (stride < horizon).
     """
     t_now = plan.t_now[block.first : block.stop]  # (w,)
-    w, T = t_now.size, plan.n_bins
-    lo = block.positions(t_now)
-    hi = block.positions(t_now + plan.horizon_s)
-    lens = hi - lo
-    win = np.repeat(np.arange(w), lens)  # (M,) window of each (window, spike) pair
-    idx = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(lo, lens)
-    b = np.floor((block.times[idx] - t_now[win]) / plan.bin_size).astype(np.int64)
-    keep = (b >= 0) & (b < T)
-    flat = (win[keep] * n_units + block.units[idx][keep]) * T + b[keep]
-    return np.bincount(flat, minlength=w * n_units * T).reshape(w, n_units, T).astype(np.float32)
+    return target_counts(block.times, block.units, t_now, n_units=n_units, bin_size=plan.bin_size, n_bins=plan.n_bins)
 
 
 def block_baselines(

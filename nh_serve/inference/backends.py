@@ -6,7 +6,7 @@ firing rate (Hz)::
     backend(batch, unit_embeddings) -> (B, U, n_bins) CPU tensor
     backend.embed_units(unit_features (B, U, 33)) -> (B, U, D)
 
-``batch`` is the :func:`~nh_serve.core.model.collate` output without
+``batch`` is the :func:`~nh_serve.data.windows.collate` output without
 ``unit_features``; ``unit_embeddings`` are the cached embeddings of the
 registered session, expanded to ``(B, U, D)``. Tokenization and reference
 features always run in the Predictor (numpy), whatever the backend.
@@ -537,10 +537,10 @@ ARTIFACT_BACKEND = {"onnx": "onnxruntime", "torchscript": "torchscript"}
 
 
 def _code_hash() -> str:
-    """Hash of the model code (config, rotary, model), so cached exports follow code changes."""
+    """Hash of the model code (nh_serve/core), so cached exports follow code changes."""
     h = hashlib.sha256()
     here = Path(__file__).resolve().parents[1] / "core"
-    for name in ("config.py", "rotary.py", "model.py"):
+    for name in ("config.py", "rotary.py", "blocks.py", "model.py"):
         try:
             h.update((here / name).read_bytes())
         except OSError:
@@ -671,7 +671,7 @@ def make_backend(
 class ArtifactModel:
     """Stands in for :class:`~nh_serve.core.model.NeuroHorizon` in a Predictor that serves an artifact alone.
 
-    Tokenization and collation are the shared functions of :mod:`nh_serve.core.model`;
+    Input preparation is the Predictor's (the window pipeline, :mod:`nh_serve.data.windows`);
     ``embed_units`` runs the artifact's IDEncoder graph. Test-time adaptation
     (gradients through the model) works for TorchScript artifacts and raises
     :class:`InputError` for ONNX ones.
@@ -683,17 +683,6 @@ class ArtifactModel:
 
     def eval(self) -> ArtifactModel:
         return self
-
-    def tokenize(self, **kwargs: Any) -> dict[str, Tensor]:
-        from nh_serve.core.model import tokenize
-
-        return tokenize(self.cfg, **kwargs)
-
-    @staticmethod
-    def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        from nh_serve.core.model import collate
-
-        return collate(items)
 
     def embed_units(self, unit_features: Tensor) -> Tensor:
         return self.artifact.runner.embed_units(unit_features)

@@ -25,121 +25,32 @@ from __future__ import annotations
 import math
 import operator
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from nh_serve.core.model import poisson_loss
 from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_features, reference_rate_hz
-from nh_serve.data.spikes import bin_counts, check_spikes, history_counts, units_to_index
+from nh_serve.data.spikes import check_spikes, units_to_index
+from nh_serve.data.windows import (
+    WINDOW_INPUTS,
+    Window,
+    collate,
+    cut_windows,
+    target_counts,
+    tokenize_window,
+)
 from nh_serve.errors import InputError
-
-# Inference backends (torch, torch-compile, torchscript, onnxruntime, plugins such as the Triton
-# kernels) live in nh_serve.inference.backends; BACKENDS and TorchBackend are re-exported for existing callers.
-from nh_serve.inference.backends import BACKENDS, Backend, TorchBackend, make_backend, open_artifact_model  # noqa: F401
+from nh_serve.inference.backends import Backend, make_backend, open_artifact_model
+from nh_serve.inference.model_io import load_model
+from nh_serve.inference.sessions import RegisteredSession, SessionCache
+from nh_serve.prediction import Prediction
 
 #: Most windows x units that predict_batch runs at once (memory: ~50 bins x head width floats each).
 MAX_UNIT_WINDOWS = 16_384
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Predicted rates for one context window."""
-
-    rates_hz: np.ndarray  # (U, T) float32 firing rate in Hz per future bin
-    bin_edges: np.ndarray  # (T + 1,) float64 absolute seconds
-    unit_ids: np.ndarray  # (U,) str, the registered unit order
-    model: str  # model config name
-    model_hash: str  # short content hash of the checkpoint weights
-
-    @property
-    def bin_size(self) -> float:
-        return float(self.bin_edges[1] - self.bin_edges[0])
-
-    @property
-    def expected_counts(self) -> np.ndarray:
-        """(U, T) expected spike counts per bin (rate x bin width)."""
-        return self.rates_hz * np.diff(self.bin_edges).astype(np.float32)[None, :]
-
-
-@dataclass
-class RegisteredSession:
-    """Everything the model needs about a recording's units, computed once at registration."""
-
-    token: str
-    unit_ids: np.ndarray  # (U,) str
-    reference: tuple[float, float]  # [start, end) seconds
-    features: np.ndarray  # (U, 33) raw reference features
-    ref_rate_hz: np.ndarray  # (U,) Hz
-    embeddings: torch.Tensor  # (U, D) unit embeddings used for prediction
-    adaptation: dict | None = None  # what test-time adaptation did, if it ran
-    last_used: float = field(default_factory=time.monotonic)
-
-    @property
-    def n_units(self) -> int:
-        return int(self.unit_ids.shape[0])
-
-
-class SessionCache:
-    """Thread-safe LRU of registered sessions with a time-to-live (seconds since last use)."""
-
-    def __init__(self, *, max_sessions: int = 64, ttl_s: float = 3600.0):
-        if int(max_sessions) < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
-        if not ttl_s > 0:
-            raise ValueError(f"ttl_s must be > 0 seconds, got {ttl_s}")
-        self.max_sessions = int(max_sessions)
-        self.ttl_s = float(ttl_s)
-        self._items: OrderedDict[str, RegisteredSession] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-
-    def put(self, s: RegisteredSession) -> None:
-        with self._lock:
-            self._expire(time.monotonic())
-            self._items[s.token] = s
-            self._items.move_to_end(s.token)
-            while len(self._items) > self.max_sessions:
-                self._items.popitem(last=False)
-                self.evictions += 1
-
-    def get(self, token: str) -> RegisteredSession:
-        now = time.monotonic()
-        with self._lock:
-            self._expire(now)
-            s = self._items.get(token)
-            if s is None:
-                self.misses += 1
-                raise InputError(
-                    f"session token {token!r} is unknown or expired (sessions expire {self.ttl_s:g} s after "
-                    f"their last use, and at most {self.max_sessions} are kept); register the reference again"
-                )
-            self.hits += 1
-            s.last_used = now
-            self._items.move_to_end(token)
-            return s
-
-    def discard(self, token: str) -> None:
-        """Forget a session (no error if it is not there)."""
-        with self._lock:
-            self._items.pop(token, None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    def _expire(self, now: float) -> None:
-        dead = [k for k, s in self._items.items() if now - s.last_used > self.ttl_s]
-        for k in dead:
-            del self._items[k]
-            self.evictions += 1
 
 
 def _as_unit_ids(ids: Any, name: str) -> np.ndarray:
@@ -199,8 +110,6 @@ class Predictor:
                 threads=threads,
                 **kwargs,
             )
-        from nh_serve.inference.checkpoint import load_model
-
         model, norm, ckpt = load_model(checkpoint)
         return cls(model=model, feature_norm=norm, checkpoint=ckpt, backend=backend, threads=threads, **kwargs)
 
@@ -301,6 +210,28 @@ class Predictor:
         history_duration_s: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """One window -> the model's tokenized inputs (no batch axis)."""
+        window = self._window(
+            s,
+            spike_times,
+            unit_ids,
+            context_start=context_start,
+            behavior=behavior,
+            images=images,
+            image_schedule_s=image_schedule_s,
+            history_counts=history_counts,
+            history_duration_s=history_duration_s,
+        )
+        return self.tokenize(s, window)
+
+    def tokenize(self, session, window: Window) -> dict[str, torch.Tensor]:
+        """A :class:`~nh_serve.data.windows.Window` (unit rows in the registered order) -> model inputs."""
+        s = self.session(session)
+        # unit_features are replaced by the cached embeddings in _run; passing them keeps tokenize's checks
+        return tokenize_window(self.cfg, window, unit_features=s.features, ref_rate_hz=s.ref_rate_hz)
+
+    @staticmethod
+    def _window(s: RegisteredSession, spike_times, unit_ids, *, context_start, **inputs) -> Window:
+        """A caller's window (unit ids) -> a :class:`Window` with rows of the registered unit order."""
         ids = _as_unit_ids(unit_ids, "context unit_ids")
         t = np.asarray(spike_times)
         if t.ndim != 1 or t.shape[0] != ids.shape[0]:
@@ -308,21 +239,10 @@ class Predictor:
                 f"context spikes: {t.shape} spike times but {ids.shape[0]} unit ids; pass one unit id per spike"
             )
         uidx = units_to_index(ids, s.unit_ids, name="context unit_ids")
-        return self.model.tokenize(
-            unit_features=s.features,  # replaced by the cached embeddings; keeps tokenize's checks
-            spike_times=t,
-            spike_unit_index=uidx,
-            ctx_start=context_start,
-            ref_rate_hz=s.ref_rate_hz,
-            history_counts=history_counts,
-            history_duration_s=history_duration_s,
-            behavior=behavior,
-            images=images,
-            image_schedule_s=image_schedule_s,
-        )
+        return Window(context_start=context_start, spike_times=t, spike_unit_index=uidx, **inputs)
 
     def _run(self, s: RegisteredSession, items: list[dict[str, torch.Tensor]]) -> np.ndarray:
-        batch = self.model.collate(items)
+        batch = collate(items)
         batch.pop("unit_features")
         emb = s.embeddings.unsqueeze(0).expand(len(items), -1, -1)  # (B, U, D)
         with torch.inference_mode():
@@ -397,7 +317,9 @@ class Predictor:
         rates = self._run(s, [item])[0]
         return self._prediction(s, rates, context_start, n)
 
-    def predict_batch(self, session, windows: Sequence[dict], *, horizon_s: float | None = None, batch_size: int = 64) -> list[Prediction]:
+    def predict_batch(
+        self, session, windows: Sequence[dict], *, horizon_s: float | None = None, batch_size: int = 64
+    ) -> list[Prediction]:
         """Predict many windows of one registered session at once.
 
         ``windows`` is a sequence of dicts with the keyword arguments of
@@ -406,43 +328,48 @@ class Predictor:
         They run ``batch_size`` at a time, fewer for large sessions so that a chunk holds at most
         :data:`MAX_UNIT_WINDOWS` unit-windows (the head's activations grow with windows x units).
         """
-        try:  # ints and numpy integers, not floats or bools
-            size = None if isinstance(batch_size, (bool, np.bool_)) else operator.index(batch_size)
-        except TypeError:
-            size = None
-        if size is None or size < 1:
-            raise InputError(f"batch_size: must be a positive integer, got {batch_size!r}")
-        batch_size = size
+        size = _batch_size(batch_size)
+        s = self.session(session)
+        allowed = {"spike_times", "unit_ids", "context_start", *WINDOW_INPUTS}
+        cut = []
+        for i, w in enumerate(windows):
+            extra = set(w) - allowed
+            if extra:
+                raise InputError(f"windows[{i}]: unknown field(s) {', '.join(sorted(extra))}")
+            try:
+                rest = {k: v for k, v in w.items() if k not in ("spike_times", "unit_ids")}
+                cut.append(self._window(s, w["spike_times"], w["unit_ids"], **rest))
+            except KeyError as e:
+                raise InputError(f"windows[{i}]: missing field {e.args[0]!r}") from None
+            except InputError as e:
+                raise InputError(f"windows[{i}]: {e}") from None
+        return self.predict_windows(s, cut, horizon_s=horizon_s, batch_size=size)
+
+    def predict_windows(
+        self, session, windows: Sequence[Window], *, horizon_s: float | None = None, batch_size: int = 64
+    ) -> list[Prediction]:
+        """:meth:`predict_batch` of :class:`~nh_serve.data.windows.Window` s whose unit rows follow the
+        registered unit order (as :func:`~nh_serve.data.windows.cut_windows` cuts them from a recording)."""
+        size = _batch_size(batch_size)
         s = self.session(session)
         n = self._horizon_bins(horizon_s)
-        batch_size = max(1, min(batch_size, MAX_UNIT_WINDOWS // max(1, s.n_units)))
+        size = max(1, min(size, MAX_UNIT_WINDOWS // max(1, s.n_units)))
         out: list[Prediction] = []
-        allowed = {
-            "spike_times", "unit_ids", "context_start", "behavior", "images", "image_schedule_s",
-            "history_counts", "history_duration_s",
-        }
-        for i in range(0, len(windows), batch_size):
-            chunk = windows[i : i + batch_size]
+        for i in range(0, len(windows), size):
+            chunk = windows[i : i + size]
             items = []
             for j, w in enumerate(chunk):
-                extra = set(w) - allowed
-                if extra:
-                    raise InputError(f"windows[{i + j}]: unknown field(s) {', '.join(sorted(extra))}")
                 try:
-                    items.append(self.tokenize_window(s, w["spike_times"], w["unit_ids"], **{k: v for k, v in w.items() if k not in ("spike_times", "unit_ids")}))
-                except KeyError as e:
-                    raise InputError(f"windows[{i + j}]: missing field {e.args[0]!r}") from None
+                    items.append(self.tokenize(s, w))
                 except InputError as e:
                     raise InputError(f"windows[{i + j}]: {e}") from None
             rates = self._run(s, items)
-            out.extend(self._prediction(s, r, w["context_start"], n) for r, w in zip(rates, chunk))
+            out.extend(self._prediction(s, r, w.context_start, n) for r, w in zip(rates, chunk))
         return out
 
     # ------------------------------------------------------------------ adaptation
     def _adapt(self, s: RegisteredSession, times: np.ndarray, uidx: np.ndarray, *, steps: int, budget_s: float, seed: int):
         """Refine the unit embeddings on next-second Poisson loss inside the reference window."""
-        from nh_serve.core.model import poisson_loss
-
         cfg = self.cfg
         r0, r1 = s.reference
         span = cfg.context_s + cfg.n_bins * cfg.bin_size_s
@@ -453,27 +380,15 @@ class Predictor:
             )
         order = np.argsort(times, kind="stable")
         t, u = np.asarray(times, np.float64)[order], uidx[order]
-        items, targets = [], []
-        for c in starts:
-            a, b = np.searchsorted(t, [c, c + cfg.context_s])
-            # The history before the window, as training and predict() see it (a full history_s
-            # seconds), where the reference holds that much before the window; else the reference
-            # rate stands in: a shorter history gives noisier rates than training ever gave the model.
-            hist, hist_s = history_counts(t, u, n_units=s.n_units, ctx_start=c, history_s=cfg.history_s, start=r0)
-            full = hist_s >= cfg.history_s - 1e-9
-            items.append(
-                self.model.tokenize(
-                    unit_features=s.features, spike_times=t[a:b], spike_unit_index=u[a:b], ctx_start=c,
-                    ref_rate_hz=s.ref_rate_hz,
-                    history_counts=hist if full else None,
-                    history_duration_s=hist_s if full else None,
-                )
-            )
-            h0, h1 = np.searchsorted(t, [c + cfg.context_s, c + span])
-            targets.append(bin_counts(t[h0:h1], u[h0:h1], n_units=s.n_units, start=c + cfg.context_s, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins))
-        batch = self.model.collate(items)
+        # The history before each window, as training and predict() see it (a full history_s seconds),
+        # where the reference holds that much before the window; else the reference rate stands in: a
+        # shorter history gives noisier rates than training ever gave the model.
+        windows = cut_windows(t, u, starts, n_units=s.n_units, cfg=cfg, history_start=r0, full_history=True)
+        batch = collate([self.tokenize(s, w) for w in windows])
         batch.pop("unit_features")
-        counts = torch.from_numpy(np.stack(targets))  # (W, U, T)
+        counts = torch.from_numpy(
+            target_counts(t, u, starts + cfg.context_s, n_units=s.n_units, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
+        )  # (W, U, T)
         gen = torch.Generator().manual_seed(seed)
         emb0 = s.embeddings.detach().clone()
         emb = emb0.clone().requires_grad_(True)
@@ -530,3 +445,14 @@ class Predictor:
             "metrics": ck.metrics if ck is not None else {},
             "provenance": ck.provenance if ck is not None else {},
         }
+
+
+def _batch_size(batch_size: Any) -> int:
+    """``batch_size`` as a positive int (ints and numpy integers, not floats or bools), else InputError."""
+    try:
+        size = None if isinstance(batch_size, (bool, np.bool_)) else operator.index(batch_size)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
+        raise InputError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    return size

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from nh_serve.data.features import DEFAULT_REFERENCE_S, reference_rate_hz
 from nh_serve.data.session import open_session
+from nh_serve.data.windows import cut_windows, recorded_input_notes, recorded_inputs
 from nh_serve.errors import InputError
 from nh_serve.evaluation.baselines import BASELINES, DEFAULT_HISTORY_S
 from nh_serve.evaluation.metrics import DEFAULT_BANDS_MS
@@ -196,17 +197,6 @@ def _metrics_record(m: dict) -> dict:
     return out
 
 
-def _optional_input(session_dim: int, model_dim: int, what: str) -> tuple[bool, str]:
-    """Whether to feed behaviour / images to the model, and a note for the record."""
-    if model_dim == 0:
-        return False, f"model takes no {what}" + (" (the file has some)" if session_dim else "")
-    if session_dim == 0:
-        return False, f"file has no {what}; the model saw none"
-    if session_dim != model_dim:
-        return False, f"file's {what} are {session_dim}-D but the model takes {model_dim}-D; not used"
-    return True, "used"
-
-
 def _sample_range(n_windows: int, stride_s: float) -> tuple[int, int]:
     """Windows ``[a, b)`` of the heatmap stretch: about SAMPLE_S seconds from the middle of the recording."""
     n = max(1, min(n_windows, int(np.ceil(SAMPLE_S / stride_s))))
@@ -267,8 +257,7 @@ def score_recording(
             )
         ref_rate = reference_rate_hz(ref_t, ref_u, n_units=U, start=r0, end=r1)  # (U,) Hz, float64
         token = predictor.register(ref_t, s.unit_ids[ref_u], reference_window=(r0, r1), units=s.unit_ids)
-        use_beh, beh_note = _optional_input(s.behavior_dim, cfg.behavior_dim, "behaviour")
-        use_img, img_note = _optional_input(s.image_dim, cfg.image_dim, "images")
+        notes = recorded_input_notes(s, cfg)  # what the model is given, and why
         has_oracle = (
             oracle_rates(s, WindowPlan(plan.reference, plan.ctx_starts[:1], plan.context_s, T, bs))
             is not None
@@ -310,27 +299,19 @@ def score_recording(
             timing["targets_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             ctx = plan.ctx_starts[sl]  # (w,)
-            h0 = np.maximum(s.start, ctx - cfg.history_s)  # (w,) model history start
-            hist = block.counts_between(h0, ctx, n_units=U)  # (w, U) spikes in [h0, ctx)
-            lo, hi = block.positions(ctx), block.positions(ctx + cfg.context_s)
-            windows = []
-            for i, c in enumerate(ctx):
-                c = float(c)
-                w = {
-                    "spike_times": block.times[lo[i] : hi[i]],
-                    "unit_ids": s.unit_ids[block.units[lo[i] : hi[i]]],
-                    "context_start": c,
-                }
-                if c - h0[i] > 0:
-                    w["history_counts"] = hist[i]
-                    w["history_duration_s"] = float(c - h0[i])
-                if use_beh:
-                    w["behavior"] = s.behavior(c, c + cfg.context_s)
-                if use_img:
-                    # the recorded stimulus schedule: shown in the context and due in the forecast
-                    w["images"] = s.image_events(c, c + cfg.context_s + cfg.horizon_s)
-                    w["image_schedule_s"] = cfg.horizon_s  # complete: no listed image = none shown
-                windows.append(w)
+            # the recorded behaviour and stimulus schedule (images shown in the context and due in the
+            # forecast window; the schedule is complete: no listed image = none shown)
+            inputs = recorded_inputs(s, cfg, float(ctx[0]), float(ctx[-1]) + cfg.context_s + cfg.horizon_s)
+            windows = cut_windows(
+                block.times,
+                block.units,
+                ctx,
+                n_units=U,
+                cfg=cfg,
+                history_start=s.start,
+                behavior=inputs.behavior,
+                images=inputs.images,
+            )
             timing["inputs_s"] += time.perf_counter() - t0
             return block, counts, preds, windows
 
@@ -360,7 +341,7 @@ def score_recording(
                     nxt = helper.submit(prepare)
                     block, counts, preds, windows = item
                     t0 = time.perf_counter()
-                    out = predictor.predict_batch(token, windows, batch_size=settings.batch_size)
+                    out = predictor.predict_windows(token, windows, batch_size=settings.batch_size)
                     preds[MODEL] = np.stack(
                         [p.expected_counts for p in out]
                     )  # (w, U, T) expected counts per bin
@@ -413,8 +394,8 @@ def score_recording(
             },
             "model_inputs": {
                 "history_counts": f"spikes in the {cfg.history_s:g} s before each context",
-                "behavior": beh_note,
-                "images": img_note,
+                "behavior": notes["behavior"],
+                "images": notes["images"],
             },
             "units": {
                 "id": [str(u) for u in s.unit_ids],

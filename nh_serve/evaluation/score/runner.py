@@ -69,7 +69,8 @@ class RunReport:
 
 def model_info(checkpoint) -> dict:
     """Name, hashes and path of a checkpoint, from its header (no weights are loaded)."""
-    from nh_serve.inference.checkpoint import read_metadata, resolve_checkpoint
+    from nh_serve.inference.checkpoint import read_metadata
+    from nh_serve.inference.model_io import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     meta = read_metadata(path)

@@ -1,0 +1,216 @@
+"""``nh-serve eval``: the command line and Markdown tables of the quality benchmark.
+
+The scoring itself is :mod:`nh_serve.evaluation.quality` (:func:`run_benchmark`);
+``--json PATH`` writes every figure; ``--report A.json B.json --doc
+docs/results.md`` turns saved results into the ``quality`` section of a Markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nh_serve.errors import InputError
+from nh_serve.evaluation.quality import run_benchmark
+from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
+
+# ================================================================================================
+# Tables
+# ================================================================================================
+
+
+def _rows(scores: dict, names: list[str] | None = None) -> list[dict]:
+    rows = []
+    for n in names or list(scores):
+        s = scores[n]
+        row = {"predictor": n, "bits/spike": s["bits_per_spike"]}
+        row.update({f"bps {b}": v for b, v in s["bands"].items()})
+        row.update(
+            {
+                "corr": s["correlation"],
+                "R²": s["r2"],
+                "corr (unit mean)": s["corr_unit_mean"],
+                "R² (unit mean)": s["r2_unit_mean"],
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def markdown_report(result: dict) -> str:
+    """Markdown tables of one :func:`run_benchmark` result."""
+    out = []
+    s = result["summary"]
+    if "synthetic_mean" in s:
+        out.append(f"Synthetic recordings (mean over {s['synthetic_recordings']} held-out recordings):\n")
+        out.append(markdown_table(_rows(s["synthetic_mean"])))
+        frac = ", ".join(f"{n}: {v:.1%}" for n, v in s["fraction_of_oracle"].items() if v is not None)
+        out.append(f"\nFraction of the oracle's bits/spike: {frac}\n")
+    for r in result["recordings"]:
+        if r["synthetic"]:
+            continue
+        ref = r["reference_s"]
+        out.append(
+            f"{r['recording']} ({r['units']} units, {r['duration_s']:.0f} s, reference "
+            f"{ref[1] - ref[0]:g} s, {r['windows']} windows):\n"
+        )
+        out.append(markdown_table(_rows(r["scores"])))
+        out.append("")
+    adapt = [(r["recording"], n, a) for r in result["recordings"] for n, a in r["adaptation"].items() if a]
+    if adapt:
+        secs = [a["seconds"] for _, _, a in adapt]
+        steps = [a["steps"] for _, _, a in adapt]
+        out.append(
+            f"Test-time adaptation: {np.mean(steps):.0f} steps on average in {np.mean(secs):.1f} s per "
+            f"recording (min {min(secs):.1f} s, max {max(secs):.1f} s).\n"
+        )
+    return "\n".join(out)
+
+
+# ================================================================================================
+# Command line
+# ================================================================================================
+
+
+def _parse_compare(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise InputError(f"--compare: expected NAME=PATH, got {it!r}")
+        name, path = it.split("=", 1)
+        if not name or name in out:
+            raise InputError(f"--compare: names must be unique and non-empty, got {name!r}")
+        out[name] = path
+    return out
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["nh-serve", "eval", "--checkpoint", args.checkpoint]
+    for c in args.compare:
+        parts += ["--compare", c]
+    for flag, v in (
+        ("--reference-s", args.reference_s),
+        ("--adapt-steps", args.adapt_steps or None),
+        ("--stride", args.stride if args.stride != 1.0 else None),
+        ("--max-windows", args.max_windows),
+        ("--json", args.json),
+        ("--name", args.name if args.name != "model" else None),
+    ):
+        if v is not None:
+            parts += [flag, str(v)]
+    return shlex.join(parts + list(args.sessions))
+
+
+def write_report(json_paths: list[str], doc: str) -> Path:
+    """Write saved benchmark results (``--json`` files) as the ``quality`` section of ``doc``."""
+    parts = [
+        "## Quality benchmark\n",
+        "Zero-shot next-second prediction on recordings no model saw in training (bits/spike: NLB "
+        "definition over the 50 x 20 ms bins after each prediction time, overall and per band; correlation "
+        "and R² pooled over windows, units and bins, and their means over units). Which recordings each "
+        "checkpoint was trained on: [model-card.md](model-card.md).\n",
+    ]
+    for jp in json_paths:
+        try:
+            res = json.loads(Path(jp).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(
+                f"--report: cannot read {jp} ({e}); pass files written by `nh-serve eval --json`"
+            ) from None
+        ck = res["checkpoints"]
+        parts.append(f"### {res.get('title') or res['main']}\n")
+        parts.append(
+            "Checkpoints: "
+            + "; ".join(f"`{n}` = {c['path']} ({c['model']}, {c['hash']})" for n, c in ck.items())
+            + "\n"
+        )
+        parts.append(f"Command: `{res.get('command', '')}`\n")
+        parts.append(markdown_report(res))
+    parts.append(machine_line())
+    return write_doc_section(doc, "quality", "\n".join(parts))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.report:
+        if not args.doc:
+            raise InputError("--report: pass --doc FILE.md to write the tables into")
+        p = write_report(args.report, args.doc)
+        print(f"wrote the quality section of {p}")
+        return 0
+    if not args.sessions:
+        raise InputError("eval: pass at least one session file")
+    checkpoints = {args.name: args.checkpoint, **_parse_compare(args.compare)}
+    res = run_benchmark(
+        checkpoints,
+        [Path(s) for s in args.sessions],
+        reference_s=args.reference_s,
+        adapt_steps=args.adapt_steps,
+        adapt_budget_s=args.adapt_budget_s,
+        stride_s=args.stride,
+        max_windows=args.max_windows,
+        progress=not args.no_progress,
+    )
+    res["command"] = _command(args)
+    if args.title:
+        res["title"] = args.title
+    print(markdown_report(res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``nh-serve eval``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="quality benchmark of a checkpoint on held-out recordings",
+        description="Score a checkpoint's next-second predictions (zero-shot, and adapted with --adapt-steps) "
+        "against the baselines and, on synthetic recordings, the true rates.",
+    )
+    p.add_argument("sessions", nargs="*", help="held-out session files")
+    p.add_argument(
+        "--checkpoint", default="default", help="checkpoint file or 'default' (the built-in model)"
+    )
+    p.add_argument("--name", default="model", help="name of the main checkpoint in tables (default 'model')")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also score this checkpoint on the same windows (repeatable), e.g. ablations",
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
+    p.add_argument(
+        "--reference-s",
+        type=float,
+        default=None,
+        help="reference window length, seconds (default: 60, or a quarter of recordings under 4 min)",
+    )
+    p.add_argument(
+        "--adapt-steps", type=int, default=0, help="also score with N steps of test-time adaptation"
+    )
+    p.add_argument(
+        "--adapt-budget-s", type=float, default=30.0, help="time budget of the adaptation, seconds"
+    )
+    p.add_argument("--stride", type=float, default=1.0, help="seconds between prediction windows (default 1)")
+    p.add_argument(
+        "--max-windows", type=int, default=None, help="score at most this many windows per recording"
+    )
+    p.add_argument("--title", default=None, help="heading of this run in --report output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="instead of scoring, write saved --json results as the quality section of --doc",
+    )
+    p.add_argument("--doc", default=None, help="Markdown file for --report (e.g. docs/results.md)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,88 @@
+"""Registered recordings: what the Predictor keeps about a recording's units, and the cache that holds them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nh_serve.errors import InputError
+
+
+@dataclass
+class RegisteredSession:
+    """Everything the model needs about a recording's units, computed once at registration."""
+
+    token: str
+    unit_ids: np.ndarray  # (U,) str
+    reference: tuple[float, float]  # [start, end) seconds
+    features: np.ndarray  # (U, 33) raw reference features
+    ref_rate_hz: np.ndarray  # (U,) Hz
+    embeddings: torch.Tensor  # (U, D) unit embeddings used for prediction
+    adaptation: dict | None = None  # what test-time adaptation did, if it ran
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit_ids.shape[0])
+
+
+class SessionCache:
+    """Thread-safe LRU of registered sessions with a time-to-live (seconds since last use)."""
+
+    def __init__(self, *, max_sessions: int = 64, ttl_s: float = 3600.0):
+        if int(max_sessions) < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0 seconds, got {ttl_s}")
+        self.max_sessions = int(max_sessions)
+        self.ttl_s = float(ttl_s)
+        self._items: OrderedDict[str, RegisteredSession] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def put(self, s: RegisteredSession) -> None:
+        with self._lock:
+            self._expire(time.monotonic())
+            self._items[s.token] = s
+            self._items.move_to_end(s.token)
+            while len(self._items) > self.max_sessions:
+                self._items.popitem(last=False)
+                self.evictions += 1
+
+    def get(self, token: str) -> RegisteredSession:
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            s = self._items.get(token)
+            if s is None:
+                self.misses += 1
+                raise InputError(
+                    f"session token {token!r} is unknown or expired (sessions expire {self.ttl_s:g} s after "
+                    f"their last use, and at most {self.max_sessions} are kept); register the reference again"
+                )
+            self.hits += 1
+            s.last_used = now
+            self._items.move_to_end(token)
+            return s
+
+    def discard(self, token: str) -> None:
+        """Forget a session (no error if it is not there)."""
+        with self._lock:
+            self._items.pop(token, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def _expire(self, now: float) -> None:
+        dead = [k for k, s in self._items.items() if now - s.last_used > self.ttl_s]
+        for k in dead:
+            del self._items[k]
+            self.evictions += 1
