@@ -12,23 +12,20 @@ code shared with the Predictor, which serves an artifact with
 Every export is checked against eager PyTorch (random inputs and a real or
 synthetic recording, relative error <= 1e-4) before it is moved into place.
 
-Modules: :mod:`export.artifact` (layout, metadata, loading),
-:mod:`export.onnx`, :mod:`export.torchscript`, :mod:`export.parity`,
-:mod:`export.exporter` (:func:`export_model`), :mod:`export.cli`.
+Modules: :mod:`export.onnx` and :mod:`export.torchscript` (making the graphs),
+:mod:`export.parity` (the Predictor-level check), :mod:`export.exporter`
+(:func:`export_model`), :mod:`export.backends` (the ``onnxruntime`` and
+``torchscript`` backends built from a loaded model, a plugin of the backend
+registry) and :mod:`export.cli`. The artifact format and its loading are inference
+code: :mod:`nh_serve.inference.artifact`, :mod:`nh_serve.inference.backends.artifacts`.
 """
 
 from __future__ import annotations
 
-from export.artifact import (
-    ARTIFACT_FORMAT_VERSION,
-    FORMATS,
-    Artifact,
-    artifact_format,
-    load_artifact,
-    read_artifact_metadata,
-)
 from export.exporter import ExportResult, export_checkpoint, export_model
-from export.parity import DEFAULT_TOLERANCE, ParityError, ParityReport
+from nh_serve.inference.artifact import ARTIFACT_FORMAT_VERSION, FORMATS, Artifact, artifact_format
+from nh_serve.inference.backends.artifacts import load_artifact, read_artifact_metadata
+from nh_serve.inference.backends.parity import DEFAULT_TOLERANCE, ParityError, ParityReport
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",

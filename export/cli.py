@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from export.exporter import export_checkpoint
 from nh_serve.errors import InputError
+from nh_serve.inference.backends.parity import DEFAULT_TOLERANCE
 
 
 def add_cli(subparsers) -> None:
@@ -55,9 +57,6 @@ def add_cli(subparsers) -> None:
 
 def run(args) -> int:
     """Run the export described by parsed ``args``; returns the exit code (errors raise InputError)."""
-    from export.exporter import export_checkpoint
-    from export.parity import DEFAULT_TOLERANCE
-
     recordings = "synthetic" if args.synthetic_only else (args.real_data or "auto")
     result = export_checkpoint(
         args.checkpoint,

@@ -23,9 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.artifact import SUFFIXES, build_metadata, check_format
-from export.parity import DEFAULT_TOLERANCE, ParityReport, check_predictor_parity, compare_backends
+from export import onnx as onnx_export
+from export import torchscript as torchscript_export
+from export.parity import check_predictor_parity
 from nh_serve.errors import InputError
+from nh_serve.inference.artifact import SUFFIXES, build_metadata, check_format
+from nh_serve.inference.backends.parity import DEFAULT_TOLERANCE, ParityReport, compare_backends
+from nh_serve.inference.checkpoint import content_hash
+from nh_serve.inference.model_io import load_model
+from nh_serve.inference.predictor import Predictor
 from nh_serve.util import atomic_path
 
 
@@ -81,9 +87,6 @@ def export_model(
     Raises :class:`InputError` (bad format / path), :class:`~nh_serve.errors.CheckpointError`
     (export failed) or :class:`~export.parity.ParityError` (no file written).
     """
-    from nh_serve.inference.checkpoint import content_hash
-    from nh_serve.inference.predictor import Predictor
-
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
     fmt = check_format(fmt)
@@ -106,12 +109,10 @@ def export_model(
     with atomic_path(dest, make_parents=True, keep_suffix=True) as tmp:
         say(f"exporting {cfg.name} ({source_hash[:12]}) to {fmt} ...")
         if fmt == "onnx":
-            from export import onnx as fmt_module
-
+            fmt_module = onnx_export
             graphs = fmt_module.export_graphs(model, opset=opset)
         else:
-            from export import torchscript as fmt_module
-
+            fmt_module = torchscript_export
             graphs = (fmt_module.script_model(model),)
         fmt_module.write(tmp, *graphs, {**doc, "parity": {"status": "pending"}})
 
@@ -148,8 +149,6 @@ def export_checkpoint(
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Load a checkpoint (path, ``"default"`` or None) and :func:`export_model` it."""
-    from nh_serve.inference.model_io import load_model
-
     fmt = check_format(fmt)
     model, norm, ckpt = load_model(checkpoint)
     return export_model(

@@ -1,8 +1,9 @@
 """The ``triton`` inference backend: NeuroHorizon with its attention and head on the fused kernels.
 
-Registered in :data:`nh_serve.inference.backends.BACKENDS` when :mod:`nh_serve.inference.backends`
-first uses its registry (``PLUGIN_MODULES``). Importing this module does not
-import Triton.
+A plugin of the backend registry (:mod:`nh_serve.inference.backends.registry`): the
+entry point ``triton`` of the group ``nh_serve.backends`` (pyproject.toml) names
+:data:`TRITON`, registered the first time the registry is used. Importing this
+module does not import Triton.
 
 How the kernels enter the model: :func:`fuse_model` makes a structural copy of
 the loaded model that shares every parameter and buffer with it (no weights are
@@ -15,10 +16,10 @@ copied) and sets the copy's hooks:
   type) rows with ``kv_index`` (``row = unit * 3 + type``), so per-token keys and
   values never exist in memory; the processor and decoder self-attention use
   the same kernel with shared times (``causal`` for the decoder bins);
-- :class:`~nh_serve.core.model.PerNeuronHead` gets ``fused_combine =``
+- :class:`~nh_serve.core.blocks.PerNeuronHead` gets ``fused_combine =``
   :class:`FusedHead` (:func:`kernels.per_neuron_head`, exact-erf GELU), for heads
   of 2 or 3 linear layers (``head_layers``); deeper heads keep the PyTorch
-  :meth:`~nh_serve.core.model.PerNeuronHead.combine`.
+  :meth:`~nh_serve.core.blocks.PerNeuronHead.combine`.
 
 Everything else (norms, projections, feed-forwards, masking, clamping) is the
 model's own code, so the backend follows the model. The loaded model is left
@@ -41,13 +42,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels import per_neuron_head, rotary_cross_attention, triton_interpret_mode
-from nh_serve.core.model import NeuroHorizon, PerNeuronHead
+from kernels.jit import triton_interpret_mode
+from kernels.per_neuron_head import per_neuron_head
+from kernels.rotary_attention import rotary_cross_attention
+from nh_serve.core.blocks import PerNeuronHead
+from nh_serve.core.model import NeuroHorizon
 from nh_serve.core.rotary import RotaryCrossAttention, RotarySelfAttention
 from nh_serve.errors import InputError
-from nh_serve.inference.backends import Backend, BackendSpec, BuildRequest, TorchBackend, register_backend
+from nh_serve.inference.backends.base import Backend, BackendSpec, BuildRequest
+from nh_serve.inference.backends.eager import TorchBackend, verify
 
-__all__ = ["FusedHead", "TritonBackend", "fuse_model", "fused_attention", "triton_unavailable"]
+__all__ = ["TRITON", "FusedHead", "TritonBackend", "fuse_model", "fused_attention", "triton_unavailable"]
 
 MAX_FUSED_HEAD_LAYERS = 3
 """The head kernel fuses the output layer plus at most one hidden layer (``head_layers`` 2 or 3)."""
@@ -184,21 +189,12 @@ def build_triton_backend(req: BuildRequest) -> Backend:
         raise InputError(
             "backend 'triton' needs the PyTorch checkpoint (.safetensors), not an exported artifact"
         )
-    backend = TritonBackend(req.model, threads=req.threads)
-    if req.verify:
-        from export.parity import compare_backends
-
-        report = compare_backends(TorchBackend(req.model), backend, req.model.cfg, small=True)
-        report.raise_if_failed(f"backend {backend.name}")
-    return backend
+    return verify(TritonBackend(req.model, threads=req.threads), req)
 
 
-register_backend(
-    BackendSpec(
-        "triton",
-        "fused Triton kernels (rotary attention, per-neuron head); CUDA",
-        build_triton_backend,
-        triton_unavailable,
-    ),
-    replace=True,
+TRITON = BackendSpec(
+    "triton",
+    "fused Triton kernels (rotary attention, per-neuron head); CUDA",
+    build_triton_backend,
+    triton_unavailable,
 )

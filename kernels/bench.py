@@ -39,6 +39,16 @@ from pathlib import Path
 
 import torch
 
+from kernels.jit import triton_available
+from kernels.per_neuron_head import per_neuron_head, per_neuron_head_reference
+from kernels.rotary_attention import (
+    pack_keys,
+    rotary_cross_attention,
+    rotary_cross_attention_reference,
+    rotary_frequencies,
+)
+from nh_serve.evaluation.reporting import write_doc_section
+
 DEFAULT_MARKDOWN = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 PROVIDERS = ("torch", "torch_brain", "torch_compile", "triton")
 T_MIN, T_MAX = 1e-4, 2.0  # rotary periods, seconds
@@ -140,8 +150,6 @@ def head_floor(size: HeadSize, *, hidden: int, hidden2: int, elem: int) -> tuple
 
 def make_attn_inputs(size: AttnSize, *, heads: int, head_dim: int, dtype: torch.dtype, device, seed: int = 0):
     """Padded + packed views of one random cross-attention problem (rotate_value=True as in the model)."""
-    from kernels.rotary_attention import pack_keys, rotary_frequencies
-
     g = torch.Generator().manual_seed(seed)
     lengths = attn_lengths(size, seed)
     n_k = max(lengths)
@@ -161,8 +169,6 @@ def make_attn_inputs(size: AttnSize, *, heads: int, head_dim: int, dtype: torch.
 
 def attn_providers(x: dict, *, heads: int, head_dim: int) -> dict[str, Callable[[], torch.Tensor]]:
     """Callables returning (B, Nq, H, Dh) outputs for every provider."""
-    from kernels.rotary_attention import rotary_cross_attention, rotary_cross_attention_reference
-
     def ref():
         return rotary_cross_attention_reference(
             x["q"], x["k"], x["v"], x["q_t"], x["k_t"], x["freqs"], key_mask=x["mask"], rotate_value=True
@@ -233,8 +239,6 @@ def make_head_inputs(size: HeadSize, *, hidden: int, hidden2: int, dtype: torch.
 
 
 def head_providers(x: dict) -> dict[str, Callable[[], torch.Tensor]]:
-    from kernels.per_neuron_head import per_neuron_head, per_neuron_head_reference
-
     args = (x["unit_part"], x["bin_part"], x["weights"], x["biases"])
     kw = dict(activation="gelu", emit_rates=True, bin_width=BIN_WIDTH)
     compiled = torch.compile(per_neuron_head_reference, dynamic=False)
@@ -409,13 +413,8 @@ def run_gpu(args, bandwidth: float) -> list[Row]:
 
 def interpreter_smoke_check() -> list[str]:
     """Tiny kernel-vs-reference check on Triton's CPU interpreter; returns report lines."""
-    from kernels import triton_available
-    from kernels.per_neuron_head import per_neuron_head, per_neuron_head_reference
-
     if not triton_available():
         return ["triton is not installed: kernels not checked"]
-    from kernels.rotary_attention import rotary_cross_attention, rotary_cross_attention_reference
-
     lines = []
     x = make_attn_inputs(AttnSize("smoke", 2, 9, 40), heads=2, head_dim=16, dtype=torch.float32, device="cpu")
     got = rotary_cross_attention(
@@ -595,8 +594,6 @@ def markdown_section(
 
 def write_markdown(path: Path, section: str) -> None:
     """Replace the kernels section of ``path`` (shared writer of all benchmark sections)."""
-    from nh_serve.evaluation.reporting import write_doc_section
-
     write_doc_section(path, "kernels", section, title="Benchmarks")
 
 

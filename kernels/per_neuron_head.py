@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import check_launchable, lazy_jit, materialize_jit
+from kernels.jit import check_launchable, lazy_jit, materialize_jit
 from nh_serve.errors import InputError
 
 tl = None  # triton.language, bound by materialize_jit() at first launch

@@ -7,7 +7,7 @@ Convention (identical to torch_brain ``RotaryTimeEmbedding`` +
   *interleaved* pair of head dimensions ``(x[2i], x[2i + 1])``; pairs that are
   not rotated have frequency 0. This is exactly torch_brain's
   ``RotaryTimeEmbedding(head_dim, rotate_dim, t_min, t_max).omega`` buffer, and
-  :func:`rotary_frequencies` builds it with the same formula (periods
+  :func:`rotary_frequencies` (the model's :func:`nh_serve.core.rotary.rotary_freqs`) builds it (periods
   log-spaced between ``t_min`` and ``t_max``, both inclusive; only the first
   ``rotate_dim`` dims rotated, torch_brain's and the model's
   ``rotate_dim = head_dim // 2``).
@@ -70,8 +70,17 @@ import math
 
 import torch
 
-from kernels import check_launchable, lazy_jit, materialize_jit
+from kernels.jit import check_launchable, lazy_jit, materialize_jit
+from nh_serve.core.rotary import rotary_freqs as rotary_frequencies  # the model's function (one copy)
 from nh_serve.errors import InputError
+
+__all__ = [
+    "pack_keys",
+    "rotary_cross_attention",
+    "rotary_cross_attention_reference",
+    "rotary_frequencies",
+    "rotary_self_attention",
+]
 
 tl = None  # triton.language, bound by materialize_jit() at first launch
 triton = None  # the triton module, bound by materialize_jit()
@@ -83,35 +92,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------
 # Frequencies (torch_brain's formula)
 # ---------------------------------------------------------------------------
-
-
-def rotary_frequencies(
-    *, head_dim: int, t_min: float, t_max: float, rotate_dim: int | None = None
-) -> torch.Tensor:
-    """Angular frequencies (rad / s) per interleaved pair, shape (head_dim // 2,), float32.
-
-    Bit-identical to torch_brain ``RotaryTimeEmbedding(head_dim, rotate_dim,
-    t_min, t_max).omega``: ``rotate_dim // 2`` periods log-spaced between
-    ``t_min`` and ``t_max`` seconds (both inclusive), frequency ``2 pi /
-    period``, zeros for the pairs that are not rotated. ``rotate_dim``
-    defaults to ``head_dim // 2`` (half the head rotated, as in the model).
-    """
-    if rotate_dim is None:
-        rotate_dim = head_dim // 2
-    if head_dim % 2 or rotate_dim % 2 or not 0 < rotate_dim <= head_dim:
-        raise InputError(
-            f"head_dim ({head_dim}) and rotate_dim ({rotate_dim}) must be even with "
-            "0 < rotate_dim <= head_dim; pick an even head size"
-        )
-    if not 0 < t_min < t_max:
-        raise InputError(f"need 0 < t_min < t_max seconds, got t_min={t_min}, t_max={t_max}")
-    n_rot = rotate_dim // 2
-    exponents = torch.linspace(0, 1.0, n_rot, dtype=torch.float32)
-    lo, hi = torch.tensor(t_min), torch.tensor(t_max)
-    periods = torch.exp(torch.lerp(lo.log(), hi.log(), exponents))  # (n_rot,) seconds
-    omega = torch.zeros(head_dim // 2)
-    omega[:n_rot] = 2 * torch.pi / periods
-    return omega
 
 
 def pack_keys(key_mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

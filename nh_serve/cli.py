@@ -1,38 +1,38 @@
-"""The ``nh-serve`` command line.
+"""The ``nh-serve`` command line: the composition root.
 
 Each subcommand lives in the module that owns the work; that module exposes
 ``add_cli(subparsers)``, which registers its parser and sets ``func`` to a
 callable ``(args) -> exit code``. This file only wires them together and turns
-:class:`~nh_serve.errors.InputError` into a one-line message and exit code 2.
+:class:`~nh_serve.errors.InputError` into a one-line message and exit code 2. It is
+the only module of nh_serve that imports ``training``, ``export``, ``kernels``,
+``service`` and the benchmarks (``nh_serve.bench``, ``kernels.bench``,
+``service.bench``); see docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from export import cli as export_cli
+from kernels import bench as kernels_bench
+from nh_serve.bench import features as bench_features
+from nh_serve.bench import forward as bench_forward
+from nh_serve.bench import predict as bench_predict
+from nh_serve.bench import score as bench_score
+from nh_serve.data import synth
 from nh_serve.errors import InputError
+from nh_serve.evaluation import demo, quality_cli
+from nh_serve.evaluation.score import cli as score_cli
+from nh_serve.ingest import cli as ingest_cli
+from service import bench as bench_service
+from training import train
 
 # Modules with top-level subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES = (
-    "nh_serve.evaluation.demo",
-    "nh_serve.data.synth",
-    "nh_serve.ingest.cli",
-    "training.train",
-    "nh_serve.evaluation.quality_cli",
-    "export.cli",
-    "nh_serve.evaluation.score.cli",
-)
+COMMAND_MODULES = (demo, synth, ingest_cli, train, quality_cli, export_cli, score_cli)
 
 # Modules with ``nh-serve bench <name>`` subcommands.
-BENCH_MODULES = (
-    "nh_serve.bench.features",
-    "nh_serve.bench.forward",
-    "nh_serve.bench.predict",
-    "nh_serve.bench.service",
-    "nh_serve.bench.score",
-)
+BENCH_MODULES = (bench_features, bench_forward, bench_predict, bench_service, bench_score)
 
 
 def _add_kernels_bench(bench_sub) -> None:
@@ -42,13 +42,7 @@ def _add_kernels_bench(bench_sub) -> None:
         add_help=False,
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
-
-    def run(args) -> int:
-        from kernels import bench
-
-        return int(bench.main(args.rest) or 0)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: int(kernels_bench.main(args.rest) or 0))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve, score and train NeuroHorizon spike-prediction models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(sub)
+    for module in COMMAND_MODULES:
+        module.add_cli(sub)
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", metavar="<benchmark>")
-    for name in BENCH_MODULES:
-        importlib.import_module(name).add_cli(bench_sub)
+    for module in BENCH_MODULES:
+        module.add_cli(bench_sub)
     _add_kernels_bench(bench_sub)
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
     return parser
@@ -71,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "kernels"]:  # its own argparse takes every remaining option
-        from kernels import bench
-
-        return int(bench.main(argv[2:]) or 0)
+        return int(kernels_bench.main(argv[2:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from service.metrics import ServiceMetrics
+
 
 async def _send_json(send, status: int, payload: dict) -> None:
     body = json.dumps(payload).encode()
@@ -28,8 +30,6 @@ async def _send_json(send, status: int, payload: dict) -> None:
 
 def _count_rejected(path: str, status: int) -> None:
     try:
-        from service.metrics import ServiceMetrics
-
         ServiceMetrics.get().rejected.labels(endpoint=path.strip("/") or "/", status=str(status)).inc()
     except Exception:  # metrics must never break a response
         pass

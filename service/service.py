@@ -21,14 +21,16 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import bentoml
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
-from nh_serve.errors import CheckpointError
-from service.handlers import ApiError
+from nh_serve.errors import CheckpointError, InputError
+from service.handlers import ApiError, Handlers
+from service.metrics import ServiceMetrics
 from service.middleware import RequestGuard
 from service.schemas import (
     BatchPrediction,
@@ -47,7 +49,7 @@ if SETTINGS.checkpoint != "default" and not os.path.isfile(SETTINGS.checkpoint):
     # Checked here too, in the `bentoml serve` process itself, so that it exits at once with an error.
     raise CheckpointError(
         f"NH_SERVE_CHECKPOINT={SETTINGS.checkpoint!r} is not a file; point it at a checkpoint "
-        "(written by nh_serve.inference.checkpoint.save_model) or unset it to use the built-in default"
+        "(written by nh_serve.inference.model_io.save_model) or unset it to use the built-in default"
     )
 API_PATHS = ("/register", "/predict", "/predict_batch")
 _INSTANCE: dict[str, object] = {}  # the running NHServe, for the plain Starlette routes
@@ -103,13 +105,9 @@ class NHServe:
     """
 
     def __init__(self) -> None:
-        from pathlib import Path
-
-        from nh_serve.errors import InputError
+        # torch comes with these two: imported in the worker only, so the `bentoml serve` supervisor stays small
         from nh_serve.inference.model_io import resolve_checkpoint
         from nh_serve.inference.predictor import Predictor
-        from service.handlers import Handlers
-        from service.metrics import ServiceMetrics
 
         self.ready = False
         t0 = time.perf_counter()
@@ -129,7 +127,7 @@ class NHServe:
         except InputError as e:  # CheckpointError included: a missing, damaged or unusable file
             _fail_start(
                 f"nh-serve cannot start: {e}. Set NH_SERVE_CHECKPOINT to a checkpoint file (written by "
-                "nh_serve.inference.checkpoint.save_model) or an exported artifact, or install the default one in nh_serve/models/."
+                "nh_serve.inference.model_io.save_model) or an exported artifact, or install the default one in nh_serve/models/."
             )
         except Exception as e:  # a broken installation: say what, and stop instead of restarting forever
             log.exception("start-up failed")

@@ -13,6 +13,8 @@ from real_data import REAL
 from nh_serve.data.windows import collate
 from nh_serve.errors import InputError
 from nh_serve.inference import backends as B
+from nh_serve.inference.backends import base, registry
+from nh_serve.inference.backends.parity import ParityError
 from nh_serve.inference.predictor import Predictor
 
 
@@ -144,7 +146,7 @@ def test_auto_picks_the_first_available_backend_of_the_table(ckpt, cache, monkey
     # When the first choice is unavailable, auto falls through to the next one.
     first = B.BACKENDS[order[0]]
     monkeypatch.setitem(
-        B.BACKENDS, order[0], B.BackendSpec(first.name, first.description, first.build, lambda d: "disabled")
+        registry.BACKENDS, order[0], B.BackendSpec(first.name, first.description, first.build, lambda d: "disabled")
     )
     assert B.choose_backend("cpu") == next(n for n in order[1:] if B.available_backends("cpu")[n] is None)
     assert B.choose_backend("cuda") != "triton" or "triton" in B.BACKENDS
@@ -157,7 +159,7 @@ def test_unknown_or_unavailable_backend(ckpt, monkeypatch):
         Predictor.load(ckpt, backend="tensorrt")
     spec = B.BACKENDS["onnxruntime"]
     monkeypatch.setitem(
-        B.BACKENDS,
+        registry.BACKENDS,
         "onnxruntime",
         B.BackendSpec(spec.name, spec.description, spec.build, lambda d: "onnxruntime is not installed"),
     )
@@ -175,10 +177,10 @@ def test_register_backend_plugs_in_a_new_backend(ckpt, monkeypatch):
             calls.append(unit_embeddings.shape)
             return super().run(batch, unit_embeddings)
 
-    monkeypatch.setattr(B, "BACKENDS", dict(B.BACKENDS))
-    B.register_backend(B.BackendSpec("doubling", "test", lambda req: Doubling(req.model), lambda d: None))
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    registry.register_backend(B.BackendSpec("doubling", "test", lambda req: Doubling(req.model), lambda d: None))
     with pytest.raises(ValueError, match="already registered"):
-        B.register_backend(B.BackendSpec("doubling", "test", lambda req: Doubling(req.model), lambda d: None))
+        registry.register_backend(B.BackendSpec("doubling", "test", lambda req: Doubling(req.model), lambda d: None))
     p = Predictor.load(ckpt, backend="doubling")
     tok = p.register(np.linspace(0, 19.9, 200), np.array(["a", "b"] * 100), reference_window=(0.0, 20.0))
     p.predict(tok, [20.1, 20.5], ["a", "b"], context_start=20.0)
@@ -186,26 +188,24 @@ def test_register_backend_plugs_in_a_new_backend(ckpt, monkeypatch):
 
 
 def test_a_backend_that_disagrees_with_eager_is_refused(ckpt, monkeypatch):
-    from export.parity import ParityError
-
     class Off(B.TorchBackend):
         name = "off"
 
         def run(self, batch, unit_embeddings):
             return super().run(batch, unit_embeddings) + 1e-3
 
-    monkeypatch.setattr(B, "BACKENDS", dict(B.BACKENDS))
-    B.register_backend(
-        B.BackendSpec("off", "test", lambda req: B._verify(Off(req.model), req), lambda d: None)
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    registry.register_backend(
+        B.BackendSpec("off", "test", lambda req: B.verify(Off(req.model), req), lambda d: None)
     )
     with pytest.raises(ParityError, match="backend off does not match eager PyTorch"):
         Predictor.load(ckpt, backend="off")
 
 
 def test_default_threads_rule(monkeypatch):
-    monkeypatch.setattr(B.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.setattr(base.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert B.default_threads() == 1
-    monkeypatch.setattr(B.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(base.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert B.default_threads() == 4
 
 
@@ -217,7 +217,7 @@ def test_auto_falls_back_when_a_build_fails(ckpt, monkeypatch):
 
     first = B.AUTO_ORDER["cpu"][0]
     spec = B.BACKENDS[first]
-    monkeypatch.setitem(B.BACKENDS, first, B.BackendSpec(spec.name, spec.description, broken, lambda d: None))
+    monkeypatch.setitem(registry.BACKENDS, first, B.BackendSpec(spec.name, spec.description, broken, lambda d: None))
     with pytest.warns(UserWarning, match="simulated"):
         p = Predictor.load(ckpt)
     assert p.backend_name == next(

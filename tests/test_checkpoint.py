@@ -19,13 +19,13 @@ from nh_serve.inference import checkpoint as ckpt_mod
 from nh_serve.inference.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
-    check_state_dict,
     content_hash,
     load_checkpoint,
     read_metadata,
     save_checkpoint,
     short_hash,
 )
+from nh_serve.inference.model_io import check_state_dict
 
 N_FEATURES = 33
 
@@ -503,7 +503,7 @@ def test_feature_norm_checked_on_load(saved, tmp_path):
 
     def break_norm(doc):
         doc["feature_norm"]["std"][3] = 0.0
-        doc["metadata_hash"] = ckpt_mod._metadata_hash(doc)
+        doc["metadata_hash"] = ckpt_mod.metadata_hash(doc)
 
     p = tmp_path / "norm.safetensors"
     _rewrite_doc(path, p, break_norm)

@@ -14,14 +14,15 @@ import torch
 from real_data import REAL
 
 from export import ARTIFACT_FORMAT_VERSION, ParityError, export_model, load_artifact, read_artifact_metadata
-from export.artifact import EMBED_KEY, METADATA_KEY, metadata_hash
 from export.cli import main as export_main
-from export.parity import compare_backends, compare_predictors, load_recordings
+from export.parity import compare_predictors, load_recordings
 from nh_serve.core.config import get_config
 from nh_serve.core.model import NeuroHorizon
 from nh_serve.data.features import FeatureNorm
 from nh_serve.data.synth import make_session
 from nh_serve.errors import CheckpointError, InputError
+from nh_serve.inference.artifact import EMBED_KEY, METADATA_KEY, metadata_hash
+from nh_serve.inference.backends.parity import compare_backends
 from nh_serve.inference.checkpoint import load_checkpoint
 from nh_serve.inference.predictor import Predictor
 

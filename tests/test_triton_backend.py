@@ -25,13 +25,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import kernels.backend as KB  # noqa: E402
-from export.parity import random_batches  # noqa: E402
 from kernels import triton_available  # noqa: E402
 from nh_serve.core.config import get_config  # noqa: E402
 from nh_serve.core.model import NeuroHorizon  # noqa: E402
 from nh_serve.data.synth import make_session  # noqa: E402
 from nh_serve.errors import InputError  # noqa: E402
 from nh_serve.inference import backends as B  # noqa: E402
+from nh_serve.inference.backends.parity import random_batches  # noqa: E402
 from nh_serve.inference.predictor import Predictor  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -27,7 +27,7 @@ A compact plain-PyTorch loop (also ``nh-serve train``):
   validation-in-time windows (``val_time``).
 - **Checkpoints** every ``ckpt_every`` steps, all written atomically into
   ``--out``: ``last.safetensors`` and ``best.safetensors`` (best validation
-  bits/spike; :func:`nh_serve.inference.checkpoint.save_model` files that
+  bits/spike; :func:`nh_serve.inference.model_io.save_model` files that
   ``Predictor.load`` reads) and ``train_state.safetensors`` (weights, AdamW
   moments, step and bookkeeping; no pickle). ``--resume`` continues from it
   with the same optimiser state, schedule and data order; a killed run loses at

@@ -1,3 +1,4 @@
+# Over 500 lines: one benchmark: its measurements, the forward-pass profile and the Markdown report.
 """Closed-loop latency of ``Predictor.predict`` for every backend (``nh-serve bench predict``).
 
 For each unit count (default 32, 100, 300, 1000) a synthetic recording
@@ -49,9 +50,22 @@ import numpy as np
 import torch
 
 from nh_serve.core.config import CONFIGS, get_config
+from nh_serve.core.model import NeuroHorizon, count_parameters
+from nh_serve.data.features import FeatureNorm
+from nh_serve.data.synth import make_session
 from nh_serve.data.windows import collate
 from nh_serve.errors import InputError
-from nh_serve.inference.predictor import MAX_UNIT_WINDOWS
+from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
+from nh_serve.inference.backends import (
+    AUTO_ORDER,
+    available_backends,
+    backend_names,
+    choose_backend,
+    default_threads,
+)
+from nh_serve.inference.model_io import load_model
+from nh_serve.inference.predictor import MAX_UNIT_WINDOWS, Predictor
+from nh_serve.inference.runtime import tune_malloc_once
 
 DEFAULT_UNITS = (32, 100, 300, 1000)
 TARGET_P99_MS = 10.0
@@ -72,8 +86,6 @@ def make_recording(n_units: int, *, seed: int) -> dict:
     Returns ``{"ref_times", "ref_ids", "units", "windows": [{"spike_times", "unit_ids", "context_start"}]}``
     with unit ids as strings (as clients send them).
     """
-    from nh_serve.data.synth import make_session
-
     d = make_session(seed=seed, n_units=n_units, duration=DURATION_S)
     t = np.asarray(d["spike_times"], np.float64)
     ids = np.asarray(d["unit_ids"]).astype(str)[np.asarray(d["unit_index"])]
@@ -90,14 +102,9 @@ def make_recording(n_units: int, *, seed: int) -> dict:
     }
 
 
-def build_model(config: str, checkpoint: str | None, *, seed: int = 0):
+def bench_model(config: str, checkpoint: str | None, *, seed: int = 0):
     """``(model, feature_norm, checkpoint or None)``: a checkpoint, or ``config`` with random weights."""
-    from nh_serve.core.model import NeuroHorizon
-    from nh_serve.data.features import FeatureNorm
-
     if checkpoint is not None:
-        from nh_serve.inference.model_io import load_model
-
         return load_model(checkpoint)
     torch.manual_seed(seed)
     return NeuroHorizon(get_config(config)).eval(), FeatureNorm.identity(), None
@@ -160,12 +167,9 @@ def measure_memory(
     ``predict`` calls, then one ``predict_batch`` of 64 windows) and its peak is read
     (``VmHWM``). Returns MB over the RSS before the backend was built, and the process peak.
     """
-    from nh_serve.inference.predictor import Predictor
-    from nh_serve.inference.runtime import tune_malloc_once
-
     torch.set_num_threads(threads)  # this is the benchmark's own process
     tune_malloc_once()
-    model, norm, ckpt = build_model(config, checkpoint, seed=seed)
+    model, norm, ckpt = bench_model(config, checkpoint, seed=seed)
     recordings = {u: make_recording(u, seed=seed + u) for u in units}
     resettable = _reset_peak_rss()
     base = _rss_mb()
@@ -461,18 +465,6 @@ def run(
     """Benchmark every backend, print the report and write the ``predict`` section of ``doc``."""
     from tqdm import tqdm
 
-    from nh_serve.core.model import count_parameters
-    from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
-    from nh_serve.inference.backends import (
-        AUTO_ORDER,
-        available_backends,
-        backend_names,
-        choose_backend,
-        default_threads,
-    )
-    from nh_serve.inference.predictor import Predictor
-    from nh_serve.inference.runtime import tune_malloc_once
-
     if checkpoint is None and config not in CONFIGS:
         raise InputError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
     if runs < 10 or warmup < 0 or not units or any(u < 1 for u in units):
@@ -489,7 +481,7 @@ def run(
     torch.set_num_threads(threads)  # the benchmark's own process
     tune_malloc_once()  # as the Predictor's serving processes do
     load_start = os.getloadavg()
-    model, norm, ckpt = build_model(config, checkpoint, seed=seed)
+    model, norm, ckpt = bench_model(config, checkpoint, seed=seed)
     cfg = model.cfg
     what = (
         f"checkpoint {Path(checkpoint).name} ({ckpt.short_hash})"

@@ -29,7 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from nh_serve.core.config import get_config
+from nh_serve.core.model import NeuroHorizon
+from nh_serve.data.features import FeatureNorm
+from nh_serve.data.session import write_session
+from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
+from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
+from nh_serve.evaluation.score.core import ScoreSettings, load_predictor, score_recording
+from nh_serve.inference.backends import available_backends
+from nh_serve.inference.checkpoint import read_metadata
+from nh_serve.inference.model_io import default_checkpoint_path, resolve_checkpoint, save_model
 
 HOUR_WINDOWS = 3539  # 1 s stride, 60 s reference, 1 s context + 1 s horizon in 3600 s
 WRITE_KEYS = ("spike_times", "unit_index", "unit_ids", "start", "end", "true_rates", "provenance")
@@ -37,9 +47,6 @@ WRITE_KEYS = ("spike_times", "unit_index", "unit_ids", "start", "end", "true_rat
 
 def synthetic_recording(folder: Path, *, n_units: int, minutes: float, seed: int = 0) -> Path:
     """``folder/synth_<units>u_<minutes>min.h5`` (made once, reused)."""
-    from nh_serve.data.session import write_session
-    from nh_serve.data.synth import make_session
-
     path = folder / f"synth_{n_units}u_{minutes:g}min.h5"
     if not path.exists():
         d = make_session(seed=[seed, n_units, int(minutes * 60)], n_units=n_units, duration=minutes * 60.0)
@@ -50,11 +57,6 @@ def synthetic_recording(folder: Path, *, n_units: int, minutes: float, seed: int
 def random_checkpoint(folder: Path, config: str = "nh-small", seed: int = 0) -> Path:
     """A checkpoint of ``config`` with random weights (identity feature normalisation)."""
     import torch
-
-    from nh_serve.core.config import get_config
-    from nh_serve.core.model import NeuroHorizon
-    from nh_serve.data.features import FeatureNorm
-    from nh_serve.inference.model_io import save_model
 
     path = folder / f"{config}-random-{seed}.safetensors"
     if not path.exists():
@@ -84,16 +86,13 @@ def _peak_rss_mib() -> float:
 def _child(path: str, checkpoint: str, settings: dict, queue) -> None:
     """Score one recording in this (fresh) process; put timings and peak memory on ``queue``."""
     try:
-        from nh_serve.evaluation.score.core import ScoreSettings, score_recording
-        from nh_serve.evaluation.score.runner import load_predictor
-
         st = ScoreSettings(**settings)
         t0 = time.perf_counter()
         p = load_predictor(checkpoint, st)
         load_s = time.perf_counter() - t0
         rss_loaded = _peak_rss_mib()
         tok = {"s": 0.0}
-        orig = p.tokenize_window
+        orig = p.tokenize
 
         def timed(*a, **k):
             t = time.perf_counter()
@@ -102,7 +101,7 @@ def _child(path: str, checkpoint: str, settings: dict, queue) -> None:
             finally:
                 tok["s"] += time.perf_counter() - t
 
-        p.tokenize_window = timed  # time the tokenizer inside predict_batch
+        p.tokenize = timed  # time the tokenizer inside predict_windows
         res = score_recording(path, predictor=p, settings=st, progress=False)
         r = res.record
         queue.put(
@@ -184,9 +183,6 @@ def run(
     echo=None,
 ) -> dict:
     """Run the benchmark; print the tables and (if ``doc``) write the ``score`` section of that Markdown file."""
-    from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
-    from nh_serve.inference.model_io import default_checkpoint_path
-
     echo = echo or (lambda s: print(s, flush=True))
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="nh-serve-bench-score-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -196,10 +192,7 @@ def run(
     elif checkpoint == "random":
         ck = random_checkpoint(folder)
     else:
-        from nh_serve.inference.model_io import resolve_checkpoint
-
         ck = resolve_checkpoint(checkpoint)
-    from nh_serve.inference.checkpoint import read_metadata
 
     meta = read_metadata(ck)
     weights = (
@@ -211,8 +204,6 @@ def run(
 
     backend_rows = []
     if backend == "best":
-        from nh_serve.inference.backends import available_backends
-
         probe = synthetic_recording(folder, n_units=max(units), minutes=5)
         best = None
         for name, why in available_backends("cpu").items():
@@ -315,7 +306,7 @@ def run(
             f"Model {model_desc}, backend `{backend}`, batch {batch_size}, {threads or 'default'} model thread(s), "
             f"plots {'on' if plots else 'off'}. Synthetic recordings (~6 Hz per unit), 60 s reference, 1 s stride, "
             "every baseline and the oracle scored too. Each row runs in a fresh process; times exclude loading "
-            "the checkpoint. `model s` is predict_batch minus the tokenizer; `targets s` = observed counts, "
+            "the checkpoint. `model s` is predict_windows minus the tokenizer; `targets s` = observed counts, "
             "baselines and true rates; peak RSS is the process's maximum resident memory.",
             "",
             f"Machine load (shared machine): {load_start} at the start, {load_end} at the end.",

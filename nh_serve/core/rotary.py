@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nh_serve.errors import InputError
+
 
 def rotary_freqs(*, head_dim: int, t_min: float, t_max: float, rotate_dim: int | None = None) -> Tensor:
     """Angular frequencies (rad/s) of the rotary time embedding, shape ``(head_dim // 2,)`` float32.
@@ -45,15 +47,21 @@ def rotary_freqs(*, head_dim: int, t_min: float, t_max: float, rotate_dim: int |
     entries are ``2 pi / period`` with periods log-spaced from ``t_min`` to
     ``t_max`` seconds (inclusive), the rest are 0 (not rotated). ``rotate_dim``
     defaults to ``head_dim // 2``. Equal to torch_brain ``RotaryTimeEmbedding.omega``.
+    Bad sizes or periods raise :class:`~nh_serve.errors.InputError` (a ``ValueError``).
+    The Triton kernels (``kernels.rotary_frequencies``) use this same function.
     """
     if rotate_dim is None:
         rotate_dim = head_dim // 2
-    if head_dim % 2 != 0 or rotate_dim % 2 != 0:
-        raise ValueError(f"head_dim ({head_dim}) and rotate_dim ({rotate_dim}) must be even")
-    if not 0 < rotate_dim <= head_dim:
-        raise ValueError(f"rotate_dim ({rotate_dim}) must be in (0, head_dim = {head_dim}]")
+    if head_dim % 2 or rotate_dim % 2 or not 0 < rotate_dim <= head_dim:
+        raise InputError(
+            f"head_dim ({head_dim}) and rotate_dim ({rotate_dim}) must be even with "
+            "0 < rotate_dim <= head_dim; pick an even head size"
+        )
     if not 0 < t_min < t_max:
-        raise ValueError(f"rotary periods need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+        raise InputError(
+            f"rotary periods need 0 < t_min < t_max seconds, got t_min={t_min}, t_max={t_max}; "
+            "pick a shortest period below the longest"
+        )
     n_rot = rotate_dim // 2
     # log-spaced periods, computed in float32 exactly as torch_brain does
     frac = torch.linspace(0.0, 1.0, n_rot, dtype=torch.float32)

@@ -1,3 +1,4 @@
+# Over 500 lines: one generator (latent dynamics, unit models, spikes, behaviour, images) read top to bottom.
 """Synthetic recordings with ground-truth firing rates.
 
 Each session is a population of units driven by a few shared latent factors.

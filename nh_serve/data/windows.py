@@ -1,9 +1,8 @@
 """The window pipeline: from a recording's spikes to the model's input tensors.
 
-Every path that feeds the model goes through this module, so they all give the
-model the same inputs for the same window: the Predictor (``predict``,
-``predict_batch`` and test-time adaptation), ``nh-serve eval``, ``nh-serve
-score``, training and the export parity check. Times are absolute seconds.
+Every path that feeds the model goes through here, so all give it the same inputs for the same
+window: the Predictor (``predict``, ``predict_batch``, test-time adaptation), ``nh-serve eval``,
+``nh-serve score``, training and the export parity check. Times are absolute seconds.
 
 1. **Cut** (:func:`cut_windows`, :func:`cut_window`): a :class:`Window` per context
    start ``c``: the context spikes ``[c, c + context_s)``; each unit's spike count in
@@ -28,15 +27,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from nh_serve.core.config import ModelConfig
 from nh_serve.data.spikes import check_spikes, prefix_counts
 from nh_serve.errors import InputError
+
+if TYPE_CHECKING:  # only read here (context_s, history_s, horizon_s, input widths): data sits below core
+    from nh_serve.core.config import ModelConfig
 
 # Largest history rate (Hz) tokenize accepts: far above any neuron, below float overflow.
 MAX_HISTORY_RATE_HZ = 1e4
@@ -162,8 +163,7 @@ def cut_windows(
 
 
 def cut_window(times, units, ctx_start: float, **kwargs: Any) -> Window:
-    """:func:`cut_windows` for one context start."""
-    return cut_windows(times, units, [ctx_start], **kwargs)[0]
+    return cut_windows(times, units, [ctx_start], **kwargs)[0]  # one context start
 
 
 def target_counts(times, units, t_now, *, n_units: int, bin_size: float, n_bins: int) -> np.ndarray:

@@ -22,9 +22,12 @@ from nh_serve.core.config import ModelConfig
 from nh_serve.core.model import NeuroHorizon
 from nh_serve.data.features import FeatureNorm
 from nh_serve.errors import CheckpointError, InputError
-from nh_serve.inference.checkpoint import Checkpoint, check_state_dict, load_checkpoint, save_checkpoint
+from nh_serve.inference.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nh_serve.inference.checkpoint_header import dtype_name, fmt_shape
 
 DEFAULT_CHECKPOINT_NAME = "nh-small.safetensors"  # shipped in nh_serve/models/
+
+_MAX_LISTED = 6  # problems listed by check_state_dict before "... and N more"
 
 HEAD_ABLATIONS = ("none", "no_activity")
 """Head ablations a model can be built with (``no_activity``: no per-unit activity input, no baseline offset)."""
@@ -55,6 +58,67 @@ def build_model(cfg: ModelConfig, *, head_ablation: str = "none") -> NeuroHorizo
     if head_ablation == "no_activity":
         return NeuroHorizon(cfg.replace(baseline_offset=False, head_activity=False))
     raise InputError(f"unknown head ablation {head_ablation!r}; use one of {', '.join(HEAD_ABLATIONS)}")
+
+
+def check_state_dict(
+    expected: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+) -> None:
+    """Raise :class:`CheckpointError` if ``state_dict`` does not fit a model.
+
+    ``expected`` maps each name the model has to ``(shape, dtype)`` (or to a
+    tensor, whose shape and dtype are used; ``dtype`` may be ``None`` to skip the
+    dtype check), e.g. ``{k: (v.shape, v.dtype) for k, v in
+    model.state_dict().items()}``. Reports, by name, weights missing from
+    ``state_dict``, unexpected extra weights, shape mismatches and dtype-kind
+    mismatches (floating point vs integer vs bool vs complex; a float32/bfloat16
+    difference is fine because ``load_state_dict`` casts). The message lists the
+    first few problems and counts the rest; ``source`` names the weights in it.
+    """
+    if not isinstance(expected, Mapping) or not isinstance(state_dict, Mapping):
+        raise InputError(
+            "check_state_dict: pass two mappings, {name: (shape, dtype)} for the model and {name: tensor} for the weights"
+        )
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = []
+    for name, want in expected.items():
+        if name not in state_dict:
+            continue
+        want_shape, want_dtype = _expected_spec(name, want)
+        have = state_dict[name]
+        if not isinstance(have, torch.Tensor):
+            wrong.append(f"{name!r} is a {type(have).__name__} in the {source}, not a tensor")
+            continue
+        have_shape = tuple(int(d) for d in have.shape)
+        if have_shape != want_shape:
+            wrong.append(
+                f"{name!r} has shape {fmt_shape(have_shape)} in the {source} but {fmt_shape(want_shape)} in the model"
+            )
+        elif want_dtype is not None and _dtype_kind(have.dtype) != _dtype_kind(want_dtype):
+            wrong.append(
+                f"{name!r} is {dtype_name(have.dtype)} in the {source} but {dtype_name(want_dtype)} in the model"
+            )
+    if not (missing or unexpected or wrong):
+        return
+    counts = []
+    if missing:
+        counts.append(f"{len(missing)} missing")
+    if unexpected:
+        counts.append(f"{len(unexpected)} unexpected")
+    if wrong:
+        counts.append(f"{len(wrong)} with the wrong shape or dtype")
+    items = [f"missing {k!r}" for k in missing] + [f"unexpected {k!r}" for k in unexpected] + wrong
+    listed = "; ".join(items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        listed += f"; ... and {len(items) - _MAX_LISTED} more"
+    raise CheckpointError(
+        f"the {source} weights do not fit the model ({', '.join(counts)}): {listed}. "
+        "The weights were made for a different model configuration: build the model from the "
+        "checkpoint's own config, or load the checkpoint that belongs to this model"
+    )
 
 
 def save_model(
@@ -108,3 +172,25 @@ def load_model(path: str | os.PathLike | None, *, map_location: str | torch.devi
             f"{where}: feature normalisation has {norm.mean.shape[0]} entries but the model takes {cfg.n_features} features"
         )
     return model, norm, ckpt
+
+
+def _expected_spec(name: str, want: Any) -> tuple[tuple[int, ...], torch.dtype | None]:
+    if isinstance(want, torch.Tensor):
+        return tuple(int(d) for d in want.shape), want.dtype
+    try:
+        shape, dtype = want
+        return tuple(int(d) for d in shape), dtype
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"check_state_dict: expected[{name!r}] must be (shape, dtype) or a tensor, got {want!r}"
+        ) from exc
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "int"

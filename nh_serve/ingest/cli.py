@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+from nh_serve.data.session import open_session
+from nh_serve.ingest.allen import read_allen
 from nh_serve.ingest.common import (
     DEFAULT_MIN_RATE,
     GOOD,
@@ -26,6 +28,11 @@ from nh_serve.ingest.common import (
     check_output_path,
     write_recording,
 )
+from nh_serve.ingest.ibl import make_one, read_ibl
+from nh_serve.ingest.images import embed_images
+from nh_serve.ingest.npz import read_npz
+from nh_serve.ingest.nwb import read_nwb
+from nh_serve.ingest.phy import read_phy
 
 
 def _filters(p: argparse.ArgumentParser, *, mua: bool) -> None:
@@ -51,7 +58,6 @@ def _flt(args) -> UnitFilter:
 
 def _finish(rec: Recording, args) -> int:
     path = write_recording(rec, args.out, flt=_flt(args))
-    from nh_serve.data.session import open_session
 
     with open_session(path, full_check=False) as s:
         f = s.provenance.get("filters", {})
@@ -69,8 +75,6 @@ def _finish(rec: Recording, args) -> int:
 
 
 def _run_ibl(args) -> int:
-    from nh_serve.ingest.ibl import make_one, read_ibl
-
     check_output_path(args.out, overwrite=args.overwrite)
     one = make_one(cache_dir=args.cache_dir, base_url=args.base_url, build_cache=args.build_cache)
     rec = read_ibl(one=one, eid=args.eid, probe=args.probe, collection=args.collection, wheel_rate=args.wheel_rate)
@@ -78,8 +82,6 @@ def _run_ibl(args) -> int:
 
 
 def _run_allen(args) -> int:
-    from nh_serve.ingest.allen import read_allen
-
     check_output_path(args.out, overwrite=args.overwrite)
     print(f"reading {args.nwb} with allensdk in its own environment (a full session takes a minute or two)", flush=True)
     rec = read_allen(args.nwb, all_units=args.all_units, python=args.allen_python)
@@ -87,32 +89,24 @@ def _run_allen(args) -> int:
 
 
 def _run_nwb(args) -> int:
-    from nh_serve.ingest.nwb import read_nwb
-
     check_output_path(args.out, overwrite=args.overwrite)
     rec = read_nwb(args.nwb, trials_table=args.trials_table, behavior_series=args.behavior_series)
     return _finish(rec, args)
 
 
 def _run_phy(args) -> int:
-    from nh_serve.ingest.phy import read_phy
-
     check_output_path(args.out, overwrite=args.overwrite)
     rec = read_phy(args.folder, sample_rate=args.sample_rate)
     return _finish(rec, args)
 
 
 def _run_npz(args) -> int:
-    from nh_serve.ingest.npz import read_npz
-
     check_output_path(args.out, overwrite=args.overwrite)
     rec = read_npz(args.npz)
     return _finish(rec, args)
 
 
 def _run_embed(args) -> int:
-    from nh_serve.ingest.images import embed_images
-
     path = embed_images(
         frames=args.frames,
         session=args.session,
@@ -127,7 +121,6 @@ def _run_embed(args) -> int:
         device=args.device,
         overwrite=args.overwrite,
     )
-    from nh_serve.data.session import open_session
 
     with open_session(path, full_check=False) as s:
         n = s.image_events(s.start, s.end)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nh_serve.data.session import write_session
 from nh_serve.errors import InputError
 from nh_serve.util import package_version
 
@@ -426,8 +427,6 @@ def write_recording(rec: Recording, out, *, flt: UnitFilter, software: dict[str,
     (``write_session``): on error no file is left.
     Returns the written path.
     """
-    from nh_serve.data.session import write_session
-
     start, end = recording_extent(rec)
     res = filter_units(rec, flt, start=start, end=end)
     units_extra = clean_columns({k: np.asarray(v)[res.keep] for k, v in rec.units_extra.items()})

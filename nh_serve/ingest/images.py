@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nh_serve.data.session import open_session, write_session
 from nh_serve.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -333,8 +334,6 @@ def embed_images(
     :class:`~nh_serve.errors.SessionFileError` before anything is written when
     the inputs do not fit together.
     """
-    from nh_serve.data.session import open_session, write_session
-
     session = Path(session).expanduser()
     target = Path(out).expanduser() if out is not None else session
     if out is not None:

@@ -16,6 +16,9 @@ import json
 
 from nh_serve.data.features import DEFAULT_REFERENCE_S
 from nh_serve.errors import InputError
+from nh_serve.evaluation.score.core import ScoreSettings
+from nh_serve.evaluation.score.runner import run_score
+from nh_serve.evaluation.score.shard import merge_outputs
 
 DESCRIPTION = """\
 Score recordings: slide prediction windows over each session file (after a
@@ -139,9 +142,6 @@ def add_cli(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.paths[0] == "merge":
         return _merge(args)
-    from nh_serve.evaluation.score.core import ScoreSettings
-    from nh_serve.evaluation.score.runner import run_score
-
     env = None
     if args.ray_runtime_env:
         try:
@@ -178,8 +178,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from nh_serve.evaluation.score.shard import merge_outputs
-
     parser = args._parser
     changed = [k for k in _SCORING_ONLY if getattr(args, k) != parser.get_default(k)]
     if changed:

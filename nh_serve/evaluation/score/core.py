@@ -43,6 +43,7 @@ from nh_serve.data.windows import cut_windows, recorded_input_notes, recorded_in
 from nh_serve.errors import InputError
 from nh_serve.evaluation.baselines import BASELINES, DEFAULT_HISTORY_S
 from nh_serve.evaluation.metrics import DEFAULT_BANDS_MS
+from nh_serve.evaluation.score.report import render_recording_plots
 from nh_serve.evaluation.sliding import (
     StreamingMetrics,
     WindowPlan,
@@ -52,6 +53,9 @@ from nh_serve.evaluation.sliding import (
     oracle_rates,
     plan_windows,
 )
+from nh_serve.inference.backends import default_threads
+from nh_serve.inference.predictor import Predictor
+from nh_serve.inference.runtime import tune_malloc_once
 
 SCHEMA = "nh-serve/scores/v1"
 MODEL = "model"
@@ -413,8 +417,6 @@ def score_recording(
         }
     plots: dict[str, bytes] = {}
     if settings.plots:
-        from nh_serve.evaluation.score.report import render_recording_plots
-
         t0 = time.perf_counter()
         sample = None
         if sample_pred:
@@ -435,3 +437,24 @@ def score_recording(
     record["timing"] = timing
     record["backend"] = getattr(predictor, "backend_name", None)
     return RecordingResult(record=record, plots=plots)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason a recording could not be scored."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory; score it on a larger machine or with a smaller --batch-size"
+    if isinstance(exc, OSError):
+        return f"I/O error: {exc}"
+    return f"unexpected error ({type(exc).__name__}: {exc}); please report it with the traceback above"
+
+
+def load_predictor(checkpoint, settings: ScoreSettings, *, threads: int | None = None):
+    """The Predictor for scoring: ``settings.backend`` with ``threads`` (default: settings.threads, else
+    :func:`nh_serve.inference.backends.default_threads`, one thread on a 2-core machine) and glibc malloc tuned."""
+    tune_malloc_once()
+    threads = threads or settings.threads
+    if threads is None:
+        threads = default_threads()
+    return Predictor.load(checkpoint, backend=settings.backend, **({"threads": threads} if threads else {}))

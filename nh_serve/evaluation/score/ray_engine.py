@@ -26,7 +26,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from nh_serve.errors import InputError
-from nh_serve.evaluation.score.core import Job, RecordingResult, ScoreSettings
+from nh_serve.evaluation.score.core import (
+    Job,
+    RecordingResult,
+    ScoreSettings,
+    describe_error,
+    load_predictor,
+    score_recording,
+)
 
 _PREDICTORS: dict[tuple[str, str], object] = {}  # (content hash, backend) -> Predictor, per worker process
 
@@ -35,8 +42,6 @@ def _predictor(ckpt_bytes: bytes, content_hash: str, settings: ScoreSettings, th
     """The worker's Predictor for this checkpoint (loaded from the shipped bytes once per process)."""
     key = (content_hash, settings.backend, threads)
     if key not in _PREDICTORS:
-        from nh_serve.evaluation.score.runner import load_predictor
-
         fd, tmp = tempfile.mkstemp(suffix=".safetensors", prefix="nh-serve-ckpt-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -52,9 +57,6 @@ def score_task(
 ) -> tuple:
     """Body of one Ray task: ``("ok", record, plots)`` or ``("error", message)``."""
     import torch
-
-    from nh_serve.evaluation.score.core import score_recording
-    from nh_serve.evaluation.score.runner import describe_error
 
     threads = max(1, int(threads))
     torch.set_num_threads(threads)

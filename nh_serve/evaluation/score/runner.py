@@ -22,7 +22,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -30,48 +29,34 @@ from tqdm.auto import tqdm
 from nh_serve.errors import InputError
 from nh_serve.evaluation.score.core import (
     BASELINES,
-    MODEL,
-    ORACLE,
     Job,
     RecordingResult,
     ScoreSettings,
+    describe_error,
+    discover,
     fingerprint,
+    load_predictor,
     score_recording,
 )
+from nh_serve.evaluation.score.ray_engine import score_on_ray
 from nh_serve.evaluation.score.shard import parse_shard, select_shard
 from nh_serve.evaluation.score.store import (
+    RunReport,
     build_doc,
     load_recording,
     prepare_out,
+    summary_table,
     write_outputs,
     write_recording,
 )
+from nh_serve.inference.checkpoint import read_metadata
+from nh_serve.inference.model_io import resolve_checkpoint
 
 ENGINES = ("local", "ray")
 
 
-@dataclass
-class RunReport:
-    """What a run (or a merge) did."""
-
-    out: Path
-    doc: dict  # the scores.json document written
-    paths: dict[str, Path]  # combined output files
-    scored: list[str] = field(default_factory=list)  # keys scored by this run
-    skipped: list[str] = field(default_factory=list)  # keys already scored, reused
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every input was scored, 1 when some could not be."""
-        return 1 if self.doc["failed"] else 0
-
-
 def model_info(checkpoint) -> dict:
     """Name, hashes and path of a checkpoint, from its header (no weights are loaded)."""
-    from nh_serve.inference.checkpoint import read_metadata
-    from nh_serve.inference.model_io import resolve_checkpoint
-
     path = resolve_checkpoint(checkpoint)
     meta = read_metadata(path)
     return {
@@ -82,37 +67,8 @@ def model_info(checkpoint) -> dict:
     }
 
 
-def describe_error(exc: BaseException) -> str:
-    """A one-line reason a recording could not be scored."""
-    if isinstance(exc, InputError):
-        return str(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory; score it on a larger machine or with a smaller --batch-size"
-    if isinstance(exc, OSError):
-        return f"I/O error: {exc}"
-    return f"unexpected error ({type(exc).__name__}: {exc}); please report it with the traceback above"
-
-
 def _failure(job: Job, error: str) -> dict:
     return {"key": job.key, "name": job.name, "path": str(job.path), "error": error}
-
-
-def load_predictor(checkpoint, settings: ScoreSettings, *, threads: int | None = None):
-    """The Predictor for scoring: ``settings.backend`` with ``threads`` (default: settings.threads, else
-    :func:`nh_serve.inference.backends.default_threads`, one thread on a 2-core machine) and glibc malloc tuned."""
-    from nh_serve.inference.predictor import Predictor
-    from nh_serve.inference.runtime import tune_malloc_once
-
-    tune_malloc_once()
-    threads = threads or settings.threads
-    if threads is None:
-        try:
-            from nh_serve.inference.backends import default_threads
-
-            threads = default_threads()
-        except ImportError:
-            threads = None
-    return Predictor.load(checkpoint, backend=settings.backend, **({"threads": threads} if threads else {}))
 
 
 def score_local(
@@ -135,53 +91,6 @@ def score_local(
             yield job, None, describe_error(e)
             continue
         yield job, res, None
-
-
-def _fmt(v, spec: str = "+.4f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def summary_table(doc: dict) -> str:
-    """Plain-text table: one line per input recording."""
-    head = [
-        "recording",
-        "status",
-        "units",
-        "windows",
-        "model bps",
-        "best baseline bps",
-        "oracle bps",
-        "corr",
-        "R2",
-    ]
-    lines = [head]
-    rows = [(r["path"], r) for r in doc["recordings"]] + [(f["path"], f) for f in doc["failed"]]
-    for _, r in sorted(rows, key=lambda x: x[0]):
-        if "predictors" not in r:
-            lines.append([r["name"], "FAILED", r["error"]])
-            continue
-        p, best = r["predictors"], r["best_baseline"]
-        lines.append(
-            [
-                r["name"],
-                "ok",
-                str(r["recording"]["n_units"]),
-                str(r["windows"]["n"]),
-                _fmt(p[MODEL]["bits_per_spike"]),
-                f"{_fmt(p[best]['bits_per_spike'])} ({best})",
-                _fmt(p[ORACLE]["bits_per_spike"]) if ORACLE in p else "-",
-                _fmt(p[MODEL]["correlation"], ".3f"),
-                _fmt(p[MODEL]["r2"], "+.3f"),
-            ]
-        )
-    widths = [max(len(r[i]) for r in lines if len(r) > i and len(r) == len(head)) for i in range(len(head))]
-    out = []
-    for r in lines:
-        if len(r) == len(head):
-            out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        else:  # failed: name, status, reason
-            out.append("  ".join([r[0].ljust(widths[0]), r[1], r[2]]))
-    return "\n".join(out)
 
 
 def run_score(
@@ -227,8 +136,6 @@ def run_score(
     shard_t = parse_shard(shard) if shard is not None else None
     out = prepare_out(out)
     model = model_info(checkpoint)
-    from nh_serve.evaluation.score.core import discover
-
     jobs = discover(inputs)
     all_inputs = [str(j.path) for j in jobs]
     if shard_t is not None:
@@ -294,8 +201,6 @@ def run_score(
         )
 
     if engine == "ray":
-        from nh_serve.evaluation.score.ray_engine import score_on_ray
-
         outcomes = score_on_ray(
             todo,
             checkpoint=model["checkpoint"],

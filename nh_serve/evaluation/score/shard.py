@@ -21,6 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nh_serve.errors import InputError
+from nh_serve.evaluation.score.core import recording_key
+from nh_serve.evaluation.score.store import (
+    RunReport,
+    build_doc,
+    copy_recording,
+    load_recording,
+    prepare_out,
+    read_doc,
+    summary_table,
+    write_outputs,
+)
 
 
 def parse_shard(spec) -> tuple[int, int]:
@@ -52,15 +63,6 @@ def merge_outputs(shard_dirs, *, out, echo: Callable[[str], None] = print):
     no shard covered (a missing or unfinished shard) are listed as failed, so
     the exit code says the merge is incomplete.
     """
-    from nh_serve.evaluation.score.runner import RunReport, summary_table
-    from nh_serve.evaluation.score.store import (
-        build_doc,
-        copy_recording,
-        load_recording,
-        prepare_out,
-        read_doc,
-        write_outputs,
-    )
 
     t_start = time.perf_counter()
     dirs = [Path(d).expanduser() for d in shard_dirs]
@@ -117,8 +119,6 @@ def merge_outputs(shard_dirs, *, out, echo: Callable[[str], None] = print):
             if missing_shards
             else ""
         )
-        from nh_serve.evaluation.score.core import recording_key
-
         failed[p] = {
             "key": recording_key(Path(p)),
             "name": Path(p).stem,

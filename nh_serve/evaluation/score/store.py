@@ -28,10 +28,12 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nh_serve.errors import InputError
-from nh_serve.evaluation.score.core import PREDICTORS, SCHEMA, RecordingResult
+from nh_serve.evaluation.score.core import MODEL, ORACLE, PREDICTORS, SCHEMA, RecordingResult
+from nh_serve.evaluation.score.report import overview_png, write_report_html
 from nh_serve.util import atomic_write, package_version
 
 RESULT = "result.json"
@@ -217,8 +219,6 @@ def build_doc(
 
 def write_outputs(out: Path, doc: dict) -> dict[str, Path]:
     """Write scores.json, summary.csv, units.csv, overview.png and report.html; returns their paths."""
-    from nh_serve.evaluation.score.report import overview_png, write_report_html
-
     out = Path(out)
     paths = {k: out / k for k in ("scores.json", "summary.csv", "units.csv", "report.html")}
     rows = summary_rows(doc["recordings"], doc["failed"])
@@ -258,3 +258,67 @@ def comparable(doc: dict) -> dict:
     d = {k: v for k, v in doc.items() if k != "run"}
     d["recordings"] = [{k: v for k, v in r.items() if k != "timing"} for r in doc["recordings"]]
     return d
+
+
+@dataclass
+class RunReport:
+    """What a run (or a merge) did."""
+
+    out: Path
+    doc: dict  # the scores.json document written
+    paths: dict[str, Path]  # combined output files
+    scored: list[str] = field(default_factory=list)  # keys scored by this run
+    skipped: list[str] = field(default_factory=list)  # keys already scored, reused
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every input was scored, 1 when some could not be."""
+        return 1 if self.doc["failed"] else 0
+
+
+def _fmt(v, spec: str = "+.4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary_table(doc: dict) -> str:
+    """Plain-text table: one line per input recording."""
+    head = [
+        "recording",
+        "status",
+        "units",
+        "windows",
+        "model bps",
+        "best baseline bps",
+        "oracle bps",
+        "corr",
+        "R2",
+    ]
+    lines = [head]
+    rows = [(r["path"], r) for r in doc["recordings"]] + [(f["path"], f) for f in doc["failed"]]
+    for _, r in sorted(rows, key=lambda x: x[0]):
+        if "predictors" not in r:
+            lines.append([r["name"], "FAILED", r["error"]])
+            continue
+        p, best = r["predictors"], r["best_baseline"]
+        lines.append(
+            [
+                r["name"],
+                "ok",
+                str(r["recording"]["n_units"]),
+                str(r["windows"]["n"]),
+                _fmt(p[MODEL]["bits_per_spike"]),
+                f"{_fmt(p[best]['bits_per_spike'])} ({best})",
+                _fmt(p[ORACLE]["bits_per_spike"]) if ORACLE in p else "-",
+                _fmt(p[MODEL]["correlation"], ".3f"),
+                _fmt(p[MODEL]["r2"], "+.3f"),
+            ]
+        )
+    widths = [max(len(r[i]) for r in lines if len(r) > i and len(r) == len(head)) for i in range(len(head))]
+    out = []
+    for r in lines:
+        if len(r) == len(head):
+            out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        else:  # failed: name, status, reason
+            out.append("  ".join([r[0].ljust(widths[0]), r[1], r[2]]))
+    return "\n".join(out)

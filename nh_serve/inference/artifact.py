@@ -1,4 +1,9 @@
-"""Exported artifacts: their metadata, format detection and loading.
+"""The exported-artifact file format: layout, metadata document and format detection.
+
+Artifacts are written by ``nh-serve export`` (the ``export`` package) and read by
+the inference backends (:mod:`nh_serve.inference.backends.artifacts` loads them,
+with the runners of :mod:`~nh_serve.inference.backends.onnx_runner` and
+:mod:`~nh_serve.inference.backends.torchscript_runner`).
 
 An artifact is ONE file that needs nothing else to serve predictions:
 
@@ -26,7 +31,7 @@ The metadata document (:func:`build_metadata`)::
                  "training": {...}, "metrics": {...}, "provenance": {...}},
       "exported": "<UTC ISO 8601>",
       "versions": {"nh_serve": ..., "torch": ..., "onnx": ..., "onnxruntime": ..., "python": ...},
-      "integrity": {...},              # format specific, see export.onnx / export.torchscript
+      "integrity": {...},              # format specific, see the runners of nh_serve.inference.backends
       "parity": {...},                 # the parity check the export passed (export.parity)
       "metadata_hash": "<sha256 of the canonical JSON of everything else>"
     }
@@ -41,7 +46,7 @@ which are then required (the Predictor's collate always provides them:
 behaviour padded to at least one masked sample; images always hold at least the
 schedule-marker token that ``tokenize`` appends). ``image_values`` is
 ``(B, Ni, image_dim + 1)``, the last column marking that token (see
-:mod:`nh_serve.core.model`); build image inputs with ``tokenize``, not by hand.
+:mod:`nh_serve.data.windows`); build image inputs with ``tokenize``, not by hand.
 Format version 2 added that column; version-1 artifacts are refused. ``B``, ``U``, ``N`` and the event counts are
 dynamic. The output is ``log_rate_hz (B, U, n_bins)``.
 
@@ -61,6 +66,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from nh_serve.core.config import ModelConfig
 from nh_serve.data.features import FeatureNorm
@@ -164,8 +171,6 @@ def encode_metadata(doc: dict) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of the software that matters for an export (``not installed`` when absent)."""
-    import torch
-
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for key, dist in (
         ("nh_serve", "nh-serve"),
@@ -333,69 +338,3 @@ class Artifact:
                 "parity": self.metadata.get("parity"),
             },
         }
-
-
-def _check_file(path: Path, fmt: str) -> None:
-    if not path.exists():
-        raise CheckpointError(
-            f"{fmt} artifact {path} does not exist; check the path or export it with `nh-serve export`"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{fmt} artifact {path} is not a file; pass the path of the exported file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(
-            f"{fmt} artifact {path} is empty (an interrupted copy?); copy or export it again"
-        )
-
-
-def read_artifact_metadata(path: str | os.PathLike) -> dict:
-    """The checked metadata document of an artifact, without building a runtime session."""
-    p = Path(path)
-    fmt = artifact_format(p)
-    if fmt is None:
-        raise CheckpointError(
-            f"{p}: not an exported artifact (expected a {', '.join(s for v in SUFFIXES.values() for s in v)} file "
-            "written by `nh-serve export`)"
-        )
-    _check_file(p, fmt)
-    if fmt == "onnx":
-        from export import onnx as onnx_format
-
-        return onnx_format.read_metadata(p)
-    from export import torchscript as ts_format
-
-    return ts_format.read_metadata(p)
-
-
-def load_artifact(path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu") -> Artifact:
-    """Load an exported artifact with its runtime (onnxruntime session or TorchScript module).
-
-    ``threads``: intra-op threads of the onnxruntime sessions (default
-    :func:`nh_serve.inference.backends.default_threads`); TorchScript uses torch's global
-    thread setting. ``device``: ``"cpu"`` or ``"cuda"`` (onnxruntime's CUDA provider
-    when onnxruntime-gpu is installed; TorchScript moves the module).
-    """
-    p = Path(path)
-    fmt = artifact_format(p)
-    if fmt is None:
-        raise CheckpointError(
-            f"{p}: not an exported artifact (expected a .onnx, .pt, .ts or .torchscript file written by `nh-serve export`)"
-        )
-    _check_file(p, fmt)
-    if fmt == "onnx":
-        from export import onnx as onnx_format
-
-        doc, runner = onnx_format.load(p, threads=threads, device=device)
-    else:
-        from export import torchscript as ts_format
-
-        doc, runner = ts_format.load(p, device=device)
-    cfg = ModelConfig.from_dict(doc["config"])
-    return Artifact(
-        path=p,
-        format=fmt,
-        metadata=doc,
-        cfg=cfg,
-        feature_norm=FeatureNorm.from_dict(doc["feature_norm"]),
-        runner=runner,
-    )

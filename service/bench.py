@@ -35,9 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
+from nh_serve.core.config import get_config
+from nh_serve.core.model import NeuroHorizon
+from nh_serve.data.features import FeatureNorm
+from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
+from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
+from nh_serve.inference.model_io import default_checkpoint_path, save_model
+from nh_serve.inference.predictor import Predictor
+from service.launcher import ServeProcess, bentoml_env
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 # ----------------------------------------------------------------------------- data
@@ -45,8 +53,6 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 def _recording(n_units: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(times s, unit ids str) of a 75 s synthetic recording with ``n_units`` units."""
-    from nh_serve.data.synth import make_session
-
     d = make_session(seed=seed, n_units=n_units, duration=75.0)
     return d["spike_times"], d["unit_ids"][d["unit_index"]]
 
@@ -96,7 +102,7 @@ def single_client(url: str, recs: dict[int, tuple], *, requests: int, warmup: in
     ``server model ms`` is the mean model time inside the server (from its metrics), the rest
     of the latency is HTTP, JSON, encoding and thread hand-offs on both sides.
     """
-    from nh_serve.client import Client
+    from nh_serve.client import Client  # needs httpx, an optional dependency (nh-serve[serve])
 
     rows = []
     for n_units, rec in recs.items():
@@ -134,7 +140,7 @@ def first_requests(url: str, recs: dict[int, tuple], *, repeats: int) -> list[di
     """A new session's first /predict (reference + context in one body) and /register alone."""
     import httpx
 
-    from nh_serve.client.wire import encode_spikes
+    from nh_serve.client.wire import encode_spikes  # the client package needs httpx (nh-serve[serve])
 
     rows = []
     with httpx.Client(base_url=url, timeout=60.0) as http:
@@ -191,8 +197,6 @@ def batching_gain(checkpoint: str, rec, *, runs: int, rounds: int = 3) -> list[d
     """
     import torch
 
-    from nh_serve.inference.predictor import Predictor
-
     torch.set_num_threads(1)
     p = Predictor.load(checkpoint)
     ref = rec[0] < 60.0
@@ -223,7 +227,7 @@ def run_load(url: str, *, clients: int, duration_s: float, n_units: int, timeout
     cmd = [
         sys.executable,
         "-m",
-        "nh_serve.bench.service",
+        "service.bench",
         "--load-client",
         url,
         str(clients),
@@ -240,7 +244,7 @@ async def _load_clients(url: str, clients: int, duration_s: float, n_units: int)
     """``clients`` asyncio clients, each registering its own session and predicting in a loop."""
     import httpx
 
-    from nh_serve.client.wire import encode_spikes
+    from nh_serve.client.wire import encode_spikes  # the client package needs httpx (nh-serve[serve])
 
     rec = _recording(n_units, seed=1)
     ref = rec[0] < 60.0
@@ -302,17 +306,11 @@ async def _load_clients(url: str, clients: int, duration_s: float, n_units: int)
 
 def _checkpoint(spec: str | None, tmp: Path) -> tuple[str, str]:
     """(path, description) of the checkpoint to serve; a random-weight nh-small when there is none."""
-    from nh_serve.inference.model_io import default_checkpoint_path, save_model
-
     if spec not in (None, "default"):
         return str(spec), f"`{spec}`"
     if default_checkpoint_path().is_file():
         return str(default_checkpoint_path()), "the built-in default checkpoint"
     import torch
-
-    from nh_serve.core.config import get_config
-    from nh_serve.core.model import NeuroHorizon
-    from nh_serve.data.features import FeatureNorm
 
     torch.manual_seed(0)
     path = tmp / "nh-small-random.safetensors"
@@ -337,9 +335,6 @@ def run(
     server_env: dict[str, str] | None = None,
 ) -> str:
     """Run every measurement; return the Markdown section (and write it into docs/benchmarks.md)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the top-level ``service`` package
-    from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
-    from service.launcher import ServeProcess, bentoml_env
 
     load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="nh-serve-bench-") as tmp_s:
@@ -529,7 +524,7 @@ if __name__ == "__main__":
         _, _, url, n, dur, units = sys.argv
         print(json.dumps(asyncio.run(_load_clients(url, int(n), float(dur), int(units)))))
     else:
-        ap = argparse.ArgumentParser(prog="python -m nh_serve.bench.service")
+        ap = argparse.ArgumentParser(prog="python -m service.bench")
         add_cli(ap.add_subparsers(dest="bench"))
         ns = ap.parse_args(["service", *sys.argv[1:]])
         sys.exit(ns.func(ns))
