@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from nh_serve.core.config import ModelConfig
 from nh_serve.data.features import FeatureNorm, auto_reference_s, reference_features, reference_rate_hz
@@ -190,8 +191,6 @@ def load_sessions(
     progress: bool = False,
 ) -> list[TrainSession]:
     """:func:`load_session` for every path; every problem is reported before training starts."""
-    from tqdm.auto import tqdm
-
     return [
         load_session(p, cfg=cfg, reference_s=reference_s, val_time_fraction=val_time_fraction)
         for p in tqdm(paths, desc="loading sessions", unit="session", disable=not progress, leave=False)

@@ -1,11 +1,13 @@
 """Train a NeuroHorizon model: ``python -m training.train --config NAME|FILE --data ... --out DIR``.
 
-A compact plain-PyTorch loop (also ``nh-serve train``):
+A compact plain-PyTorch loop (also ``nh-serve train``): :func:`train` runs the phases of a
+:class:`Trainer` top to bottom (set-up, data, model and optimiser, the loop of steps with
+validation and checkpoints, the end).
 
 - **Samples**: each step draws ``batch_size`` (recording, window) pairs from the
   training recordings (recording by ``session_weights``, context start uniform
-  in its training range, see :mod:`training.data`), tokenizes them with
-  :func:`nh_serve.data.windows.tokenize` and pads them with :func:`nh_serve.data.windows.collate`.
+  in its training range, see :mod:`training.data`), cuts and tokenizes them with
+  the window pipeline (:mod:`nh_serve.data.windows`) and pads them with its ``collate``.
   Target: the spike counts of the ``n_bins`` bins after the context.
 - **Loss**: :func:`nh_serve.core.model.poisson_loss` (mean Poisson NLL per unit and bin).
 - **Optimiser**: AdamW (weight decay on matrices only), linear warm-up for
@@ -55,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from nh_serve.core.config import CONFIGS, ModelConfig, get_config
 from nh_serve.core.model import poisson_loss
@@ -471,7 +474,7 @@ def validate(
 
 
 # ================================================================================================
-# The loop
+# The trainer
 # ================================================================================================
 
 
@@ -487,39 +490,26 @@ def _names(sessions: list[TrainSession]) -> list[dict]:
     ]
 
 
-def train(
+@dataclass
+class TrainData:
+    """The recordings of a run: training and validation in memory, test recordings only listed."""
+
+    train: list[TrainSession]
+    val: list[TrainSession]
+    test_paths: list[Path]
+    weights: np.ndarray  # sampling probability of each training recording
+
+
+def load_data(
     cfg: TrainConfig,
+    mcfg: ModelConfig,
     *,
     data: list[str | Path],
-    out: str | Path,
-    val_data: list[str | Path] | None = None,
-    test_data: list[str | Path] | None = None,
-    resume: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-    stop_after_steps: int | None = None,
-    command: str | None = None,
-) -> dict:
-    """Run (or resume) training; returns a summary dict (also stored in the checkpoints).
-
-    ``stop_after_steps`` ends the process's loop after that many steps of this
-    invocation without saving anything, as if it had been killed (for tests
-    of ``resume``).
-    """
-    t_setup = time.monotonic()
-    dist = setup_dist(device)
-    if cfg.batch_size % dist.world != 0:
-        raise InputError(
-            f"training config: batch_size ({cfg.batch_size}) must be divisible by the number of processes "
-            f"({dist.world}); change batch_size or --nproc_per_node"
-        )
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    mcfg = cfg.model_config()
-    out = Path(out)
-    state_path = out / STATE_FILE
-
-    # ---- data (every problem is reported here, before any training) -----------------------------
+    val_data: list[str | Path] | None,
+    test_data: list[str | Path] | None,
+    progress: bool,
+) -> TrainData:
+    """Find, split and read the recordings; every problem is reported here, before any training."""
     paths = find_sessions(data, what="--data")
     val_paths = find_sessions(val_data, what="--val-data") if val_data else None
     test_paths = find_sessions(test_data, what="--test-data") if test_data else []
@@ -549,109 +539,219 @@ def train(
         cfg=mcfg,
         reference_s=cfg.reference_s,
         val_time_fraction=cfg.val_time_fraction,
-        progress=progress and dist.main,
+        progress=progress,
     )
     val_sessions = load_sessions(val_paths, cfg=mcfg, reference_s=cfg.reference_s, val_time_fraction=0.0)
     weights = session_weights(train_sessions, cfg.session_weights)
+    return TrainData(train=train_sessions, val=val_sessions, test_paths=test_paths, weights=weights)
 
-    # ---- model, optimiser, state -------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg, head_ablation=cfg.head_ablation).to(dist.device)
-    opt = make_optimizer(model, cfg)
-    info: dict[str, Any] = {
-        "step": 0,
-        "best_step": None,
-        "best_metric": None,
-        "history": [],
-        "windows_seen": 0,
-        "train_seconds": 0.0,
-    }
-    if resume and state_path.is_file():
-        model_sd, opt_sd, saved_cfg, norm, info = load_state(state_path)
-        saved_train = info.get("train_config")
-        if saved_cfg != mcfg.to_dict() or saved_train != cfg.to_dict():
+
+class Trainer:
+    """One training run, in the order :func:`train` calls its phases.
+
+    1. ``__init__``: set-up (processes, threads, the model config);
+    2. :meth:`load`: the data (:func:`load_data`);
+    3. :meth:`build`: model and optimiser, from scratch or from the training state (``--resume``),
+       and the feature normalisation (fitted on the training recordings, or the saved one);
+    4. :meth:`start`: the split summary, and the untrained model's validation figures;
+    5. :meth:`step`: one optimiser step on freshly drawn windows;
+    6. :meth:`validate`: validation figures (and ``best.safetensors`` when they improve);
+    7. :meth:`checkpoint`: ``last.safetensors`` and the resumable training state;
+    8. :meth:`finish`: the ranks compare weight hashes; the final checkpoint and summary.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, out: str | Path, device: str, progress: bool, command: str | None):
+        self.t_setup = time.monotonic()
+        self.cfg = cfg
+        self.dist = setup_dist(device)
+        if cfg.batch_size % self.dist.world != 0:
             raise InputError(
-                f"--resume: {state_path} was written with a different training or model config; "
-                "resume with the same --config and --set options, or start a new --out folder"
+                f"training config: batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                f"({self.dist.world}); change batch_size or --nproc_per_node"
             )
-        model.load_state_dict(model_sd)
-        _restore_optimizer(opt, opt_sd, info.pop("optimizer_param_groups"))
-        info.pop("kind", None)
-        if dist.main:
-            print(f"resuming from step {info['step']} ({state_path.name})", file=sys.stderr)
-    else:
-        if resume and dist.main:
-            print(f"--resume: no {STATE_FILE} in {out}; starting from step 0", file=sys.stderr)
-        norm = FeatureNorm.fit([s.features for s in train_sessions])
-    apply_norm(train_sessions + val_sessions, norm)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.mcfg = cfg.model_config()
+        self.out = Path(out)
+        self.state_path = self.out / STATE_FILE
+        self.progress = progress
+        self.provenance = {"command": command} if command else {}
+        self.autocast = self.dist.device.type == "cuda"
 
-    ddp_model: nn.Module = model
-    if dist.world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+    # ---- data -------------------------------------------------------------------------------------
+    def load(self, *, data, val_data, test_data) -> None:
+        self.data = load_data(
+            self.cfg,
+            self.mcfg,
+            data=data,
+            val_data=val_data,
+            test_data=test_data,
+            progress=self.progress and self.dist.main,
         )
-    autocast = dist.device.type == "cuda"
-    val_sets = {
-        "val_sessions": validation_windows(val_sessions, n=cfg.val_windows, in_time=False),
-        "val_time": validation_windows(train_sessions, n=cfg.val_windows, in_time=True),
-    }
-    val_pool = {"val_sessions": val_sessions, "val_time": train_sessions}
-    data_summary = {
-        "train": _names(train_sessions),
-        "val": _names(val_sessions),
-        "test": [{"name": f"{p.parent.name}/{p.name}"} for p in test_paths],
-        "val_time_windows": len(val_sets["val_time"]),
-        "val_session_windows": len(val_sets["val_sessions"]),
-    }
-    per_rank = cfg.batch_size // dist.world
-    step = int(info["step"])
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "split.json").write_text(json.dumps(data_summary, indent=1) + "\n")
 
-    def summary() -> dict:
+    # ---- model, optimiser, state ------------------------------------------------------------------
+    def build(self, *, resume: bool) -> None:
+        cfg, dist, data = self.cfg, self.dist, self.data
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(self.mcfg, head_ablation=cfg.head_ablation).to(dist.device)
+        self.opt = make_optimizer(self.model, cfg)
+        self.info: dict[str, Any] = {
+            "step": 0,
+            "best_step": None,
+            "best_metric": None,
+            "history": [],
+            "windows_seen": 0,
+            "train_seconds": 0.0,
+        }
+        if resume and self.state_path.is_file():
+            model_sd, opt_sd, saved_cfg, norm, info = load_state(self.state_path)
+            if saved_cfg != self.mcfg.to_dict() or info.get("train_config") != cfg.to_dict():
+                raise InputError(
+                    f"--resume: {self.state_path} was written with a different training or model config; "
+                    "resume with the same --config and --set options, or start a new --out folder"
+                )
+            self.model.load_state_dict(model_sd)
+            _restore_optimizer(self.opt, opt_sd, info.pop("optimizer_param_groups"))
+            info.pop("kind", None)
+            self.info = info
+            if dist.main:
+                print(f"resuming from step {info['step']} ({self.state_path.name})", file=sys.stderr)
+        else:
+            if resume and dist.main:
+                print(f"--resume: no {STATE_FILE} in {self.out}; starting from step 0", file=sys.stderr)
+            norm = FeatureNorm.fit([s.features for s in data.train])
+        self.norm = norm
+        apply_norm(data.train + data.val, norm)
+        self.ddp_model: nn.Module = self.model
+        if dist.world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            )
+        self.val_sets = {
+            "val_sessions": validation_windows(data.val, n=cfg.val_windows, in_time=False),
+            "val_time": validation_windows(data.train, n=cfg.val_windows, in_time=True),
+        }
+        self.val_pool = {"val_sessions": data.val, "val_time": data.train}
+        self.data_summary = {
+            "train": _names(data.train),
+            "val": _names(data.val),
+            "test": [{"name": f"{p.parent.name}/{p.name}"} for p in data.test_paths],
+            "val_time_windows": len(self.val_sets["val_time"]),
+            "val_session_windows": len(self.val_sets["val_sessions"]),
+        }
+        self.step_no = int(self.info["step"])
+        self.last_val = None
+
+    def summary(self) -> dict:
+        """The run so far (stored in every checkpoint's ``training`` metadata)."""
+        info = self.info
         secs = float(info["train_seconds"])
         return {
-            "train_config": cfg.to_dict(),
-            "head_ablation": cfg.head_ablation,
-            "data": data_summary,
-            "steps_done": step,
+            "train_config": self.cfg.to_dict(),
+            "head_ablation": self.cfg.head_ablation,
+            "data": self.data_summary,
+            "steps_done": self.step_no,
             "windows_seen": int(info["windows_seen"]),
             "train_seconds": round(secs, 1),
             "windows_per_s": round(info["windows_seen"] / secs, 2) if secs > 0 else None,
-            "world_size": dist.world,
-            "device": str(dist.device.type),
+            "world_size": self.dist.world,
+            "device": str(self.dist.device.type),
             "threads": torch.get_num_threads(),
             "best_step": info["best_step"],
             "best_metric": info["best_metric"],
             "history": info["history"],
         }
 
-    def checkpoint(final: bool = False) -> None:
-        if not dist.main:
-            return
-        prov = {"command": command} if command else {}
-        meta = summary()
-        save_model(
-            out / "last.safetensors",
-            model,
-            feature_norm=norm,
-            training=meta,
-            metrics=info["history"][-1] if info["history"] else {},
-            provenance=prov,
+    # ---- start ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        dist = self.dist
+        if dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "split.json").write_text(json.dumps(self.data_summary, indent=1) + "\n")
+        if dist.main and self.progress:
+            print(
+                f"train: {len(self.data.train)} recordings, val: {len(self.data.val)} recordings, "
+                f"test (not loaded): {len(self.data.test_paths)}; {self.mcfg.name} "
+                f"({sum(p.numel() for p in self.model.parameters())} parameters), {dist.world} process(es) on "
+                f"{dist.device.type}, {torch.get_num_threads()} threads; setup {time.monotonic() - self.t_setup:.1f} s",
+                file=sys.stderr,
+            )
+        self.bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step_no,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and dist.main),
+            dynamic_ncols=True,
         )
-        save_state(
-            state_path,
-            model=model,
-            opt=opt,
-            norm=norm,
-            info={**{k: v for k, v in info.items()}, "train_config": cfg.to_dict()},
-        )
+        self.ddp_model.train()
+        if self.step_no == 0 and not self.info["history"]:  # the untrained model's figures, for reference
+            if dist.main:
+                self.validate()
+            dist.barrier()
+        self.last_val = self.info["history"][-1] if self.info["history"] else None
 
-    def run_validation() -> dict:
-        rec: dict[str, Any] = {"step": step}
-        for key, wins in val_sets.items():
-            r = validate(model, val_pool[key], wins, cfg=mcfg, device=dist.device, autocast=autocast)
+    # ---- one step ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Draw this step's windows (a function of seed, rank and step alone), then one AdamW step."""
+        cfg, mcfg, dist, data = self.cfg, self.mcfg, self.dist, self.data
+        t0 = time.monotonic()
+        step = self.step_no
+        rng = np.random.Generator(np.random.PCG64([cfg.seed, dist.rank, step]))
+        torch.manual_seed((cfg.seed * 1_000_003 + dist.rank * 7919 + step) % (2**63))
+        picks = sample_windows(rng, data.train, data.weights, cfg.batch_size // dist.world)
+        if mcfg.image_dim > 0:
+            sched = sample_image_schedules(rng, len(picks), mcfg, dropout=cfg.image_schedule_dropout)
+            got = [window_item(data.train[i], c, mcfg, image_schedule_s=h) for (i, c), h in zip(picks, sched)]
+        else:
+            got = [window_item(data.train[i], c, mcfg) for i, c in picks]
+        batch = {k: v.to(dist.device, non_blocking=True) for k, v in collate([g[0] for g in got]).items()}
+        y = pad_targets([g[1] for g in got]).to(dist.device)
+        lr = lr_at(step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            log_rate = self.ddp_model(**batch)
+        loss = poisson_loss(log_rate.float(), y, bin_size_s=mcfg.bin_size_s, unit_mask=batch["unit_mask"])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        self.opt.step()
+        self.step_no += 1
+        self.info["step"] = self.step_no
+        self.info["windows_seen"] += cfg.batch_size
+        dt = time.monotonic() - t0
+        self.info["train_seconds"] += dt
+        self._last = {"loss": loss, "lr": lr, "gnorm": gnorm, "dt": dt}
+
+    def report(self) -> None:
+        """Progress bar: this step's loss, speed, learning rate, gradient norm and validation figure."""
+        if not self.dist.main:
+            return
+        last, cfg = self._last, self.cfg
+        post = {
+            "loss": f"{float(last['loss'].detach()):.4f}",
+            "win/s": f"{cfg.batch_size / last['dt']:.1f}",
+            "lr": f"{last['lr']:.2e}",
+        }
+        if last["gnorm"] is not None:
+            post["gnorm"] = f"{float(last['gnorm']):.2f}"
+        if self.last_val:
+            key = "val_sessions" if "val_sessions" in self.last_val else "val_time"
+            if key in self.last_val:
+                post["val_bps"] = f"{self.last_val[key]['bits_per_spike']:+.4f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    # ---- validation -------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        """Validation figures of the model now (rank 0); a new best is saved as ``best.safetensors``."""
+        info = self.info
+        rec: dict[str, Any] = {"step": self.step_no}
+        for key, wins in self.val_sets.items():
+            r = validate(
+                self.model, self.val_pool[key], wins, cfg=self.mcfg, device=self.dist.device, autocast=self.autocast
+            )
             if r is not None:
                 rec[key] = r
         metric_key = "val_sessions" if "val_sessions" in rec else ("val_time" if "val_time" in rec else None)
@@ -659,122 +759,107 @@ def train(
         if metric_key is not None:
             m = rec[metric_key]["bits_per_spike"]
             if info["best_metric"] is None or m > info["best_metric"]:
-                info["best_metric"], info["best_step"] = m, step
-                prov = {"command": command} if command else {}
+                info["best_metric"], info["best_step"] = m, self.step_no
                 save_model(
-                    out / "best.safetensors",
-                    model,
-                    feature_norm=norm,
-                    training=summary(),
+                    self.out / "best.safetensors",
+                    self.model,
+                    feature_norm=self.norm,
+                    training=self.summary(),
                     metrics=rec,
-                    provenance=prov,
+                    provenance=self.provenance,
                 )
+        self.last_val = rec
         return rec
 
-    if dist.main and progress:
-        print(
-            f"train: {len(train_sessions)} recordings, val: {len(val_sessions)} recordings, "
-            f"test (not loaded): {len(test_paths)}; {mcfg.name} ({sum(p.numel() for p in model.parameters())} "
-            f"parameters), {dist.world} process(es) on {dist.device.type}, {torch.get_num_threads()} threads; "
-            f"setup {time.monotonic() - t_setup:.1f} s",
-            file=sys.stderr,
-        )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not (progress and dist.main),
-        dynamic_ncols=True,
-    )
-    ddp_model.train()
-    if step == 0 and not info["history"]:  # the untrained model's validation figures, for reference
-        if dist.main:
-            run_validation()
-        dist.barrier()
-    last_val = info["history"][-1] if info["history"] else None
-    done_here = 0
-    while step < cfg.steps:
-        if stop_after_steps is not None and done_here >= stop_after_steps:
-            bar.close()
-            return {**summary(), "stopped": True}
-        t0 = time.monotonic()
-        rng = np.random.Generator(np.random.PCG64([cfg.seed, dist.rank, step]))
-        torch.manual_seed((cfg.seed * 1_000_003 + dist.rank * 7919 + step) % (2**63))
-        picks = sample_windows(rng, train_sessions, weights, per_rank)
-        if mcfg.image_dim > 0:
-            sched = sample_image_schedules(rng, len(picks), mcfg, dropout=cfg.image_schedule_dropout)
-            got = [window_item(train_sessions[i], c, mcfg, image_schedule_s=h) for (i, c), h in zip(picks, sched)]
-        else:
-            got = [window_item(train_sessions[i], c, mcfg) for i, c in picks]
-        batch = {k: v.to(dist.device, non_blocking=True) for k, v in collate([g[0] for g in got]).items()}
-        y = pad_targets([g[1] for g in got]).to(dist.device)
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=autocast):
-            log_rate = ddp_model(**batch)
-        loss = poisson_loss(log_rate.float(), y, bin_size_s=mcfg.bin_size_s, unit_mask=batch["unit_mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        opt.step()
-        step += 1
-        done_here += 1
-        info["step"] = step
-        info["windows_seen"] += cfg.batch_size
-        dt = time.monotonic() - t0
-        info["train_seconds"] += dt
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            if dist.main:
-                last_val = run_validation()
-            dist.barrier()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
-            dist.barrier()
-        if dist.main:
-            post = {
-                "loss": f"{float(loss.detach()):.4f}",
-                "win/s": f"{cfg.batch_size / dt:.1f}",
-                "lr": f"{lr:.2e}",
-            }
-            if gnorm is not None:
-                post["gnorm"] = f"{float(gnorm):.2f}"
-            if last_val:
-                key = "val_sessions" if "val_sessions" in last_val else "val_time"
-                if key in last_val:
-                    post["val_bps"] = f"{last_val[key]['bits_per_spike']:+.4f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-    bar.close()
-
-    # ---- end: ranks must agree on the weights ------------------------------------------------------------
-    h = content_hash(model.state_dict())
-    hashes = [h]
-    if dist.world > 1:
-        hashes = [None] * dist.world
-        torch.distributed.all_gather_object(hashes, h)
-        if len(set(hashes)) != 1:
-            raise RuntimeError(f"ranks ended with different weights: {hashes}")
-    info["rank_weight_hashes"] = hashes
-    result = {**summary(), "rank_weight_hashes": hashes}
-    if dist.main:
-        # The final checkpoint carries the cross-rank check.
-        prov = {"command": command} if command else {}
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """``last.safetensors`` and the resumable training state (rank 0)."""
+        if not self.dist.main:
+            return
+        info = self.info
         save_model(
-            out / "last.safetensors",
-            model,
-            feature_norm=norm,
-            training=result,
+            self.out / "last.safetensors",
+            self.model,
+            feature_norm=self.norm,
+            training=self.summary(),
             metrics=info["history"][-1] if info["history"] else {},
-            provenance=prov,
+            provenance=self.provenance,
         )
-        (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
-    dist.barrier()
-    return result
+        save_state(
+            self.state_path,
+            model=self.model,
+            opt=self.opt,
+            norm=self.norm,
+            info={**info, "train_config": self.cfg.to_dict()},
+        )
+
+    # ---- the end ----------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """The ranks must agree on the weights; the final checkpoint carries that check."""
+        self.bar.close()
+        dist = self.dist
+        h = content_hash(self.model.state_dict())
+        hashes = [h]
+        if dist.world > 1:
+            hashes = [None] * dist.world
+            torch.distributed.all_gather_object(hashes, h)
+            if len(set(hashes)) != 1:
+                raise RuntimeError(f"ranks ended with different weights: {hashes}")
+        self.info["rank_weight_hashes"] = hashes
+        result = {**self.summary(), "rank_weight_hashes": hashes}
+        if dist.main:
+            save_model(
+                self.out / "last.safetensors",
+                self.model,
+                feature_norm=self.norm,
+                training=result,
+                metrics=self.info["history"][-1] if self.info["history"] else {},
+                provenance=self.provenance,
+            )
+            (self.out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+        dist.barrier()
+        return result
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data: list[str | Path],
+    out: str | Path,
+    val_data: list[str | Path] | None = None,
+    test_data: list[str | Path] | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    command: str | None = None,
+) -> dict:
+    """Run (or resume) training; returns a summary dict (also stored in the checkpoints).
+
+    ``stop_after_steps`` ends the process's loop after that many steps of this
+    invocation without saving anything, as if it had been killed (for tests
+    of ``resume``).
+    """
+    t = Trainer(cfg, out=out, device=device, progress=progress, command=command)
+    t.load(data=data, val_data=val_data, test_data=test_data)
+    t.build(resume=resume)
+    t.start()
+    done_here = 0
+    while t.step_no < cfg.steps:
+        if stop_after_steps is not None and done_here >= stop_after_steps:
+            t.bar.close()
+            return {**t.summary(), "stopped": True}
+        t.step()
+        done_here += 1
+        if t.step_no % cfg.val_every == 0 or t.step_no == cfg.steps:
+            if t.dist.main:
+                t.validate()
+            t.dist.barrier()
+        if t.step_no % cfg.ckpt_every == 0 or t.step_no == cfg.steps:
+            t.checkpoint()
+            t.dist.barrier()
+        t.report()
+    return t.finish()
 
 
 # ================================================================================================
