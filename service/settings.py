@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from nh_serve.errors import InputError
+from nh_serve.settings import Settings as BaseSettings
+from nh_serve.settings import settings
 
 
 def _env_number(name: str, default: float, *, integer: bool, minimum: float) -> float:
@@ -62,8 +64,25 @@ def _env_flag(name: str, default: bool) -> bool:
     raise InputError(f"environment variable {name}={raw!r} must be 1 or 0")
 
 
-@dataclass(frozen=True)
-class Settings:
+@settings(
+    where="service settings",
+    error=InputError,
+    names={
+        "checkpoint": "NH_SERVE_CHECKPOINT",
+        "backend": "NH_SERVE_BACKEND",
+        "max_sessions": "NH_SERVE_MAX_SESSIONS",
+        "session_ttl_s": "NH_SERVE_SESSION_TTL_S",
+        "max_units": "NH_SERVE_MAX_UNITS",
+        "max_spikes": "NH_SERVE_MAX_SPIKES",
+        "max_body_bytes": "NH_SERVE_MAX_BODY_MB (in bytes)",
+        "max_windows": "NH_SERVE_MAX_WINDOWS",
+        "max_adapt_steps": "NH_SERVE_MAX_ADAPT_STEPS",
+        "adapt_budget_s": "NH_SERVE_ADAPT_BUDGET_S",
+        "threads": "NH_SERVE_THREADS",
+        "torch_threads": "NH_SERVE_TORCH_THREADS",
+    },
+)
+class Settings(BaseSettings):
     """Limits and options of one service process (see the module docstring)."""
 
     checkpoint: str = "default"
@@ -79,6 +98,23 @@ class Settings:
     threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     torch_threads: int = 1
     access_log: bool = False
+
+    def __post_init__(self) -> None:
+        for key, minimum in (
+            ("max_sessions", 1),
+            ("max_units", 1),
+            ("max_spikes", 1),
+            ("max_body_bytes", 1),
+            ("max_windows", 1),
+            ("max_adapt_steps", 0),
+            ("adapt_budget_s", 0.0),
+            ("threads", 1),
+            ("torch_threads", 1),
+        ):
+            if getattr(self, key) < minimum:
+                self.fail(key, f"must be >= {minimum:g}, got {getattr(self, key)}")
+        if not self.session_ttl_s > 0:
+            self.fail("session_ttl_s", f"must be > 0 seconds, got {self.session_ttl_s}")
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -39,7 +39,7 @@ def test_get_config_overrides_and_errors():
     assert get_config("nh-small") is CONFIGS["nh-small"]
     with pytest.raises(ValueError, match="unknown model config 'nh-huge'.*nh-tiny"):
         get_config("nh-huge")
-    with pytest.raises(ValueError, match="unknown model config key.*dimm"):
+    with pytest.raises(ValueError, match="unknown field.*dimm"):
         get_config("nh-tiny", dimm=3)
 
 
@@ -57,7 +57,7 @@ def test_json_round_trip():
 def test_from_dict_rejects_unknown_keys_and_fills_defaults():
     d = CONFIGS["nh-tiny"].to_dict()
     d["n_layers"] = 4
-    with pytest.raises(ValueError, match="unknown model config key.*n_layers"):
+    with pytest.raises(ValueError, match="unknown field.*n_layers"):
         ModelConfig.from_dict(d)
     partial = ModelConfig.from_dict({"dim": 64, "heads": 2})
     assert partial.dim == 64 and partial.n_bins == 50

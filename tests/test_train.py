@@ -336,7 +336,7 @@ def test_silent_unit_is_fine(data_dir):
         ({"reference_s": 5.0}, "reference_s must be >= 10"),
         ({"model": "nh-huge"}, "is not one of"),
         ({"stepz": 3}, "unknown field"),
-        ({"steps": 2.5}, "steps must be an integer"),
+        ({"steps": 2.5}, "steps must be of type int, got 2.5"),
         ({"head_ablation": "nope"}, "head_ablation must be one of"),
         ({"image_schedule_dropout": 1.5}, r"image_schedule_dropout must be in \[0, 1\]"),
     ],

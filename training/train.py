@@ -43,7 +43,6 @@ validation and checkpoints, the end).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -67,6 +66,7 @@ from nh_serve.errors import CheckpointError, InputError
 from nh_serve.evaluation.metrics import bits_per_spike
 from nh_serve.inference.checkpoint import content_hash, load_checkpoint, save_checkpoint
 from nh_serve.inference.model_io import HEAD_ABLATIONS, build_model, save_model
+from nh_serve.settings import Settings, settings
 from training.data import (
     TrainSession,
     apply_norm,
@@ -91,8 +91,8 @@ STATE_KIND = "nh-serve-train-state"
 # ================================================================================================
 
 
-@dataclass(kw_only=True)
-class TrainConfig:
+@settings(where="training config", error=InputError)
+class TrainConfig(Settings):
     """Everything a training run depends on besides its data (times in seconds).
 
     Attributes:
@@ -145,109 +145,62 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        fail = self.fail
+        rules = [
+            ("steps", self.steps >= 1, f"must be >= 1, got {self.steps}"),
+            ("batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}"),
+            (
+                "warmup_steps",
+                0 <= self.warmup_steps < self.steps,
+                f"({self.warmup_steps}) must be in [0, steps = {self.steps})",
+            ),
+            ("lr", self.lr > 0, f"must be > 0, got {self.lr}"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, f"must be in [0, 1], got {self.min_lr_ratio}"),
+            ("weight_decay", self.weight_decay >= 0, f"must be >= 0, got {self.weight_decay}"),
+            ("betas", all(0 <= b < 1 for b in self.betas), f"must be in [0, 1), got {self.betas}"),
+            ("grad_clip", self.grad_clip >= 0, f"must be >= 0 (0 = off), got {self.grad_clip}"),
+            (
+                "reference_s",
+                self.reference_s >= MIN_REFERENCE_S,
+                f"must be >= {MIN_REFERENCE_S:g} s, got {self.reference_s}",
+            ),
+            ("val_time_fraction", 0 <= self.val_time_fraction < 1, f"must be in [0, 1), got {self.val_time_fraction}"),
+            (
+                "image_schedule_dropout",
+                0 <= self.image_schedule_dropout <= 1,
+                f"must be in [0, 1], got {self.image_schedule_dropout}",
+            ),
+            ("val_fraction", 0 <= self.val_fraction < 1, f"must be in [0, 1), got {self.val_fraction}"),
+            ("test_fraction", 0 <= self.test_fraction < 1, f"must be in [0, 1), got {self.test_fraction}"),
+            ("val_every", self.val_every >= 1, f"must be >= 1, got {self.val_every}"),
+            ("ckpt_every", self.ckpt_every >= 1, f"must be >= 1, got {self.ckpt_every}"),
+            ("val_windows", self.val_windows >= 1, f"must be >= 1, got {self.val_windows}"),
+            ("threads", self.threads >= 0, f"must be >= 0, got {self.threads}"),
+            (
+                "head_ablation",
+                self.head_ablation in HEAD_ABLATIONS,
+                f"must be one of {', '.join(HEAD_ABLATIONS)}, got {self.head_ablation!r}",
+            ),
+        ]
+        for key, ok, problem in rules:
+            if not ok:
+                fail(key, problem)
+        self.model_config()  # inconsistent model sizes fail here, before any data is read
+
     def model_config(self) -> ModelConfig:
         """The validated model config (InputError on inconsistent sizes)."""
         if self.model not in CONFIGS:
-            raise InputError(f"training config: model {self.model!r} is not one of {', '.join(CONFIGS)}")
+            self.fail("model", f"{self.model!r} is not one of {', '.join(CONFIGS)}")
         try:
             return get_config(self.model, **self.model_overrides)
-        except (ValueError, TypeError) as e:
-            raise InputError(
-                f"training config: model_overrides do not give a valid {self.model} model: {e}"
-            ) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-
-_INT_FIELDS = (
-    "steps",
-    "batch_size",
-    "warmup_steps",
-    "val_every",
-    "ckpt_every",
-    "val_windows",
-    "seed",
-    "threads",
-)
-_FLOAT_FIELDS = (
-    "lr",
-    "min_lr_ratio",
-    "weight_decay",
-    "grad_clip",
-    "reference_s",
-    "val_time_fraction",
-    "val_fraction",
-    "test_fraction",
-    "image_schedule_dropout",
-)
+        except ValueError as e:
+            self.fail("model_overrides", f"do not give a valid {self.model} model: {e}")
 
 
 def make_train_config(d: dict[str, Any], *, where: str = "training config") -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a dict (InputError saying what to fix)."""
-    if not isinstance(d, dict):
-        raise InputError(f"{where}: must be a JSON object of fields, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise InputError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
-        )
-    d = dict(d)
-    for k in _INT_FIELDS:
-        if k in d and not (isinstance(d[k], int) and not isinstance(d[k], bool)):
-            raise InputError(f"{where}: {k} must be an integer, got {d[k]!r}")
-    for k in _FLOAT_FIELDS:
-        if k in d:
-            if isinstance(d[k], bool) or not isinstance(d[k], (int, float)) or not math.isfinite(d[k]):
-                raise InputError(f"{where}: {k} must be a finite number, got {d[k]!r}")
-            d[k] = float(d[k])
-    if "betas" in d:
-        b = d["betas"]
-        if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, (int, float)) for x in b)):
-            raise InputError(f"{where}: betas must be two numbers, got {b!r}")
-        d["betas"] = (float(b[0]), float(b[1]))
-    for k in ("model_overrides", "session_weights"):
-        if k in d and not isinstance(d[k], dict):
-            raise InputError(f"{where}: {k} must be a JSON object, got {d[k]!r}")
-    cfg = TrainConfig(**d)
-    checks = [
-        (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (
-            0 <= cfg.warmup_steps < cfg.steps,
-            f"warmup_steps ({cfg.warmup_steps}) must be in [0, steps = {cfg.steps})",
-        ),
-        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
-        (0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}"),
-        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
-        (all(0 <= b < 1 for b in cfg.betas), f"betas must be in [0, 1), got {cfg.betas}"),
-        (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}"),
-        (
-            cfg.reference_s >= MIN_REFERENCE_S,
-            f"reference_s must be >= {MIN_REFERENCE_S:g} s, got {cfg.reference_s}",
-        ),
-        (0 <= cfg.val_time_fraction < 1, f"val_time_fraction must be in [0, 1), got {cfg.val_time_fraction}"),
-        (
-            0 <= cfg.image_schedule_dropout <= 1,
-            f"image_schedule_dropout must be in [0, 1], got {cfg.image_schedule_dropout}",
-        ),
-        (
-            0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1,
-            "val_fraction and test_fraction must be in [0, 1)",
-        ),
-        (cfg.val_every >= 1 and cfg.ckpt_every >= 1, "val_every and ckpt_every must be >= 1"),
-        (cfg.val_windows >= 1, f"val_windows must be >= 1, got {cfg.val_windows}"),
-        (cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}"),
-        (cfg.head_ablation in HEAD_ABLATIONS, f"head_ablation must be one of {', '.join(HEAD_ABLATIONS)}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise InputError(f"{where}: {msg}")
-    cfg.model_config()  # inconsistent model sizes fail here, before any data is read
-    return cfg
+    return TrainConfig.from_dict(d, where=where)
 
 
 def _parse_value(text: str) -> Any:

@@ -1,8 +1,9 @@
 """NeuroHorizon model configurations.
 
 A :class:`ModelConfig` fixes every size and time constant of a model; it is
-frozen, validated on construction and travels inside checkpoints as JSON
-(:meth:`ModelConfig.to_dict` / :meth:`ModelConfig.from_dict`).
+frozen, validated on construction (:mod:`nh_serve.settings`, like every settings
+class) and travels inside checkpoints as JSON (:meth:`ModelConfig.to_dict` /
+:meth:`ModelConfig.from_dict`).
 
 Time constants are in seconds. The model reads a context of ``context_s``
 seconds of spikes and predicts ``n_bins`` bins of ``bin_size_s`` seconds that
@@ -22,10 +23,10 @@ Registered configurations (:data:`CONFIGS`, :func:`get_config`):
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from nh_serve.settings import Settings, settings
 
 UNIT_EMBEDDING_MODES = ("idencoder", "random", "mean")
 
@@ -34,8 +35,8 @@ MAX_HORIZON_S = 10.0
 MAX_CONTEXT_S = 10.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+@settings(where="model config")
+class ModelConfig(Settings):
     """Sizes and time constants of a NeuroHorizon model (times in seconds).
 
     Attributes:
@@ -113,15 +114,15 @@ class ModelConfig:
     head_activity: bool = True
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        fail = self.fail
         if self.dim_head == 0:
-            if self.dim % self.heads != 0:
-                raise ValueError(
-                    f"dim ({self.dim}) must be divisible by heads ({self.heads}) when dim_head is 0 "
-                    "(derived as dim // heads); change dim or heads, or set dim_head explicitly"
+            if self.heads >= 1 and self.dim % self.heads != 0:
+                fail(
+                    "dim",
+                    f"({self.dim}) must be divisible by heads ({self.heads}) when dim_head is 0 (derived as "
+                    "dim // heads); change dim or heads, or set dim_head explicitly",
                 )
-            object.__setattr__(self, "dim_head", self.dim // self.heads)
-        object.__setattr__(self, "activity_scales", tuple(float(s) for s in self.activity_scales))
+            object.__setattr__(self, "dim_head", self.dim // max(self.heads, 1))
         for key in (
             "dim",
             "depth",
@@ -134,60 +135,54 @@ class ModelConfig:
             "head_hidden",
         ):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                fail(key, f"must be >= 1, got {getattr(self, key)}")
         if self.dim_head % 4 != 0:
-            raise ValueError(
-                f"dim_head ({self.dim_head}) must be a multiple of 4 so that the rotated half "
-                f"(dim_head // 2 = {self.dim_head // 2}) has an even width"
+            fail(
+                "dim_head",
+                f"({self.dim_head}) must be a multiple of 4 so that the rotated half "
+                f"(dim_head // 2 = {self.dim_head // 2}) has an even width",
             )
         if self.head_layers < 2:
-            raise ValueError(
-                f"head_layers must be >= 2 (split first layer + output layer), got {self.head_layers}"
-            )
+            fail("head_layers", f"must be >= 2 (split first layer + output layer), got {self.head_layers}")
         for key in ("behavior_dim", "image_dim"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0 (0 = no such input), got {getattr(self, key)}")
+                fail(key, f"must be >= 0 (0 = no such input), got {getattr(self, key)}")
         if self.is_multimodal and not 1 <= self.multimodal_every <= self.depth:
-            raise ValueError(
-                f"multimodal_every ({self.multimodal_every}) must be between 1 and depth ({self.depth})"
-            )
+            fail("multimodal_every", f"({self.multimodal_every}) must be between 1 and depth ({self.depth})")
         for key in ("latent_step", "context_s", "bin_size_s", "history_s", "t_min", "t_max"):
-            v = getattr(self, key)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{key} must be a positive number of seconds, got {v}")
+            if not getattr(self, key) > 0:
+                fail(key, f"must be a positive number of seconds, got {getattr(self, key)}")
         if self.context_s > MAX_CONTEXT_S:
-            raise ValueError(f"context_s ({self.context_s} s) is longer than the {MAX_CONTEXT_S} s supported")
+            fail("context_s", f"({self.context_s} s) is longer than the {MAX_CONTEXT_S} s supported")
         n_steps = self.context_s / self.latent_step
         if abs(n_steps - round(n_steps)) > 1e-6 or round(n_steps) < 1:
-            raise ValueError(
-                f"context_s ({self.context_s}) must be a whole multiple of latent_step ({self.latent_step})"
-            )
+            fail("context_s", f"({self.context_s}) must be a whole multiple of latent_step ({self.latent_step})")
         if self.horizon_s > MAX_HORIZON_S:
-            raise ValueError(
-                f"n_bins * bin_size_s = {self.n_bins} x {self.bin_size_s} = {self.horizon_s:g} s is longer "
-                f"than the {MAX_HORIZON_S} s horizon supported; use fewer or shorter bins"
+            fail(
+                "n_bins",
+                f"* bin_size_s = {self.n_bins} x {self.bin_size_s} = {self.horizon_s:g} s is longer than the "
+                f"{MAX_HORIZON_S} s horizon supported; use fewer or shorter bins",
             )
         if self.bin_size_s < 1e-3:
-            raise ValueError(f"bin_size_s ({self.bin_size_s} s) must be at least 1 ms")
+            fail("bin_size_s", f"({self.bin_size_s} s) must be at least 1 ms")
         if not self.t_min < self.t_max:
-            raise ValueError(f"t_min ({self.t_min}) must be smaller than t_max ({self.t_max})")
+            fail("t_min", f"({self.t_min}) must be smaller than t_max ({self.t_max})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            fail("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.unit_embedding_mode not in UNIT_EMBEDDING_MODES:
-            raise ValueError(
-                f"unit_embedding_mode {self.unit_embedding_mode!r} is not one of {', '.join(UNIT_EMBEDDING_MODES)}"
+            fail(
+                "unit_embedding_mode",
+                f"{self.unit_embedding_mode!r} is not one of {', '.join(UNIT_EMBEDDING_MODES)}",
             )
         scales = self.activity_scales
         if len(scales) == 0:
-            raise ValueError("activity_scales must list at least one window length in seconds")
-        if any(not (math.isfinite(s) and 0 < s <= self.context_s) for s in scales):
-            raise ValueError(
-                f"activity_scales {scales} must each be in (0, context_s = {self.context_s}] seconds"
-            )
+            fail("activity_scales", "must list at least one window length in seconds")
+        if any(not 0 < s <= self.context_s for s in scales):
+            fail("activity_scales", f"{scales} must each be in (0, context_s = {self.context_s}] seconds")
         if any(b <= a for a, b in zip(scales, scales[1:])):
-            raise ValueError(f"activity_scales {scales} must be strictly ascending")
-        if not (math.isfinite(self.baseline_prior_s) and self.baseline_prior_s >= 0):
-            raise ValueError(f"baseline_prior_s must be >= 0 seconds, got {self.baseline_prior_s}")
+            fail("activity_scales", f"{scales} must be strictly ascending")
+        if not self.baseline_prior_s >= 0:
+            fail("baseline_prior_s", f"must be >= 0 seconds, got {self.baseline_prior_s}")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -219,65 +214,6 @@ class ModelConfig:
     def is_multimodal(self) -> bool:
         """Whether the model takes behaviour and/or image-embedding inputs."""
         return self.behavior_dim > 0 or self.image_dim > 0
-
-    # ---- serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict of all fields (``activity_scales`` as a list)."""
-        d = dataclasses.asdict(self)
-        d["activity_scales"] = list(self.activity_scales)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build a config from :meth:`to_dict` output; missing keys take defaults.
-
-        Raises ``ValueError`` naming unknown keys (e.g. a config from a newer version).
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"model config must be a dict of fields, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown model config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
-            )
-        d = dict(d)
-        if "activity_scales" in d and isinstance(d["activity_scales"], list):
-            d["activity_scales"] = tuple(d["activity_scales"])
-        return cls(**d)
-
-    def replace(self, **overrides: Any) -> ModelConfig:
-        """Copy with some fields changed (validated). Unknown fields raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown model config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
-            )
-        return dataclasses.replace(self, **overrides)
-
-
-def _check_types(cfg: ModelConfig) -> None:
-    """Raise ``ValueError`` for fields of the wrong type (bools are not ints here)."""
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        kind = f.type
-        if kind == "int":
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif kind == "float":
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if ok:
-                object.__setattr__(cfg, f.name, float(v))
-        elif kind == "bool":
-            ok = isinstance(v, bool)
-        elif kind == "str":
-            ok = isinstance(v, str)
-        else:  # activity_scales
-            ok = isinstance(v, (tuple, list)) and all(
-                isinstance(s, (int, float)) and not isinstance(s, bool) for s in v
-            )
-        if not ok:
-            raise ValueError(f"model config field {f.name} must be of type {kind}, got {v!r}")
 
 
 CONFIGS: dict[str, ModelConfig] = {

@@ -56,6 +56,7 @@ from nh_serve.evaluation.sliding import (
 from nh_serve.inference.backends import default_threads
 from nh_serve.inference.predictor import Predictor
 from nh_serve.inference.runtime import tune_malloc_once
+from nh_serve.settings import Settings, settings
 
 SCHEMA = "nh-serve/scores/v1"
 MODEL = "model"
@@ -66,8 +67,21 @@ SAMPLE_S = 20.0  # seconds of prediction time shown in the heatmap
 BLOCK_WINDOWS = 128  # windows read and scored together (memory ~ 6 x windows x units x bins x 4 bytes)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ScoreSettings:
+@settings(
+    error=InputError,
+    names={
+        "reference_s": "--reference-s",
+        "reference": "--reference",
+        "stride_s": "--stride",
+        "max_windows": "--max-windows",
+        "batch_size": "--batch-size",
+        "backend": "--backend",
+        "threads": "--threads",
+        "plots": "--no-plots",
+    },
+    where="score settings",
+)
+class ScoreSettings(Settings):
     """How recordings are scored (times in seconds).
 
     Attributes:
@@ -95,22 +109,18 @@ class ScoreSettings:
     plots: bool = True
 
     def __post_init__(self):
-        if not (np.isfinite(self.reference_s) and self.reference_s > 0):
-            raise InputError(f"--reference-s: must be a positive number of seconds, got {self.reference_s}")
-        if self.reference is not None:
-            r0, r1 = (float(x) for x in self.reference)
-            if not (np.isfinite(r0) and np.isfinite(r1) and r1 > r0):
-                raise InputError(f"--reference: pass T0 T1 seconds with T1 > T0, got {self.reference}")
-            object.__setattr__(self, "reference", (r0, r1))
-        if not (np.isfinite(self.stride_s) and self.stride_s > 0):
-            raise InputError(f"--stride: must be a positive number of seconds, got {self.stride_s}")
-        if self.max_windows is not None and int(self.max_windows) < 1:
-            raise InputError(f"--max-windows: must be >= 1, got {self.max_windows}")
-        if self.threads is not None and int(self.threads) < 1:
-            raise InputError(f"--threads: must be >= 1, got {self.threads}")
-        if int(self.batch_size) < 1:
-            raise InputError(f"--batch-size: must be >= 1, got {self.batch_size}")
-        object.__setattr__(self, "bands_ms", tuple(tuple(float(x) for x in b) for b in self.bands_ms))
+        if not self.reference_s > 0:
+            self.fail("reference_s", f"must be a positive number of seconds, got {self.reference_s}")
+        if self.reference is not None and not self.reference[1] > self.reference[0]:
+            self.fail("reference", f"pass T0 T1 seconds with T1 > T0, got {self.reference}")
+        if not self.stride_s > 0:
+            self.fail("stride_s", f"must be a positive number of seconds, got {self.stride_s}")
+        if self.max_windows is not None and self.max_windows < 1:
+            self.fail("max_windows", f"must be >= 1, got {self.max_windows}")
+        if self.threads is not None and self.threads < 1:
+            self.fail("threads", f"must be >= 1, got {self.threads}")
+        if self.batch_size < 1:
+            self.fail("batch_size", f"must be >= 1, got {self.batch_size}")
 
     def identity(self) -> dict:
         """The settings that change the scores (a run with other values scores again)."""
