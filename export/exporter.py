@@ -10,7 +10,7 @@
    synthetic recording);
 3. on success records the parity results in the metadata, re-checks the final
    file and renames it onto ``out`` (atomic); on failure raises
-   :class:`~export.parity.ParityError` and removes the temporary file, so
+   :class:`~nh_serve.inference.backends.parity.ParityError` and removes the temporary file, so
    ``out`` is never a model that failed the check (an older file at ``out`` is
    left untouched).
 """
@@ -85,7 +85,7 @@ def export_model(
     ``recordings``: see :func:`export.parity.check_predictor_parity` (``"auto"``: real recordings
     if found, else synthetic). ``tolerance``: largest relative error accepted (default 1e-4).
     Raises :class:`InputError` (bad format / path), :class:`~nh_serve.errors.CheckpointError`
-    (export failed) or :class:`~export.parity.ParityError` (no file written).
+    (export failed) or :class:`~nh_serve.inference.backends.parity.ParityError` (no file written).
     """
     t_start = time.perf_counter()
     say = log or (lambda msg: None)
