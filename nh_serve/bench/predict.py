@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nh_serve.core.config import CONFIGS, get_config
 from nh_serve.core.model import NeuroHorizon, count_parameters
@@ -463,8 +464,6 @@ def run(
     memory: bool = True,
 ) -> dict:
     """Benchmark every backend, print the report and write the ``predict`` section of ``doc``."""
-    from tqdm import tqdm
-
     if checkpoint is None and config not in CONFIGS:
         raise InputError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
     if runs < 10 or warmup < 0 or not units or any(u < 1 for u in units):

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nh_serve.core.config import get_config
 from nh_serve.core.model import NeuroHorizon
@@ -56,8 +57,6 @@ def synthetic_recording(folder: Path, *, n_units: int, minutes: float, seed: int
 
 def random_checkpoint(folder: Path, config: str = "nh-small", seed: int = 0) -> Path:
     """A checkpoint of ``config`` with random weights (identity feature normalisation)."""
-    import torch
-
     path = folder / f"{config}-random-{seed}.safetensors"
     if not path.exists():
         torch.manual_seed(seed)

@@ -38,7 +38,7 @@ def machine_info(packages: tuple[str, ...] = ("nh-serve", "torch", "numpy")) -> 
     for name in packages:
         info[name] = package_version(name, "not installed")
     try:
-        import torch
+        import torch  # the report writers themselves run without torch
 
         info["torch_threads"] = str(torch.get_num_threads())
         if torch.cuda.is_available():

@@ -264,7 +264,7 @@ def load_clip(model_name: str = DEFAULT_MODEL, *, weights=None, random_weights: 
         wp = Path(weights).expanduser()
         if not wp.is_file():
             raise InputError(f"--weights {wp}: not found; pass the path of a local CLIP checkpoint file")
-    import open_clip
+    import open_clip  # the optional CLIP extra (nh-serve[clip]), needed only here
 
     if model_name not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if model_name.lower().split("-")[0] in m.lower()][:8]

@@ -83,7 +83,7 @@ def _sample_rate(folder: Path, params: dict, override: float | None) -> float:
 
 
 def _read_tsv(path: Path):
-    import pandas as pd
+    import pandas as pd  # only for phy's TSV tables
 
     try:
         df = pd.read_csv(path, sep="\t")

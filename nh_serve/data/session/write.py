@@ -156,7 +156,7 @@ def write_session(
     Returns the path. The file is written to a temporary file in the same folder
     and moved into place; on any error no file is left behind.
     """
-    import temporaldata as td
+    import temporaldata as td  # only the writer needs it (the reader reads the HDF5 layout itself)
 
     path = Path(path)
     ids = _as_str_array(unit_ids, "unit_ids")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from nh_serve.errors import InputError
@@ -56,8 +57,6 @@ def score_task(
     path: str, key: str, ckpt_bytes: bytes, content_hash: str, settings: dict, threads: int
 ) -> tuple:
     """Body of one Ray task: ``("ok", record, plots)`` or ``("error", message)``."""
-    import torch
-
     threads = max(1, int(threads))
     torch.set_num_threads(threads)
     try:
