@@ -22,14 +22,14 @@ from nh_serve.bench import predict as bench_predict
 from nh_serve.bench import score as bench_score
 from nh_serve.data import synth
 from nh_serve.errors import InputError
-from nh_serve.evaluation import demo, quality_cli
+from nh_serve.evaluation import demo, fit_baselines, quality_cli
 from nh_serve.evaluation.score import cli as score_cli
 from nh_serve.ingest import cli as ingest_cli
 from service import bench as bench_service
 from training import train
 
 # Modules with top-level subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES = (demo, synth, ingest_cli, train, quality_cli, export_cli, score_cli)
+COMMAND_MODULES = (demo, synth, ingest_cli, train, quality_cli, fit_baselines, export_cli, score_cli)
 
 # Modules with ``nh-serve bench <name>`` subcommands.
 BENCH_MODULES = (bench_features, bench_forward, bench_predict, bench_service, bench_score)

@@ -149,6 +149,17 @@ def test_eval_json_equals_metric_functions(setup, tmp_path):
             for band, b in m["per_band"].items():
                 assert got["bands"][band] == pytest.approx(b["bits_per_spike"], rel=1e-6, abs=1e-9)
         per_session.append({n: m["bits_per_spike"] for n, m in direct.items()})
+        # the best baseline in hindsight, and the paired differences with their intervals
+        base_bps = {n: direct[n]["bits_per_spike"] for n in targets.baselines}
+        assert rec["baselines"] == list(targets.baselines)
+        assert rec["best_baseline"] == max(base_bps, key=base_bps.get)
+        for n, bps in base_bps.items():
+            pr = rec["paired"]["model"][n]
+            assert pr["diff"] == pytest.approx(direct["model"]["bits_per_spike"] - bps, rel=1e-5, abs=1e-8)
+            assert pr["lo"] <= pr["diff"] <= pr["hi"]
+        best = rec["paired"]["model"][rec["best_baseline"]]
+        assert rec["beats_best_baseline"]["model"] == (best["lo"] > 0)
+        assert res["summary"]["beats_every_baseline"][rec["recording"]] == (best["lo"] > 0)
     mean = res["summary"]["synthetic_mean"]
     for name in per_session[0]:
         assert mean[name]["bits_per_spike"] == pytest.approx(
@@ -157,6 +168,11 @@ def test_eval_json_equals_metric_functions(setup, tmp_path):
     assert res["summary"]["fraction_of_oracle"]["model"] == pytest.approx(
         mean["model"]["bits_per_spike"] / mean["oracle"]["bits_per_spike"], rel=1e-6
     )
+    for band, f in res["summary"]["fraction_of_oracle_bands"]["model"].items():
+        assert f == pytest.approx(mean["model"]["bands"][band] / mean["oracle"]["bands"][band], rel=1e-6)
+    sp = res["summary"]["synthetic_paired"]["model"]["best_baseline"]
+    want = np.mean([rec["paired"]["model"][rec["best_baseline"]]["diff"] for rec in res["recordings"]])
+    assert sp["diff"] == pytest.approx(want, rel=1e-6) and sp["lo"] <= sp["diff"] <= sp["hi"]
 
 
 def test_compare_adapt_and_report(setup, tmp_path):

@@ -42,10 +42,9 @@ from tqdm.auto import tqdm
 from nh_serve.core.config import ModelConfig
 from nh_serve.data.features import FeatureNorm, auto_reference_s, reference_features, reference_rate_hz
 from nh_serve.data.session import open_session, write_session
+from nh_serve.data.session.files import SESSION_SUFFIXES, find_sessions, session_name  # noqa: F401 (re-exported)
 from nh_serve.data.windows import cut_window, target_counts, tokenize_window
 from nh_serve.errors import InputError
-
-SESSION_SUFFIXES = (".h5", ".hdf5", ".nwb.h5")
 
 
 @dataclass
@@ -74,40 +73,6 @@ class TrainSession:
     @property
     def duration(self) -> float:
         return self.end - self.start
-
-
-def find_sessions(specs: list[str | Path], *, what: str = "--data") -> list[Path]:
-    """Expand folders (their ``*.h5`` files, sorted) and files into a list of session paths."""
-    out: list[Path] = []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith(SESSION_SUFFIXES))
-            if not found:
-                raise InputError(
-                    f"{what}: folder {p} holds no session files (*.h5); write some with `nh-serve synth` "
-                    "or `nh-serve ingest`, or pass the files themselves"
-                )
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise InputError(f"{what}: {p} does not exist; pass session files or folders that hold them")
-    if not out:
-        raise InputError(f"{what}: no session files given; pass at least one session file or folder")
-    seen: set[Path] = set()
-    uniq = []
-    for p in out:
-        r = p.resolve()
-        if r not in seen:
-            seen.add(r)
-            uniq.append(p)
-    return uniq
-
-
-def session_name(path: Path) -> str:
-    """A short, machine-independent name: ``<parent folder>/<file name>``."""
-    return f"{path.parent.name}/{path.name}"
 
 
 def load_session(

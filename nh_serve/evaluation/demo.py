@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nh_serve.data.session import open_session
 from nh_serve.data.synth import make_demo
-from nh_serve.data.windows import recorded_inputs
-from nh_serve.evaluation.metrics import evaluate
-from nh_serve.evaluation.quality import model_rates
-from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows
+from nh_serve.evaluation.quality import evaluate_recording
 from nh_serve.inference.predictor import Predictor
 
 
 def score_table(rows: dict[str, dict]) -> str:
-    """Format ``{name: metrics.evaluate(...) result}`` as an aligned text table."""
-    bands = next(iter(rows.values()))["per_band"].keys() if rows else []
+    """Format ``{name: scores}`` (:func:`nh_serve.evaluation.quality.summarize` dicts) as an aligned text table."""
+    bands = next(iter(rows.values()))["bands"].keys() if rows else []
     head = ["predictor", "bits/spike", *(f"bps {b}" for b in bands), "corr", "R2"]
     lines = [head]
     for name, m in rows.items():
@@ -32,7 +28,7 @@ def score_table(rows: dict[str, dict]) -> str:
             [
                 name,
                 f"{m['bits_per_spike']:+.4f}",
-                *(f"{m['per_band'][b]['bits_per_spike']:+.4f}" for b in bands),
+                *(f"{m['bands'][b]:+.4f}" for b in bands),
                 f"{m['correlation']:.3f}",
                 f"{m['r2']:+.3f}",
             ]
@@ -41,38 +37,26 @@ def score_table(rows: dict[str, dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 
 
-def run_demo(out_dir: Path, *, checkpoint="default", stride_s: float = 1.0, progress: bool = True) -> dict[str, dict]:
-    """Make (or reuse) ``out_dir/demo.h5`` and return metrics per predictor.
+def run_demo(out_dir: Path, *, checkpoint="default", stride_s: float = 1.0, progress: bool = True) -> dict:
+    """Make (or reuse) ``out_dir/demo.h5``, score it (:func:`~nh_serve.evaluation.quality.evaluate_recording`)
+    and return that result (``scores`` per predictor, ``best_baseline``, ``paired`` intervals).
 
     ``checkpoint=None`` scores only the baselines and the oracle.
     """
     path = Path(out_dir) / "demo.h5"
     if not path.exists():
         path = make_demo(out_dir)
-    with open_session(path) as s:
-        plan = plan_windows(start=s.start, end=s.end, stride_s=stride_s, name=str(path))
-        targets = collect_targets(s, plan, progress=progress)
-        rows = {}
-        if checkpoint is not None:
-            p = Predictor.load(checkpoint, backend="torch")
-            times, units = s.spikes(s.start, s.end)
-            inputs = recorded_inputs(s, p.cfg, s.start, s.end)
-            rates = model_rates(
-                p, times=times, units=units, unit_ids=s.unit_ids, start=s.start, plan=plan, inputs=inputs
-            ).rates
-            rows[f"model {p.cfg.name} ({p.model_hash})"] = evaluate(rates, targets.counts, bin_size=plan.bin_size)
-        rows.update({name: evaluate(p, targets.counts, bin_size=plan.bin_size) for name, p in targets.baselines.items()})
-        oracle = oracle_rates(s, plan)
-        if oracle is not None:
-            rows["oracle (true rates)"] = evaluate(oracle, targets.counts, bin_size=plan.bin_size)
-        print(f"{path}: {s.n_units} units, {s.duration:.0f} s; reference {plan.reference[0]:g}-{plan.reference[1]:g} s; "
-              f"{len(plan)} windows of 1 s context -> {plan.n_bins} x {plan.bin_size * 1000:g} ms bins")
-    return rows
+    predictors = {} if checkpoint is None else {"model": Predictor.load(checkpoint, backend="torch")}
+    res = evaluate_recording(path, predictors=predictors, stride_s=stride_s, progress=progress)
+    ref = res["reference_s"]
+    print(f"{path}: {res['units']} units, {res['duration_s']:.0f} s; reference {ref[0]:g}-{ref[1]:g} s; "
+          f"{res['windows']} windows of 1 s context -> 50 x 20 ms bins")
+    return res
 
 
 def _run(args: argparse.Namespace) -> int:
-    rows = run_demo(Path(args.out), checkpoint=None if args.no_model else args.checkpoint, stride_s=args.stride)
-    print(score_table(rows))
+    res = run_demo(Path(args.out), checkpoint=None if args.no_model else args.checkpoint, stride_s=args.stride)
+    print(score_table(res["scores"]))
     return 0
 
 

@@ -43,14 +43,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from nh_serve.core.config import ModelConfig
 from nh_serve.data.features import MIN_REFERENCE_S, auto_reference_s
 from nh_serve.data.session import open_session
-from nh_serve.data.windows import RecordedInputs, cut_windows, recorded_inputs
+from nh_serve.data.windows import RecordedInputs, cut_windows, recorded_input_notes, recorded_inputs
 from nh_serve.errors import InputError
-from nh_serve.evaluation.baselines import DEFAULT_HISTORY_S
-from nh_serve.evaluation.metrics import evaluate
+from nh_serve.evaluation.baselines import DEFAULT_HISTORY_S, baseline_names, checkpoint_univariate_glm
+from nh_serve.evaluation.metrics import paired_bps_interval
 from nh_serve.evaluation.reporting import machine_info
-from nh_serve.evaluation.sliding import collect_targets, oracle_rates, plan_windows
+from nh_serve.evaluation.sliding import (
+    StreamingMetrics,
+    WindowPlan,
+    horizon_counts,
+    iter_spike_blocks,
+    make_baseline_set,
+    oracle_rates,
+    plan_windows,
+)
 from nh_serve.inference.predictor import Predictor
 
 ORACLE = "oracle"
@@ -79,6 +88,28 @@ class ModelRates(NamedTuple):
     offset: np.ndarray | None  # (W, U, T) the persistence offset alone, if asked for
 
 
+class _Variant:
+    """One scored model row: a Predictor with a registered session, cutting its own windows."""
+
+    def __init__(self, name: str, p, token: str, *, offset_only: bool = False):
+        self.name, self.p, self.token, self.offset_only = name, p, token, offset_only
+
+    def rates(self, windows, plan) -> np.ndarray:
+        if self.offset_only:
+            return _offset_counts(self.p, self.token, windows, plan)
+        preds = self.p.predict_windows(self.token, windows, horizon_s=plan.n_bins * plan.bin_size)
+        return np.stack([pr.expected_counts for pr in preds])  # (w, U, T)
+
+
+def _register(p, times, units, unit_ids, plan, *, adapt_steps=0, adapt_budget_s=30.0, seed=0) -> str:
+    r0, r1 = plan.reference
+    a, b = np.searchsorted(times, [r0, r1])
+    return p.register(
+        times[a:b], unit_ids[units[a:b]], reference_window=(r0, r1), units=unit_ids,
+        adapt_steps=adapt_steps, adapt_time_budget_s=adapt_budget_s, seed=seed,
+    )
+
+
 def model_rates(
     p,
     *,
@@ -93,42 +124,22 @@ def model_rates(
     seed: int = 0,
     offset: bool = False,
 ) -> ModelRates:
-    """Expected counts ``(W, U, T)`` of a Predictor on every planned window, and its adaptation info.
+    """Expected counts ``(W, U, T)`` of a Predictor on every planned window of a (short) recording.
 
-    ``offset=True`` also returns the model's persistence offset by itself, flat over the
-    horizon: the head adds the log of :func:`nh_serve.core.model.baseline_rate_hz` (the last
-    ``activity_scales[-1]`` seconds' count shrunk toward the history rate) to the network's
-    output, so scoring the offset alone shows what the network adds on top of it. It is
-    computed by :meth:`~nh_serve.core.model.NeuroHorizon.log_baseline` on the very inputs the
-    model gets. ``inputs``: the recording's behaviour / image events for a multimodal model
-    (:func:`~nh_serve.data.windows.recorded_inputs`), given to it as ``nh-serve score`` does.
+    The whole-array form of what :func:`evaluate_recording` does a block at a time: register the
+    reference window (with ``adapt_steps`` of test-time adaptation), cut every window with the
+    window pipeline (:func:`nh_serve.data.windows.cut_windows`, as training and scoring do) and
+    predict. ``offset=True`` also returns the model's persistence offset by itself
+    (:meth:`~nh_serve.core.model.NeuroHorizon.log_baseline` on the very inputs the model gets),
+    which shows what the network adds on top of it.
     """
-    cfg = p.cfg
-    r0, r1 = plan.reference
-    a, b = np.searchsorted(times, [r0, r1])
-    token = p.register(
-        times[a:b],
-        unit_ids[units[a:b]],
-        reference_window=(r0, r1),
-        units=unit_ids,
-        adapt_steps=adapt_steps,
-        adapt_time_budget_s=adapt_budget_s,
-        seed=seed,
-    )
-    # each window's context spikes and history_counts = every unit's spikes in the history_s seconds
-    # before the context (the window pipeline training and scoring use)
+    token = _register(p, times, units, unit_ids, plan, adapt_steps=adapt_steps, adapt_budget_s=adapt_budget_s, seed=seed)
     windows = cut_windows(
-        times,
-        units,
-        plan.ctx_starts,
-        n_units=unit_ids.shape[0],
-        cfg=cfg,
-        history_start=start,
+        times, units, plan.ctx_starts, n_units=unit_ids.shape[0], cfg=p.cfg, history_start=start,
         behavior=inputs.behavior if inputs is not None else None,
         images=inputs.images if inputs is not None else None,
     )
-    preds = p.predict_windows(token, windows, horizon_s=plan.n_bins * plan.bin_size)
-    rates = np.stack([pr.expected_counts for pr in preds])  # (W, U, T)
+    rates = _Variant("model", p, token).rates(windows, plan)
     offset_counts = _offset_counts(p, token, windows, plan) if offset else None
     info = p.session(token).adaptation
     p.sessions.discard(token)  # free the cached embeddings of this recording
@@ -157,15 +168,20 @@ def evaluate_recording(
     adapt_budget_s: float = 30.0,
     stride_s: float = 1.0,
     max_windows: int | None = None,
+    baselines: str = "default",
     progress: bool = True,
 ) -> dict:
-    """Score every predictor, baseline and (synthetic files) the oracle on one recording.
+    """Score every predictor, every baseline and (synthetic files) the oracle on one recording.
 
-    Multimodal checkpoints get the recording's behaviour and image events as ``nh-serve
-    score`` gives them (:func:`~nh_serve.data.windows.recorded_inputs`): the stimulus
-    schedule of each forecast window is known; a file without them gives none.
+    A block of windows at a time (memory does not grow with the recording): the observed
+    counts, every baseline (:class:`~nh_serve.evaluation.baselines.BaselineSet`), each model's
+    predictions on the windows the window pipeline cuts for it, and the oracle go into one
+    :class:`~nh_serve.evaluation.sliding.StreamingMetrics`, which also keeps every window's
+    likelihood for the paired intervals. Multimodal checkpoints get the recording's behaviour
+    and image events as ``nh-serve score`` gives them (the stimulus schedule of each forecast
+    window known); a file without them gives none.
     """
-    first = next(iter(predictors.values())).cfg
+    first = next(iter(predictors.values())).cfg if predictors else ModelConfig()  # 1 s context, 50 x 20 ms
     for name, p in predictors.items():
         c = p.cfg
         if (c.context_s, c.n_bins, c.bin_size_s) != (first.context_s, first.n_bins, first.bin_size_s):
@@ -174,73 +190,92 @@ def evaluate_recording(
                 "compare checkpoints with the same context and horizon"
             )
     path = Path(path)
+    main = next(iter(predictors), None)
     with open_session(path) as s:
         ref = auto_reference_s(s.duration) if reference_s is None else float(reference_s)
         plan = plan_windows(
-            start=s.start,
-            end=s.end,
-            reference_s=ref,
-            context_s=first.context_s,
-            n_bins=first.n_bins,
-            bin_size=first.bin_size_s,
-            stride_s=stride_s,
-            max_windows=max_windows,
-            name=str(path),
+            start=s.start, end=s.end, reference_s=ref, context_s=first.context_s, n_bins=first.n_bins,
+            bin_size=first.bin_size_s, stride_s=stride_s, max_windows=max_windows, name=str(path),
         )
-        targets = collect_targets(s, plan, history_s=DEFAULT_HISTORY_S, progress=progress)
-        oracle = oracle_rates(s, plan)
-        times, units = s.spikes(s.start, s.end)
-        inputs = {name: recorded_inputs(s, p.cfg, s.start, s.end) for name, p in predictors.items()}
+        U, start, duration = int(s.n_units), float(s.start), float(s.duration)
         unit_ids = np.asarray(s.unit_ids).astype(str)
-        start, duration, n_units = float(s.start), float(s.duration), int(s.n_units)
-    counts = targets.counts
-    scores, raw, adaptation = {}, {}, {}
-
-    def score(name: str, rates: np.ndarray) -> None:
-        raw[name] = rates
-        scores[name] = summarize(evaluate(rates, counts, bin_size=plan.bin_size))
-
-    offsets_scored = set()
-    for name, p in predictors.items():
+        r0, r1 = plan.reference
+        ref_t, ref_u = s.spikes(min(start, r0), r1)
         t0 = time.monotonic()
-        offset_key = (p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
-        want_offset = p.cfg.baseline_offset and offset_key not in offsets_scored  # one row per distinct offset
-        got = model_rates(
-            p, times=times, units=units, unit_ids=unit_ids, start=start, plan=plan, inputs=inputs[name], offset=want_offset
-        )
-        score(name, got.rates)
-        scores[name]["seconds"] = round(time.monotonic() - t0, 2)
-        if want_offset:
-            offsets_scored.add(offset_key)
-            score(f"{name} offset only", got.offset)
-        if adapt_steps > 0:
-            rates, info, _ = model_rates(
-                p,
-                times=times,
-                units=units,
-                unit_ids=unit_ids,
-                start=start,
-                plan=plan,
-                inputs=inputs[name],
-                adapt_steps=adapt_steps,
-                adapt_budget_s=adapt_budget_s,
-            )
-            score(f"{name} adapted", rates)
-            adaptation[name] = info
-    for name, rates in targets.baselines.items():
-        score(name, rates)
-    if oracle is not None:
-        score(ORACLE, oracle)
+        univariate, uni_source = checkpoint_univariate_glm(predictors[main].checkpoint if main else None)
+        bset = make_baseline_set(s, plan, names=baseline_names(baselines), univariate=univariate)
+        fit_seconds = time.monotonic() - t0
+        has_oracle = oracle_rates(s, WindowPlan(plan.reference, plan.ctx_starts[:1], plan.context_s, plan.n_bins, plan.bin_size)) is not None
+        variants, adaptation, offsets_scored = [], {}, set()
+        for name, p in predictors.items():
+            token = _register(p, ref_t, ref_u, unit_ids, plan)
+            variants.append(_Variant(name, p, token))
+            offset_key = (p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
+            if p.cfg.baseline_offset and offset_key not in offsets_scored:  # one row per distinct offset
+                offsets_scored.add(offset_key)
+                variants.append(_Variant(f"{name} offset only", p, token, offset_only=True))
+            if adapt_steps > 0:
+                tok = _register(p, ref_t, ref_u, unit_ids, plan, adapt_steps=adapt_steps, adapt_budget_s=adapt_budget_s)
+                variants.append(_Variant(f"{name} adapted", p, tok))
+                adaptation[name] = p.session(tok).adaptation
+        inputs = {name: recorded_input_notes(s, p.cfg) for name, p in predictors.items()}
+        names = [v.name for v in variants] + list(bset.names) + ([ORACLE] if has_oracle else [])
+        acc = StreamingMetrics(names, n_units=U, n_bins=plan.n_bins)
+        seconds = dict.fromkeys([v.name for v in variants], 0.0)
+        lookback = max([DEFAULT_HISTORY_S] + [p.cfg.history_s + first.context_s for p in predictors.values()])
+        with tqdm(total=len(plan), desc=path.stem[:24], unit="win", disable=not progress, leave=False) as bar:
+            for block in iter_spike_blocks(s, plan, lookback_s=lookback):
+                sl = slice(block.first, block.stop)
+                ctx = plan.ctx_starts[sl]
+                counts = horizon_counts(block, plan, n_units=U)
+                t0 = time.monotonic()
+                preds = bset.predict(plan.t_now[sl], block.times, block.units, t0=block.t0)
+                fit_seconds += time.monotonic() - t0
+                cut = {}
+                for v in variants:
+                    if v.p not in cut:
+                        rec = recorded_inputs(s, v.p.cfg, float(ctx[0]), float(ctx[-1]) + first.context_s + first.horizon_s)
+                        cut[v.p] = cut_windows(
+                            block.times, block.units, ctx, n_units=U, cfg=v.p.cfg, history_start=start,
+                            behavior=rec.behavior, images=rec.images,
+                        )
+                    t0 = time.monotonic()
+                    preds[v.name] = v.rates(cut[v.p], plan)
+                    seconds[v.name] += time.monotonic() - t0
+                if has_oracle:
+                    oracle = oracle_rates(s, WindowPlan(plan.reference, ctx, plan.context_s, plan.n_bins, plan.bin_size))
+                    if oracle is None:
+                        raise InputError(f"{path}: its true_rates do not cover windows {block.first}-{block.stop - 1}")
+                    preds[ORACLE] = oracle
+                acc.update(counts, preds)
+                bar.update(block.stop - block.first)
+        for v in variants:
+            v.p.sessions.discard(v.token)
+    scores = {n: summarize(acc.result(n, bin_size=plan.bin_size)) for n in names}
+    for v in variants:
+        scores[v.name]["seconds"] = round(seconds[v.name], 2)
+    base = list(bset.names)
+    best = max(base, key=lambda n: scores[n]["bits_per_spike"])
+    paired = {v.name: {b: acc.paired(v.name, b) for b in base} for v in variants}
     return {
         "recording": f"{path.parent.name}/{path.name}",
-        "synthetic": oracle is not None,
-        "units": n_units,
+        "synthetic": has_oracle,
+        "units": U,
         "duration_s": round(duration, 3),
         "reference_s": [round(plan.reference[0], 6), round(plan.reference[1], 6)],
         "windows": len(plan),
         "stride_s": stride_s,
         "scores": scores,
+        "baselines": base,
+        "best_baseline": best,
+        "paired": paired,
+        "beats_best_baseline": {v.name: bool(paired[v.name][best]["lo"] > 0) for v in variants},
+        "univariate_glm_weights": uni_source,
+        "baseline_seconds": round(fit_seconds, 2),
+        "model_inputs": inputs,
         "adaptation": adaptation,
+        "_window_nll": {n: acc.window_nll(n) for n in names},
+        "_window_spikes": acc.window_spikes(),
     }
 
 
@@ -267,9 +302,17 @@ def run_benchmark(
     adapt_budget_s: float = 30.0,
     stride_s: float = 1.0,
     max_windows: int | None = None,
+    baselines: str = "default",
     progress: bool = True,
 ) -> dict:
-    """Score ``checkpoints`` (name -> path or ``"default"``) on every recording; a JSON-serialisable dict."""
+    """Score ``checkpoints`` (name -> path or ``"default"``) on every recording; a JSON-serialisable dict.
+
+    Per recording: every predictor's scores, the best baseline in hindsight and, for every model
+    row, its paired bits/spike difference to each baseline with a 95% block-bootstrap interval
+    (``paired``). The summary averages synthetic recordings (with the oracle fraction overall and
+    per band, and the mean paired differences, each recording resampled on its own) and says per
+    recording whether the main model beats the best baseline beyond the interval.
+    """
     if not sessions:
         raise InputError("eval: pass at least one session file")
     if reference_s is not None and reference_s < MIN_REFERENCE_S:
@@ -278,6 +321,7 @@ def run_benchmark(
         raise InputError(f"--adapt-steps: must be >= 0, got {adapt_steps}")
     if stride_s <= 0:
         raise InputError(f"--stride: must be > 0 seconds, got {stride_s}")
+    baseline_names(baselines)  # a bad set name fails before any work
     predictors = {name: Predictor.load(spec, backend="torch") for name, spec in checkpoints.items()}
     recs = [
         evaluate_recording(
@@ -288,30 +332,16 @@ def run_benchmark(
             adapt_budget_s=adapt_budget_s,
             stride_s=stride_s,
             max_windows=max_windows,
+            baselines=baselines,
             progress=progress,
         )
         for path in tqdm(sessions, desc="recordings", unit="recording", disable=not progress)
     ]
     main = next(iter(checkpoints))
-    synth = [r for r in recs if r["synthetic"]]
-    summary = {}
-    if synth:
-        mean = _mean_scores(synth)
-        oracle_bps = mean[ORACLE]["bits_per_spike"]
-        summary["synthetic_mean"] = mean
-        summary["synthetic_recordings"] = len(synth)
-        summary["fraction_of_oracle"] = {
-            n: (m["bits_per_spike"] / oracle_bps if oracle_bps > 0 else None)
-            for n, m in mean.items()
-            if n != ORACLE
-        }
-    baselines = [n for n in recs[0]["scores"] if n in ("reference_rate", "persistence", "exp_smooth")]
-    summary["beats_every_baseline"] = {
-        r["recording"]: bool(
-            all(r["scores"][main]["bits_per_spike"] > r["scores"][b]["bits_per_spike"] for b in baselines)
-        )
-        for r in recs
-    }
+    summary = summarize_recordings(recs, main=main)
+    for r in recs:
+        r.pop("_window_nll")
+        r.pop("_window_spikes")
     return {
         "checkpoints": {
             name: {
@@ -330,8 +360,52 @@ def run_benchmark(
             "adapt_budget_s": adapt_budget_s,
             "stride_s": stride_s,
             "max_windows": max_windows,
+            "baselines": baselines,
         },
         "recordings": recs,
         "summary": summary,
         "machine": machine_info(),
     }
+
+
+def summarize_recordings(recs: list[dict], *, main: str) -> dict:
+    """The ``summary`` of :func:`run_benchmark` (see there) from :func:`evaluate_recording` results."""
+    summary: dict = {}
+    synth = [r for r in recs if r["synthetic"]]
+    if synth:
+        mean = _mean_scores(synth)
+        oracle = mean[ORACLE]
+        models = [n for n in synth[0]["paired"]]
+        base = synth[0]["baselines"]
+        summary["synthetic_mean"] = mean
+        summary["synthetic_recordings"] = len(synth)
+        summary["fraction_of_oracle"] = {
+            n: (m["bits_per_spike"] / oracle["bits_per_spike"] if oracle["bits_per_spike"] > 0 else None)
+            for n, m in mean.items()
+            if n != ORACLE
+        }
+        summary["fraction_of_oracle_bands"] = {
+            n: {b: (v / oracle["bands"][b] if oracle["bands"][b] > 0 else None) for b, v in m["bands"].items()}
+            for n, m in mean.items()
+            if n != ORACLE
+        }
+        summary["best_baseline_mean_bps"] = float(np.mean([r["scores"][r["best_baseline"]]["bits_per_spike"] for r in synth]))
+
+        def mean_paired(model: str, pick) -> dict:
+            return paired_bps_interval(
+                [r["_window_nll"][model] for r in synth],
+                [r["_window_nll"][pick(r)] for r in synth],
+                [r["_window_spikes"] for r in synth],
+            )
+
+        summary["synthetic_paired"] = {
+            m: {
+                "best_baseline": mean_paired(m, lambda r: r["best_baseline"]),
+                **{b: mean_paired(m, lambda r, b=b: b) for b in base},
+            }
+            for m in models
+        }
+    summary["best_baseline"] = {r["recording"]: r["best_baseline"] for r in recs}
+    summary["beats_best_baseline"] = {r["recording"]: r["beats_best_baseline"].get(main, False) for r in recs}
+    summary["beats_every_baseline"] = summary["beats_best_baseline"]  # the best one in hindsight, beyond the interval
+    return summary

@@ -24,11 +24,16 @@ from nh_serve.evaluation.reporting import machine_line, markdown_table, write_do
 # ================================================================================================
 
 
-def _rows(scores: dict, names: list[str] | None = None) -> list[dict]:
+def _rows(scores: dict, names: list[str] | None = None, paired: dict | None = None, best: str | None = None) -> list[dict]:
     rows = []
     for n in names or list(scores):
         s = scores[n]
         row = {"predictor": n, "bits/spike": s["bits_per_spike"]}
+        if paired is not None and best is not None:
+            pb = paired.get(n, {}).get(best)
+            row["− best baseline [95% CI]"] = (
+                f"{pb['diff']:+.4f} [{pb['lo']:+.4f}, {pb['hi']:+.4f}]" if pb else ("(best baseline)" if n == best else "")
+            )
         row.update({f"bps {b}": v for b, v in s["bands"].items()})
         row.update(
             {
@@ -42,15 +47,40 @@ def _rows(scores: dict, names: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def verdict(p: dict, name: str, best: str) -> str:
+    """One sentence on ``name`` against the best baseline ``best`` from a paired interval ``p``."""
+    what = (
+        "better, beyond the paired 95% interval" if p["lo"] > 0
+        else "worse, beyond the paired 95% interval" if p["hi"] < 0
+        else "not distinguishable within the paired 95% interval"
+    )
+    return f"{name} − {best} = {p['diff']:+.4f} bits/spike [{p['lo']:+.4f}, {p['hi']:+.4f}]: {what}."
+
+
 def markdown_report(result: dict) -> str:
     """Markdown tables of one :func:`run_benchmark` result."""
     out = []
     s = result["summary"]
+    main = result["main"]
     if "synthetic_mean" in s:
+        sp = s.get("synthetic_paired", {})
         out.append(f"Synthetic recordings (mean over {s['synthetic_recordings']} held-out recordings):\n")
-        out.append(markdown_table(_rows(s["synthetic_mean"])))
+        paired = {m: {"best baseline": v["best_baseline"]} for m, v in sp.items()}
+        out.append(markdown_table(_rows(s["synthetic_mean"], paired=paired, best="best baseline")))
         frac = ", ".join(f"{n}: {v:.1%}" for n, v in s["fraction_of_oracle"].items() if v is not None)
         out.append(f"\nFraction of the oracle's bits/spike: {frac}\n")
+        bands = s.get("fraction_of_oracle_bands", {})
+        if bands:
+            rows = [{"predictor": n, **{f"{b}": (f"{v:.1%}" if v is not None else "") for b, v in fb.items()}}
+                    for n, fb in bands.items()]
+            out.append("Fraction of the oracle per horizon band:\n")
+            out.append(markdown_table(rows))
+            out.append("")
+        if main in sp:
+            out.append(
+                f"Best baseline in hindsight, per recording, on average {s['best_baseline_mean_bps']:+.4f} bits/spike. "
+                + verdict(sp[main]["best_baseline"], main, "best baseline") + "\n"
+            )
     for r in result["recordings"]:
         if r["synthetic"]:
             continue
@@ -59,7 +89,13 @@ def markdown_report(result: dict) -> str:
             f"{r['recording']} ({r['units']} units, {r['duration_s']:.0f} s, reference "
             f"{ref[1] - ref[0]:g} s, {r['windows']} windows):\n"
         )
-        out.append(markdown_table(_rows(r["scores"])))
+        out.append(markdown_table(_rows(r["scores"], paired=r.get("paired"), best=r.get("best_baseline"))))
+        if main in r.get("paired", {}):
+            best = r["best_baseline"]
+            out.append(
+                f"\nBest baseline in hindsight: {best} ({r['scores'][best]['bits_per_spike']:+.4f}). "
+                + verdict(r["paired"][main][best], main, best)
+            )
         out.append("")
     adapt = [(r["recording"], n, a) for r in result["recordings"] for n, a in r["adaptation"].items() if a]
     if adapt:
@@ -98,6 +134,7 @@ def _command(args: argparse.Namespace) -> str:
         ("--adapt-steps", args.adapt_steps or None),
         ("--stride", args.stride if args.stride != 1.0 else None),
         ("--max-windows", args.max_windows),
+        ("--baselines", args.baselines if args.baselines != "default" else None),
         ("--json", args.json),
         ("--name", args.name if args.name != "model" else None),
     ):
@@ -153,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         adapt_budget_s=args.adapt_budget_s,
         stride_s=args.stride,
         max_windows=args.max_windows,
+        baselines=args.baselines,
         progress=not args.no_progress,
     )
     res["command"] = _command(args)
@@ -202,6 +240,12 @@ def add_cli(subparsers) -> None:
     p.add_argument("--stride", type=float, default=1.0, help="seconds between prediction windows (default 1)")
     p.add_argument(
         "--max-windows", type=int, default=None, help="score at most this many windows per recording"
+    )
+    p.add_argument(
+        "--baselines",
+        choices=("default", "full"),
+        default="default",
+        help="baseline set: default, or full (adds population_glm_recent, refitted every 30 s; slower)",
     )
     p.add_argument("--title", default=None, help="heading of this run in --report output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -9,7 +9,8 @@ reference window, so nothing a prediction was conditioned on is scored.
 
 :func:`plan_windows` validates the lengths and returns a :class:`WindowPlan`;
 :func:`collect_targets` bins the observed horizon counts and runs every
-baseline of :mod:`nh_serve.evaluation.baselines` on the same windows;
+baseline of :mod:`nh_serve.evaluation.baselines` on the same windows
+(:func:`make_baseline_set`);
 :func:`oracle_rates` reads synthetic ground truth where the file has it.
 All predictions are expected counts per bin, shaped ``(windows, units, bins)``
 as :mod:`nh_serve.evaluation.metrics` expects.
@@ -17,13 +18,14 @@ as :mod:`nh_serve.evaluation.metrics` expects.
 For long recordings the same work is available a block of windows at a time,
 without per-window file reads or ``(windows, units, bins)`` arrays of the whole
 recording: :func:`iter_spike_blocks` reads the spikes of consecutive windows
-(plus their history) once; :func:`horizon_counts`, :func:`block_baselines` and
-:meth:`SpikeBlock.counts_between` (history counts) work on a block with
-per-unit prefix sums; :class:`StreamingMetrics` accumulates
-:func:`nh_serve.evaluation.metrics.evaluate` block by block. :func:`collect_targets` is
-built on them; its results equal calling
-:func:`~nh_serve.evaluation.baselines.predict_baselines` window by window (counts and
-baselines are identical, the exponential smoothing up to float64 round-off).
+(plus their history) once; :func:`horizon_counts` and
+:meth:`~nh_serve.evaluation.baselines.BaselineSet.predict` work on a block with
+per-unit prefix sums and carried smoothed rates; :class:`StreamingMetrics`
+accumulates :func:`nh_serve.evaluation.metrics.evaluate` block by block, plus each
+window's likelihood for the paired intervals (:meth:`StreamingMetrics.paired`).
+:func:`collect_targets` is built on them; its history-only baselines equal
+:func:`~nh_serve.evaluation.baselines.predict_baselines` called window by window
+(up to float64 round-off).
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ from nh_serve.data.features import DEFAULT_REFERENCE_S, MIN_REFERENCE_S, referen
 from nh_serve.data.spikes import prefix_counts
 from nh_serve.data.windows import target_counts
 from nh_serve.errors import InputError
-from nh_serve.evaluation import baselines as B
-from nh_serve.evaluation.baselines import DEFAULT_HISTORY_S
+from nh_serve.evaluation.baselines import DEFAULT_BASELINES, DEFAULT_HISTORY_S, BaselineSet
 from nh_serve.evaluation.metrics import (  # one definition of each
     _REL_TOL,
     DEFAULT_BANDS_MS,
     LN2,
     ZERO_RATE,
     _band_bins,
+    paired_bps_interval,
 )
 
 
@@ -137,34 +139,51 @@ class Targets:
     baselines: dict[str, np.ndarray]  # name -> (W, U, T) expected counts per bin
 
 
-def collect_targets(
-    session, plan: WindowPlan, *, history_s: float = DEFAULT_HISTORY_S, progress: bool = True
-) -> Targets:
-    """Bin the horizon counts of every window and run every baseline on it.
-
-    ``session`` is an open :class:`nh_serve.data.session.Session`. Baselines see the
-    ``history_s`` seconds before each prediction time (never the horizon), as
-    :func:`~nh_serve.evaluation.baselines.predict_baselines` called window by window
-    would; the spikes are read and processed a block of windows at a time
-    (:func:`iter_spike_blocks`, :func:`horizon_counts`, :func:`block_baselines`).
-    """
-    U, W, T = session.n_units, len(plan), plan.n_bins
+def make_baseline_set(
+    session, plan: WindowPlan, *, names=DEFAULT_BASELINES, univariate=None, history_s: float = DEFAULT_HISTORY_S
+) -> BaselineSet:
+    """The :class:`~nh_serve.evaluation.baselines.BaselineSet` of an open session for ``plan``
+    (reference rates from the plan's reference window; smoothed rates from the recording start)."""
     r0, r1 = plan.reference
     ref_t, ref_u = session.spikes(r0, r1)
-    ref_rate = reference_rate_hz(ref_t, ref_u, n_units=U, start=r0, end=r1)
+    ref_rate = reference_rate_hz(ref_t, ref_u, n_units=session.n_units, start=r0, end=r1)
+    return BaselineSet(
+        names,
+        read=session.spikes,
+        n_units=session.n_units,
+        n_bins=plan.n_bins,
+        bin_size=plan.bin_size,
+        ref_rate_hz=ref_rate,
+        start=float(session.start),
+        reference=(r0, r1),
+        univariate=univariate,
+        history_s=history_s,
+    )
+
+
+def collect_targets(
+    session, plan: WindowPlan, *, names=DEFAULT_BASELINES, univariate=None, progress: bool = True
+) -> Targets:
+    """Bin the horizon counts of every window and run every baseline of ``names`` on it.
+
+    ``session`` is an open :class:`nh_serve.data.session.Session`. Returns whole
+    ``(W, U, T)`` arrays, so it suits short recordings (eval and score work a block
+    of windows at a time instead: :func:`iter_spike_blocks`, :func:`horizon_counts`,
+    :class:`~nh_serve.evaluation.baselines.BaselineSet`).
+    """
+    U, W, T = session.n_units, len(plan), plan.n_bins
+    bset = make_baseline_set(session, plan, names=names, univariate=univariate)
     counts = np.zeros((W, U, T), dtype=np.float32)
-    base: dict[str, np.ndarray] = {}
+    base = {name: np.zeros((W, U, T), dtype=np.float32) for name in bset.names}
     with tqdm(total=W, desc="windows", disable=not progress, leave=False) as bar:
-        for block in iter_spike_blocks(session, plan, lookback_s=history_s):
+        for block in iter_spike_blocks(session, plan, lookback_s=DEFAULT_HISTORY_S):
             sl = slice(block.first, block.stop)
             counts[sl] = horizon_counts(block, plan, n_units=U)
-            preds = block_baselines(
-                block, plan, n_units=U, ref_rate_hz=ref_rate, start=float(session.start), history_s=history_s
-            )
+            preds = bset.predict(plan.t_now[sl], block.times, block.units, t0=block.t0)
             for name, p in preds.items():
-                base.setdefault(name, np.zeros((W, U, T), dtype=np.float32))[sl] = p
+                base[name][sl] = p
             bar.update(block.stop - block.first)
-    return Targets(counts=counts, ref_rate_hz=ref_rate, baselines=base)
+    return Targets(counts=counts, ref_rate_hz=bset.ref, baselines=base)
 
 
 def oracle_rates(session, plan: WindowPlan) -> np.ndarray | None:
@@ -261,68 +280,6 @@ def horizon_counts(block: SpikeBlock, plan: WindowPlan, *, n_units: int) -> np.n
     return target_counts(block.times, block.units, t_now, n_units=n_units, bin_size=plan.bin_size, n_bins=plan.n_bins)
 
 
-def block_baselines(
-    block: SpikeBlock,
-    plan: WindowPlan,
-    *,
-    n_units: int,
-    ref_rate_hz: np.ndarray,
-    start: float,
-    history_s: float = DEFAULT_HISTORY_S,
-) -> dict[str, np.ndarray]:
-    """Every baseline of :mod:`nh_serve.evaluation.baselines` for the block's windows: ``{name: (w, U, T) float32}``.
-
-    Equal to calling :func:`~nh_serve.evaluation.baselines.predict_baselines` per window
-    with the history ``[max(start, t_now - history_s), t_now)`` (counts exactly,
-    the exponential smoothing up to float64 round-off: prefix sums instead of a
-    sum per window).
-    """
-    t_now = plan.t_now[block.first : block.stop]  # (w,)
-    T, bs = plan.n_bins, plan.bin_size
-    ref = np.asarray(ref_rate_hz, dtype=np.float64)  # (U,)
-    h0 = np.maximum(float(start), t_now - history_s)  # (w,) history start
-    w_ctx = np.minimum(B.CONTEXT_S, t_now - h0)  # (w,) persistence context, seconds
-    a_ctx = np.maximum(t_now - w_ctx, h0)
-    w = t_now.size
-    cnt = block.prefix_sums(np.concatenate([a_ctx, t_now]), n_units=n_units)
-    n_ctx = (cnt[w:] - cnt[:w]).astype(np.float64)  # (w, U)
-    # exp smoothing: sum_i exp(-(t_now - t_i) / tau) over [h0, t_now) = exp(-(t_now - A) / tau) * (E(t_now) - E(h0))
-    tau = B.SMOOTH_TAU_S
-    anchor = block.t0
-    ew = block.prefix_sums(
-        np.concatenate([h0, t_now]), n_units=n_units, weights=np.exp((block.times - anchor) / tau)
-    )
-    s = (ew[w:] - ew[:w]) * np.exp(-(t_now - anchor) / tau)[:, None]  # (w, U)
-    lags = (np.arange(T) + 0.5) * bs  # (T,) bin-centre lags, seconds
-
-    def as_counts(rate_hz: np.ndarray) -> np.ndarray:
-        """(w, U) or (w, U, T) Hz -> (w, U, T) float32 counts, as ``baselines`` does (floor, x bin size).
-
-        Flat rates are floored and scaled per unit before broadcasting over the
-        bins (same values, T times less work).
-        """
-        r = np.maximum(np.nan_to_num(rate_hz, nan=B.RATE_FLOOR_HZ), B.RATE_FLOOR_HZ)
-        r = (r * bs).astype(np.float32)
-        return np.ascontiguousarray(np.broadcast_to(r if r.ndim == 3 else r[:, :, None], (w, n_units, T)))
-
-    r_ctx = (n_ctx + B.PERSIST_PRIOR_S * ref) / (w_ctx + B.PERSIST_PRIOR_S)[:, None]  # (w, U) Hz
-    relax = np.exp(-lags / B.PERSIST_DECAY_S)  # (T,)
-    exposure = tau * -np.expm1(-(t_now - h0) / tau)  # (w,) seconds
-    r_smooth = (s + B.SMOOTH_PRIOR_S * ref) / (exposure + B.SMOOTH_PRIOR_S)[:, None]  # (w, U) Hz
-    persist = ref[None, :, None] + (r_ctx - ref)[:, :, None] * relax[None, None, :]  # (w, U, T) Hz
-    if np.all(np.isfinite(r_ctx)):  # then so is persist: skip nan_to_num's passes over (w, U, T)
-        np.maximum(persist, B.RATE_FLOOR_HZ, out=persist)
-        persist *= bs
-        persist = persist.astype(np.float32)
-    else:
-        persist = as_counts(persist)
-    return {
-        "reference_rate": as_counts(np.broadcast_to(ref, (w, n_units))),
-        "persistence": persist,
-        "exp_smooth": as_counts(r_smooth),
-    }
-
-
 # --------------------------------------------------------------------------- streaming metrics
 
 
@@ -353,6 +310,8 @@ class StreamingMetrics:
         self._c_min = np.full(self.n_units, np.inf)
         self._c_max = np.full(self.n_units, -np.inf)
         self._p = {n: {k: np.zeros(shape) for k in ("mean", "m2", "sum", "sq", "cm", "sse", "nll")} for n in self.names}
+        self._win_nll: dict[str, list[np.ndarray]] = {n: [] for n in self.names}  # per-window NLL sums
+        self._win_spikes: list[np.ndarray] = []  # per-window spike totals
 
     def update(self, counts, rates: dict[str, np.ndarray]) -> None:
         """Add ``w`` windows: ``counts`` ``(w, U, T)`` and ``rates[name]`` of the same shape (expected counts)."""
@@ -389,6 +348,8 @@ class StreamingMetrics:
         delta_c = cm - cs["mean"]
         nz = np.flatnonzero(c)  # counts are sparse: the log term of the NLL only where c > 0
         c_nz, cell_nz = c.ravel()[nz], nz % cells
+        win_nz = nz // cells  # window of each non-zero count
+        self._win_spikes.append(c.sum(axis=(1, 2)))
         for name in self.names:
             x_in = r_in[name]
             x_min, x_max = x_in.min(), x_in.max()
@@ -415,8 +376,11 @@ class StreamingMetrics:
             if x_min == 0:  # zero rates count as ZERO_RATE in the NLL (nlb_tools convention)
                 x_sum = x_sum + ZERO_RATE * (x == 0).sum(axis=0)
                 x_nz = np.where(x_nz == 0, ZERO_RATE, x_nz)
-            log_term = np.bincount(cell_nz, weights=c_nz * np.log(x_nz), minlength=cells).reshape(cm.shape)
+            c_log = c_nz * np.log(x_nz)
+            log_term = np.bincount(cell_nz, weights=c_log, minlength=cells).reshape(cm.shape)
             st["nll"] += x_sum - log_term  # sum of r - c log r
+            x_win = x.sum(axis=(1, 2)) + (ZERO_RATE * (x == 0).sum(axis=(1, 2)) if x_min == 0 else 0.0)
+            self._win_nll[name].append(x_win - np.bincount(win_nz, weights=c_log, minlength=nb))
         cs["m2"] += c_m2 + delta_c * delta_c * f
         cs["mean"] += delta_c * (nb / n)
         cs["sum"] += c_sum
@@ -424,6 +388,19 @@ class StreamingMetrics:
         self._c_min = np.minimum(self._c_min, c.min(axis=(0, 2)))
         self._c_max = np.maximum(self._c_max, c.max(axis=(0, 2)))
         self.n = n
+
+    def window_nll(self, name: str) -> np.ndarray:
+        """``(W,)`` Poisson NLL of predictor ``name`` in each window seen, summed over units and bins."""
+        return np.concatenate(self._win_nll[name]) if self._win_nll[name] else np.zeros(0)
+
+    def window_spikes(self) -> np.ndarray:
+        """``(W,)`` observed spikes in each window seen."""
+        return np.concatenate(self._win_spikes) if self._win_spikes else np.zeros(0)
+
+    def paired(self, a: str, b: str, **kw) -> dict[str, float]:
+        """Bits/spike of ``a`` minus ``b`` with its block-bootstrap interval
+        (:func:`nh_serve.evaluation.metrics.paired_bps_interval`)."""
+        return paired_bps_interval(self.window_nll(a), self.window_nll(b), self.window_spikes(), **kw)
 
     def _group(self, st: dict, gain: np.ndarray, cells) -> dict[str, np.ndarray]:
         """Metrics over groups of cells: ``cells`` indexes/reshapes (U, T) arrays to (groups, k)."""

@@ -134,6 +134,12 @@ def add_cli(subparsers) -> None:
         metavar="JSON",
         help='Ray runtime_env for the workers, e.g. \'{"py_modules": ["/shared/src/nh_serve"]}\'',
     )
+    r.add_argument(
+        "--baselines",
+        choices=("default", "full"),
+        default="default",
+        help="baseline set: default, or full (adds population_glm_recent, refitted every 30 s; slower)",
+    )
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots (faster)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run, _parser=p)
@@ -159,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         threads=args.threads,
         plots=not args.no_plots,
+        baselines=args.baselines,
     )
     report = run_score(
         args.paths,

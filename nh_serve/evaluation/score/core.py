@@ -7,7 +7,7 @@ window every ``stride_s`` seconds), registers the recording's units with the
 one block of windows at a time (:func:`nh_serve.evaluation.sliding.iter_spike_blocks`):
 
 - bins the observed horizon counts and runs every baseline
-  (:func:`~nh_serve.evaluation.sliding.horizon_counts`, :func:`~nh_serve.evaluation.sliding.block_baselines`);
+  (:func:`~nh_serve.evaluation.sliding.horizon_counts`, :class:`~nh_serve.evaluation.baselines.BaselineSet`);
 - predicts the model's rates with :meth:`Predictor.predict_batch`, giving it
   each window's context spikes and ``history_counts`` (every unit's spikes in
   the ``cfg.history_s`` seconds before the context, fewer near the start);
@@ -41,15 +41,20 @@ from nh_serve.data.features import DEFAULT_REFERENCE_S, reference_rate_hz
 from nh_serve.data.session import open_session
 from nh_serve.data.windows import cut_windows, recorded_input_notes, recorded_inputs
 from nh_serve.errors import InputError
-from nh_serve.evaluation.baselines import BASELINES, DEFAULT_HISTORY_S
+from nh_serve.evaluation.baselines import (
+    DEFAULT_HISTORY_S,
+    FULL_BASELINES,
+    baseline_names,
+    checkpoint_univariate_glm,
+)
 from nh_serve.evaluation.metrics import DEFAULT_BANDS_MS
 from nh_serve.evaluation.score.report import render_recording_plots
 from nh_serve.evaluation.sliding import (
     StreamingMetrics,
     WindowPlan,
-    block_baselines,
     horizon_counts,
     iter_spike_blocks,
+    make_baseline_set,
     oracle_rates,
     plan_windows,
 )
@@ -61,7 +66,7 @@ from nh_serve.settings import Settings, settings
 SCHEMA = "nh-serve/scores/v1"
 MODEL = "model"
 ORACLE = "oracle"
-PREDICTORS = (MODEL, *BASELINES, ORACLE)  # report order; the oracle only where the file has true rates
+PREDICTORS = (MODEL, *FULL_BASELINES, ORACLE)  # report order; the oracle only where the file has true rates
 SESSION_SUFFIXES = (".h5", ".hdf5")
 SAMPLE_S = 20.0  # seconds of prediction time shown in the heatmap
 BLOCK_WINDOWS = 128  # windows read and scored together (memory ~ 6 x windows x units x bins x 4 bytes)
@@ -78,6 +83,7 @@ BLOCK_WINDOWS = 128  # windows read and scored together (memory ~ 6 x windows x 
         "backend": "--backend",
         "threads": "--threads",
         "plots": "--no-plots",
+        "baselines": "--baselines",
     },
     where="score settings",
 )
@@ -95,6 +101,7 @@ class ScoreSettings(Settings):
         baseline_history_s: history the baselines see before each prediction time.
         bands_ms: horizon bands (milliseconds after the prediction time) of the band breakdown.
         plots: render the PNG plots.
+        baselines: which baselines to score: ``default`` or ``full`` (adds ``population_glm_recent``).
     """
 
     reference_s: float = DEFAULT_REFERENCE_S
@@ -107,6 +114,7 @@ class ScoreSettings(Settings):
     baseline_history_s: float = DEFAULT_HISTORY_S
     bands_ms: tuple[tuple[float, float], ...] = DEFAULT_BANDS_MS
     plots: bool = True
+    baselines: str = "default"
 
     def __post_init__(self):
         if not self.reference_s > 0:
@@ -121,6 +129,8 @@ class ScoreSettings(Settings):
             self.fail("threads", f"must be >= 1, got {self.threads}")
         if self.batch_size < 1:
             self.fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.baselines not in ("default", "full"):
+            self.fail("baselines", f"must be default or full, got {self.baselines!r}")
 
     def identity(self) -> dict:
         """The settings that change the scores (a run with other values scores again)."""
@@ -276,7 +286,13 @@ def score_recording(
             oracle_rates(s, WindowPlan(plan.reference, plan.ctx_starts[:1], plan.context_s, T, bs))
             is not None
         )
-        names = [MODEL, *BASELINES] + ([ORACLE] if has_oracle else [])
+        univariate, univariate_source = checkpoint_univariate_glm(getattr(predictor, "checkpoint", None))
+        bset = make_baseline_set(
+            s, plan, names=baseline_names(settings.baselines), univariate=univariate,
+            history_s=settings.baseline_history_s,
+        )
+        baselines = list(bset.names)
+        names = [MODEL, *baselines] + ([ORACLE] if has_oracle else [])
         acc = StreamingMetrics(names, n_units=U, n_bins=T)
         sa, sb = _sample_range(W, settings.stride_s)
         sample_pred, sample_obs, sample_oracle = [], [], []
@@ -293,14 +309,7 @@ def score_recording(
             sl = slice(block.first, block.stop)
             t0 = time.perf_counter()
             counts = horizon_counts(block, plan, n_units=U)  # (w, U, T)
-            preds = block_baselines(
-                block,
-                plan,
-                n_units=U,
-                ref_rate_hz=ref_rate,
-                start=s.start,
-                history_s=settings.baseline_history_s,
-            )
+            preds = bset.predict(plan.t_now[sl], block.times, block.units, t0=block.t0)
             if has_oracle:
                 oracle = oracle_rates(
                     s, WindowPlan(plan.reference, plan.ctx_starts[sl], plan.context_s, T, bs)
@@ -381,8 +390,9 @@ def score_recording(
             )
             for u in range(U)
         ]
-        baseline_bps = {n: metrics[n]["bits_per_spike"] for n in BASELINES}
-        best = max(baseline_bps, key=baseline_bps.get)
+        baseline_bps = {n: metrics[n]["bits_per_spike"] for n in baselines}
+        best = max(baseline_bps, key=baseline_bps.get)  # in hindsight
+        paired = {n: acc.paired(MODEL, n) for n in baselines}
         record = {
             "key": key,
             "name": path.stem,
@@ -424,6 +434,10 @@ def score_recording(
             "predictors": {n: _metrics_record(metrics[n]) for n in names},
             "best_baseline": best,
             "model_minus_best_baseline_bps": metrics[MODEL]["bits_per_spike"] - baseline_bps[best],
+            "model_minus_best_baseline_ci95": [paired[best]["lo"], paired[best]["hi"]],
+            "model_beats_best_baseline": bool(paired[best]["lo"] > 0),
+            "model_minus_baseline": {n: {k: paired[n][k] for k in ("diff", "lo", "hi")} for n in baselines},
+            "univariate_glm_weights": univariate_source,
         }
     plots: dict[str, bytes] = {}
     if settings.plots:

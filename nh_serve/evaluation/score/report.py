@@ -235,7 +235,7 @@ def overview_png(records: list[dict]) -> bytes | None:
         return _png(fig)
     names = [
         n
-        for n in ("model", "reference_rate", "persistence", "exp_smooth", "oracle")
+        for n in ("model", "exp_smooth", "ema_tau30", "univariate_glm", "population_glm", "oracle")
         if any(n in r["predictors"] for r in records)
     ]
     fig = _figure(10, 1.2 + 0.22 * len(names) * len(records))
@@ -308,11 +308,11 @@ def write_report_html(path, doc: dict, summary_rows: list[dict], *, overview: st
         ("model bps", "model_bps", ""),
         ("corr", "model_corr", ""),
         ("R²", "model_r2", ""),
-        ("ref. rate bps", "reference_rate_bps", ""),
-        ("persistence bps", "persistence_bps", ""),
-        ("exp. smooth bps", "exp_smooth_bps", ""),
-        ("oracle bps", "oracle_bps", ""),
+        ("best baseline (in hindsight)", "best_baseline", "l"),
+        ("best baseline bps", "best_baseline_bps", ""),
         ("model − best baseline", "model_minus_best_baseline_bps", ""),
+        ("paired 95% interval", "model_minus_best_baseline_ci95", "l"),
+        ("oracle bps", "oracle_bps", ""),
         ("flagged units", "flagged_units", ""),
     ]
     parts.append("<table><tr>" + "".join(f"<th{_cls(c)}>{html.escape(h)}</th>" for h, _, c in cols) + "</tr>")
@@ -321,8 +321,14 @@ def write_report_html(path, doc: dict, summary_rows: list[dict], *, overview: st
         cells = []
         for _, k, c in cols:
             v = row.get(k, "")
-            if k == "model_minus_best_baseline_bps" and isinstance(v, float):
-                c = (c + " " + ("good" if v > 0 else "bad")).strip()
+            lo, hi = row.get("model_minus_best_baseline_ci95_lo"), row.get("model_minus_best_baseline_ci95_hi")
+            if k == "best_baseline_bps" and row.get("best_baseline"):
+                v = row.get(f"{row['best_baseline']}_bps")
+            if k == "model_minus_best_baseline_ci95":
+                v = f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None else ""
+            if k in ("model_minus_best_baseline_bps", "model_minus_best_baseline_ci95") and lo is not None:
+                # green only when the whole interval is above 0, red when it is below 0
+                c = (c + (" good" if lo > 0 else " bad" if hi < 0 else "")).strip()
             cells.append(_td(v if v is not None else "", c))
         parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     parts.append("</table>")

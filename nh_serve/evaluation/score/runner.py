@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from nh_serve.errors import InputError
 from nh_serve.evaluation.score.core import (
-    BASELINES,
     Job,
     RecordingResult,
     ScoreSettings,
@@ -257,4 +256,4 @@ def _safe_fingerprint(path: Path) -> dict | None:
         return None
 
 
-__all__ = ["RunReport", "run_score", "score_local", "summary_table", "BASELINES"]
+__all__ = ["RunReport", "run_score", "score_local", "summary_table"]

@@ -1,0 +1,286 @@
+"""The two Poisson-GLM baselines: a univariate GLM fitted once across recordings, and a
+population GLM fitted on each recording's own reference window.
+
+Both predict a rate per horizon *band* (:data:`GLM_BANDS_MS`: 0-40, 40-100, 100-200,
+200-400, 400-700 and 700-1000 ms after the prediction time; every bin of a band gets
+its band's rate) from each unit's smoothed-rate history (:mod:`nh_serve.data.history`),
+with ``log(r_30s + 0.1 Hz)`` as the offset::
+
+    log rate_u(band b) = log(r30_u + 0.1) + w_b . x_u
+
+``univariate_glm``
+    ``x_u`` = the unit's own ``log(r_tau + 0.1) - log(r30 + 0.1)`` at tau = 50 ms,
+    250 ms, 1 s, 5 s and 120 s, plus 1: six weights per band shared by every unit of
+    every recording (36 numbers), fitted by Poisson maximum likelihood on training
+    recordings (:meth:`UnivariateGLM.fit`, ``nh-serve fit-baselines``) and applied
+    zero-shot. A checkpoint carries the weights fitted on its own training recordings
+    (``metadata["baselines"]["univariate_glm"]``).
+``population_glm``
+    Per unit and band, ``x_u`` = the unit's own relative log rates at 50 ms, 250 ms,
+    1 s and 5 s, the top ``K`` = 8 principal components of the population's z-scored
+    log rates at the same four scales (32 numbers shared by all units), and 1. The
+    principal components, their scales and every unit's GLM are fitted on the
+    recording's reference window only (prediction times every 0.1 s inside it, each
+    with its next second as target); the L2 penalty of each unit is chosen from
+    :data:`POP_L2_GRID` by the Poisson likelihood of the last 20% of those times after
+    fitting on the first 80%, then the GLM is refitted on all of them. At prediction
+    time the features are clipped to their range in the reference window (own rates)
+    or to +-5 standard deviations (components), so a drifting recording cannot push
+    the linear predictor far outside what was fitted. ``population_glm_recent`` is
+    the same model refitted every 30 s on the last 120 s before the prediction time.
+
+Every solve is :func:`nh_serve.core.poisson.fit_poisson` (Newton's method over all
+units at once; checked against scikit-learn's ``PoissonRegressor`` in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from nh_serve.core.poisson import fit_poisson
+from nh_serve.data.history import HISTORY_TAUS, LOG_FLOOR_HZ, SLOW_TAU, ema_rates, log_history
+from nh_serve.data.windows import target_counts
+from nh_serve.errors import InputError
+
+GLM_BANDS_MS = ((0.0, 40.0), (40.0, 100.0), (100.0, 200.0), (200.0, 400.0), (400.0, 700.0), (700.0, 1000.0))
+#: Own-history time scales of the population GLM (seconds; a subset of HISTORY_TAUS).
+POP_TAUS = (0.05, 0.25, 1.0, 5.0)
+POP_COMPONENTS = 8
+POP_L2_GRID = (30.0, 300.0, 3000.0)
+POP_INTERCEPT_L2 = 1.0  # keeps a unit that was (nearly) silent in the fit window near its slow rate
+POP_STEP_S = 0.1  # spacing of the fit window's prediction times
+POP_CLIP_SD = 5.0
+RECENT_EVERY_S = 30.0
+RECENT_SPAN_S = 120.0
+UNI_L2 = 1e-3  # tiny ridge so the 36 weights are unique even for degenerate data
+
+
+def band_index(n_bins: int, bin_size: float, bands_ms=GLM_BANDS_MS) -> np.ndarray:
+    """``(n_bins,)`` band of each horizon bin (by its start time; bins past the last band join it)."""
+    start_ms = np.arange(int(n_bins)) * float(bin_size) * 1000.0
+    edges = np.array([b[0] for b in bands_ms[1:]])
+    return np.searchsorted(edges, start_ms + 1e-9, side="right")
+
+
+def _band_targets(counts: np.ndarray, bands: np.ndarray, n_bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(P, U, T)`` counts -> per-band sums ``(n_bands, P, U)`` and bins per band ``(n_bands,)``."""
+    per = np.stack([counts[:, :, bands == b].sum(-1) for b in range(n_bands)])
+    return per, np.bincount(bands, minlength=n_bands).astype(np.float64)
+
+
+def _expand(rates_per_band: np.ndarray, bands: np.ndarray, bin_size: float) -> np.ndarray:
+    """``(W, U, n_bands)`` Hz -> ``(W, U, T)`` float32 expected counts per bin."""
+    return (rates_per_band[:, :, bands] * bin_size).astype(np.float32)
+
+
+# ================================================================================================
+# Univariate GLM
+# ================================================================================================
+
+
+@dataclass
+class UnivariateGLM:
+    """Weights ``(n_bands, n_features + 1)`` of the univariate GLM (see the module docstring)."""
+
+    weights: np.ndarray
+    taus: tuple[float, ...] = HISTORY_TAUS
+    bands_ms: tuple[tuple[float, float], ...] = GLM_BANDS_MS
+    fitted_on: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "weights": np.asarray(self.weights, dtype=np.float64).round(8).tolist(),
+            "taus": list(self.taus),
+            "bands_ms": [list(b) for b in self.bands_ms],
+            "fitted_on": list(self.fitted_on),
+            "feature_order": [f"log(r_{t:g}s + {LOG_FLOOR_HZ:g}) - log(r_{SLOW_TAU:g}s + {LOG_FLOOR_HZ:g})" for t in self.taus if t != SLOW_TAU] + ["1"],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UnivariateGLM:
+        try:
+            w = np.asarray(d["weights"], dtype=np.float64)
+            taus = tuple(float(t) for t in d.get("taus", HISTORY_TAUS))
+            bands = tuple((float(a), float(b)) for a, b in d.get("bands_ms", GLM_BANDS_MS))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"univariate GLM weights: not a valid weights record ({e}); refit with `nh-serve fit-baselines`") from None
+        if SLOW_TAU not in taus or w.shape != (len(bands), len(taus)) or not np.all(np.isfinite(w)):
+            raise InputError(
+                f"univariate GLM weights: expected a finite ({len(bands)}, {len(taus)}) array for time scales "
+                f"{taus} including {SLOW_TAU:g} s, got shape {w.shape}; refit with `nh-serve fit-baselines`"
+            )
+        return cls(weights=w, taus=taus, bands_ms=bands, fitted_on=tuple(d.get("fitted_on", ())))
+
+    def features(self, rates_hz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Smoothed rates ``(..., K)`` at ``taus`` -> design ``(..., F)`` (with the 1) and offset ``(...)`` (log Hz)."""
+        rel, slow = log_history(rates_hz, self.taus)
+        return np.concatenate([rel, np.ones(rel.shape[:-1] + (1,))], axis=-1), slow
+
+    def predict(self, rates_hz: np.ndarray, *, n_bins: int, bin_size: float) -> np.ndarray:
+        """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""
+        X, slow = self.features(rates_hz)
+        eta = slow[..., None] + X @ self.weights.T  # (W, U, n_bands) log Hz
+        return _expand(np.exp(np.clip(eta, -20.0, 10.0)), band_index(n_bins, bin_size, self.bands_ms), bin_size)
+
+    @classmethod
+    def fit(cls, recordings, *, n_bins: int = 50, bin_size: float = 0.02, step_s: float = 0.5, progress: bool = False) -> UnivariateGLM:
+        """Fit on recordings: an iterable of :class:`GLMRecording` (each weighs the same in total)."""
+        from tqdm.auto import tqdm
+
+        rows_X, rows_y, rows_e, rows_o, names = [], [], [], [], []
+        bands = band_index(n_bins, bin_size)
+        n_bands = len(GLM_BANDS_MS)
+        for rec in tqdm(list(recordings), desc="univariate GLM data", unit="recording", disable=not progress, leave=False):
+            span = n_bins * bin_size
+            pos = np.arange(rec.reference[1], rec.end - span + 1e-9, step_s)
+            if pos.size == 0:
+                continue
+            R = ema_rates(rec.times, rec.units, n_units=rec.n_units, t_eval=pos, start=rec.start,
+                          ref_rate_hz=rec.ref_rate_hz, taus=HISTORY_TAUS)  # (P, U, K)
+            glm = cls(weights=np.zeros((n_bands, len(HISTORY_TAUS))))
+            X, off = glm.features(R)  # (P, U, F), (P, U)
+            counts = target_counts(rec.times, rec.units, pos, n_units=rec.n_units, bin_size=bin_size, n_bins=n_bins)
+            per, nb = _band_targets(counts, bands, n_bands)  # (n_bands, P, U), (n_bands,)
+            weight = rec.weight / (pos.size * rec.n_units)  # every recording weighs `weight` in total
+            rows_X.append(X.reshape(-1, X.shape[-1]))
+            rows_o.append(off.reshape(-1) + math.log(bin_size))
+            rows_y.append(per.reshape(n_bands, -1) * weight)
+            rows_e.append(np.full(per.shape[1] * per.shape[2], weight))
+            names.append(rec.name)
+        if not rows_X:
+            raise InputError("fit-baselines: no recording is long enough for one prediction window after its reference")
+        X = np.concatenate(rows_X)
+        o = np.concatenate(rows_o)
+        y = np.concatenate(rows_y, axis=1)  # (n_bands, rows)
+        e = np.concatenate(rows_e)
+        F = X.shape[1]
+        W = np.zeros((n_bands, F))
+        for b in range(n_bands):
+            W[b] = fit_poisson(X, y[b : b + 1], exposure=(e * nb[b])[None], offset=o[None], l2=UNI_L2, max_iter=50)[0]
+        return cls(weights=W, fitted_on=tuple(names))
+
+
+@dataclass
+class GLMRecording:
+    """What fitting the univariate GLM needs from one recording (times in seconds)."""
+
+    name: str
+    times: np.ndarray
+    units: np.ndarray
+    n_units: int
+    start: float
+    end: float
+    reference: tuple[float, float]
+    ref_rate_hz: np.ndarray
+    weight: float = 1.0
+
+
+# ================================================================================================
+# Population GLM
+# ================================================================================================
+
+
+class PopulationGLM:
+    """Per-unit, per-band Poisson GLM on own and population history, fitted on one stretch of a recording."""
+
+    def __init__(self, *, n_bins: int, bin_size: float, components: int = POP_COMPONENTS):
+        self.n_bins, self.bin_size, self.components = int(n_bins), float(bin_size), int(components)
+        self.bands = band_index(n_bins, bin_size)
+        self.n_bands = len(GLM_BANDS_MS)
+        self.i_scales = [HISTORY_TAUS.index(t) for t in POP_TAUS]
+
+    def _logs(self, R: np.ndarray):
+        logs = np.log(np.maximum(R, 0.0) + LOG_FLOOR_HZ)  # (P, U, K)
+        slow = logs[..., HISTORY_TAUS.index(SLOW_TAU)]
+        return logs, slow
+
+    def _design(self, R: np.ndarray, *, fitting: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Smoothed rates ``(P, U, K)`` -> design ``(U, P, F)`` and offset ``(U, P)`` (log Hz)."""
+        logs, slow = self._logs(R)
+        own = np.stack([logs[..., i] - slow for i in self.i_scales], -1)  # (P, U, 4)
+        pcs = np.concatenate(
+            [((logs[..., i] - self.mu[j]) / self.sd[j]) @ self.V[j] for j, i in enumerate(self.i_scales)], axis=1
+        )  # (P, 4 K)
+        if fitting:
+            self.own_lo, self.own_hi = own.min(0), own.max(0)
+            self.pc_sd = pcs.std(0) + 1e-6
+        own = np.clip(own, self.own_lo, self.own_hi)
+        pcs = np.clip(pcs / self.pc_sd, -POP_CLIP_SD, POP_CLIP_SD)
+        P, U = own.shape[:2]
+        X = np.concatenate([own, np.broadcast_to(pcs[:, None, :], (P, U, pcs.shape[1])), np.ones((P, U, 1))], -1)
+        return np.ascontiguousarray(X.transpose(1, 0, 2)), np.ascontiguousarray(slow.T)
+
+    def fit(self, R: np.ndarray, counts: np.ndarray) -> PopulationGLM:
+        """Fit on smoothed rates ``R`` ``(P, U, K)`` at prediction times in time order and their
+        next-horizon counts ``(P, U, T)``."""
+        logs, _ = self._logs(R)
+        P, U = R.shape[:2]
+        K = max(1, min(self.components, U - 1, P - 1))
+        self.mu, self.sd, self.V = [], [], []
+        for i in self.i_scales:
+            Z = logs[..., i]
+            mu, sd = Z.mean(0), Z.std(0) + 0.05
+            Zs = (Z - mu) / sd
+            _, _, vt = np.linalg.svd(Zs - Zs.mean(0), full_matrices=False)
+            V = np.zeros((U, self.components))
+            V[:, : min(K, vt.shape[0])] = vt[:K].T
+            self.mu.append(mu)
+            self.sd.append(sd)
+            self.V.append(V)
+        X, slow = self._design(R, fitting=True)
+        per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
+        F = X.shape[-1]
+        n_fit = max(1, min(P - 1, int(round(0.8 * P))))
+        self.W = np.zeros((self.n_bands, U, F))
+        self.l2 = np.zeros((self.n_bands, U))
+        for b in range(self.n_bands):
+            y = per[b].T  # (U, P)
+            e = np.full_like(y, nb[b])
+            o = slow + math.log(self.bin_size)
+            best_nll, best_l2 = None, None
+            for l2 in POP_L2_GRID:
+                pen = np.full(F, l2)
+                pen[-1] = POP_INTERCEPT_L2
+                w = fit_poisson(X[:, :n_fit], y[:, :n_fit], exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen, max_iter=15)
+                eta = np.clip(o[:, n_fit:] + np.einsum("upf,uf->up", X[:, n_fit:], w), -30, 30)
+                nll = (e[:, n_fit:] * np.exp(eta) - y[:, n_fit:] * eta).sum(1)
+                if best_nll is None:
+                    best_nll, best_l2 = nll, np.full(U, l2)
+                else:
+                    better = nll < best_nll
+                    best_nll, best_l2 = np.where(better, nll, best_nll), np.where(better, l2, best_l2)
+            pen = np.repeat(best_l2[:, None], F, axis=1)
+            pen[:, -1] = POP_INTERCEPT_L2
+            self.W[b] = fit_poisson(X, y, exposure=e, offset=o, l2=pen, max_iter=15)
+            self.l2[b] = best_l2
+        return self
+
+    def predict(self, R: np.ndarray) -> np.ndarray:
+        """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""
+        X, slow = self._design(R)  # (U, W, F), (U, W)
+        eta = slow[None] + np.einsum("uwf,buf->buw", X, self.W)  # (n_bands, U, W) log Hz
+        rates = np.exp(np.clip(eta, -20.0, 10.0)).transpose(2, 1, 0)  # (W, U, n_bands)
+        return _expand(rates, self.bands, self.bin_size)
+
+
+def fit_population_glm(times, units, *, n_units: int, start: float, ref_rate_hz, fit_from: float, fit_to: float,
+                       n_bins: int, bin_size: float, init=None, init_time: float | None = None) -> PopulationGLM:
+    """A :class:`PopulationGLM` fitted on prediction times every 0.1 s in ``[fit_from + 1 s, fit_to - horizon]``.
+
+    ``times`` / ``units`` hold the spikes from ``start`` (or from ``init_time``, with the
+    smoothed-rate state ``init`` there) to ``fit_to``.
+    """
+    span = n_bins * bin_size
+    pos = np.arange(fit_from + 1.0, fit_to - span + 1e-9, POP_STEP_S)
+    if pos.size < 10:
+        raise InputError(
+            f"population GLM: the fit window [{fit_from:g}, {fit_to:g}) s is too short; it needs at least "
+            f"{1.0 + span + 10 * POP_STEP_S:g} s"
+        )
+    R = ema_rates(times, units, n_units=n_units, t_eval=pos, start=start if init is None else init_time,
+                  ref_rate_hz=ref_rate_hz, taus=HISTORY_TAUS, init=init)
+    counts = target_counts(times, units, pos, n_units=n_units, bin_size=bin_size, n_bins=n_bins)
+    return PopulationGLM(n_bins=n_bins, bin_size=bin_size).fit(R, counts)
