@@ -49,7 +49,9 @@ def _nwb(path):
 
     t, u = _spikes(seed=6)
     nwb = NWBFile(
-        session_description="test", identifier="rec", session_start_time=datetime(2024, 1, 2, tzinfo=timezone.utc)
+        session_description="test",
+        identifier="rec",
+        session_start_time=datetime(2024, 1, 2, tzinfo=timezone.utc),
     )
     nwb.add_unit_column(name="quality", description="curation label")
     for i, uid in enumerate(sorted(set(u.tolist()))):
@@ -61,12 +63,27 @@ def _nwb(path):
 
 def test_describe_filter():
     base = {"min_rate_hz": 0.1, "keep_labels": ["good"], "all_units": False, "labels_used": True}
-    s = {**base, "n_units_source": 20, "n_units_kept": 17, "n_units_dropped_by_rate": 2, "n_units_dropped_by_label": 1}
+    s = {
+        **base,
+        "n_units_source": 20,
+        "n_units_kept": 17,
+        "n_units_dropped_by_rate": 2,
+        "n_units_dropped_by_label": 1,
+    }
     assert describe_filter(s) == (
         "units: kept 17 of 20; dropped 2 firing below 0.1 Hz over the recording (--min-rate), 1 not labelled good"
     )
-    s = {**base, "n_units_source": 5, "n_units_kept": 5, "n_units_dropped_by_rate": 0, "n_units_dropped_by_label": 0}
-    assert describe_filter(s) == "units: kept all 5 (every unit fires at least 0.1 Hz over the recording and is labelled good)"
+    s = {
+        **base,
+        "n_units_source": 5,
+        "n_units_kept": 5,
+        "n_units_dropped_by_rate": 0,
+        "n_units_dropped_by_label": 0,
+    }
+    assert (
+        describe_filter(s)
+        == "units: kept all 5 (every unit fires at least 0.1 Hz over the recording and is labelled good)"
+    )
     assert describe_filter({**s, "all_units": True}) == "units: kept all 5 (--all-units: no filter)"
 
 
@@ -75,17 +92,31 @@ def test_ingest_prints_kept_and_dropped(tmp_path, capsys):
     assert main(["ingest", "npz", str(_npz(tmp_path / "x.npz")), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"wrote {out}: {N_UNITS} units (of {N_UNITS + 2})")
-    assert printed[1] == f"units: kept {N_UNITS} of {N_UNITS + 2}; dropped 2 firing below 0.1 Hz over the recording (--min-rate)"
+    assert (
+        printed[1]
+        == f"units: kept {N_UNITS} of {N_UNITS + 2}; dropped 2 firing below 0.1 Hz over the recording (--min-rate)"
+    )
 
 
 def test_score_npz_ingests_on_the_fly(tmp_path, cache, capsys, make_tiny_checkpoint, one_thread):
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
     npz = _npz(tmp_path / "x.npz")
-    argv = ["score", str(npz), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--backend", "torch"]
+    argv = [
+        "score",
+        str(npz),
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "out"),
+        "--backend",
+        "torch",
+    ]
     argv += ["--no-plots", "--quiet", "--max-windows", "20"]
     assert main(argv) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("nh-serve score: x.npz: ingested on the fly with nh-serve ingest npz's default unit filter")
+    assert err[0].startswith(
+        "nh-serve score: x.npz: ingested on the fly with nh-serve ingest npz's default unit filter"
+    )
     assert "(units firing at least 0.1 Hz over the recording)" in err[0]
     assert err[1] == (
         f"nh-serve score: x.npz: units: kept {N_UNITS} of {N_UNITS + 2}; "
@@ -147,7 +178,9 @@ def test_phy_folder_gives_the_ingest_command(tmp_path, cache, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err
         assert err.startswith(f"nh-serve {cmd[0]}: error: {ks}: is a Kilosort/phy folder, not a session file")
-        assert err.endswith(f"nh-serve ingest phy {shlex.quote(str(ks))} --out 'kilosort out.h5', then nh-serve {cmd[0]} 'kilosort out.h5'")
+        assert err.endswith(
+            f"nh-serve ingest phy {shlex.quote(str(ks))} --out 'kilosort out.h5', then nh-serve {cmd[0]} 'kilosort out.h5'"
+        )
     assert not cache.exists() and not (tmp_path / "o").exists()
 
 

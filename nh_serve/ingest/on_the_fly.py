@@ -94,7 +94,9 @@ def _cached_summary(session: Path, meta: Path, state: dict) -> dict | None:
         return None
 
 
-def ingest_cached(path, *, command: str, echo: Callable[[str], None] = print, cache: Path | None = None) -> Path:
+def ingest_cached(
+    path, *, command: str, echo: Callable[[str], None] = print, cache: Path | None = None
+) -> Path:
     """The session file of an ``.npz`` or NWB file, ingested now or earlier (see the module docstring).
 
     ``command`` (``"nh-serve score"``) names the command in the note printed through ``echo``.
@@ -125,7 +127,9 @@ def ingest_cached(path, *, command: str, echo: Callable[[str], None] = print, ca
         try:
             write_recording(reader(src), session, flt=flt)
         except InputError as e:
-            raise InputError(f"{e} (options of: nh-serve ingest {fmt} {shlex.quote(str(path))} --out {out})") from None
+            raise InputError(
+                f"{e} (options of: nh-serve ingest {fmt} {shlex.quote(str(path))} --out {out})"
+            ) from None
         atomic_write(meta, (json.dumps(state, indent=1) + "\n").encode())
         with open_session(session, full_check=False) as s:
             summary = dict(s.provenance.get("filters") or {})
