@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,14 @@ def test_help_text_plain():
         "    nh-serve demo"
     )
     assert help_text(None) is None
+
+
+def test_scripts_share_one_export_cache():
+    """run.sh, serve.sh and test.sh keep on-the-fly exports in the same place inside the clone."""
+    root = Path(__file__).resolve().parents[1]
+    line = 'export NH_SERVE_CACHE_DIR="${NH_SERVE_CACHE_DIR:-$PWD/.cache/nh-serve}"'
+    for name in ("run.sh", "serve.sh", "test.sh"):
+        assert line in (root / "scripts" / name).read_text().splitlines(), (
+            f"scripts/{name} sets another cache"
+        )
+    assert ".cache/" in (root / ".gitignore").read_text().splitlines()
