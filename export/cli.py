@@ -21,6 +21,7 @@ import sys
 from export.exporter import export_checkpoint
 from nh_serve.errors import InputError
 from nh_serve.inference.backends.parity import DEFAULT_TOLERANCE
+from nh_serve.util import help_text
 
 
 def add_cli(subparsers) -> None:
@@ -28,7 +29,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -16,6 +16,7 @@ import sys
 
 from export import cli as export_cli
 from kernels import bench as kernels_bench
+from nh_serve import __version__
 from nh_serve.bench import features as bench_features
 from nh_serve.bench import forward as bench_forward
 from nh_serve.bench import predict as bench_predict
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nh-serve",
         description="Serve, score and train NeuroHorizon spike-prediction models.",
     )
+    parser.add_argument("--version", action="version", version=f"nh-serve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for module in COMMAND_MODULES:
         module.add_cli(sub)

@@ -1,16 +1,18 @@
-"""Two small helpers every layer uses: atomic file writes and installed package versions.
+"""Small helpers every layer uses: atomic file writes, installed package versions, help texts.
 
 :func:`atomic_path` / :func:`atomic_write` write a file through a temporary
 file beside it and ``os.replace`` it into place, so a reader never sees a
 half-written file and an interrupted write leaves the old file (or nothing).
 :func:`package_version` reads a distribution's version from its installed
-metadata. Nothing here imports torch.
+metadata. :func:`help_text` turns a docstring into plain text for ``--help``.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from importlib import metadata as _metadata
@@ -26,6 +28,42 @@ def package_version(name: str = "nh-serve", default: str | None = "unknown") -> 
         return _metadata.version(name)
     except _metadata.PackageNotFoundError:
         return default
+
+
+_ROLE = re.compile(r":([a-z]+)(?::[a-z]+)?:`([^`]*)`")
+
+
+def _role_text(m: re.Match) -> str:
+    role, target = m.group(1), m.group(2).strip()
+    if target.endswith(">") and "<" in target:  # :role:`shown text <target>`
+        return target[: target.index("<")].strip()
+    if target.startswith("~"):  # Sphinx shows the last component (Class.method for methods)
+        parts = target[1:].split(".")
+        return ".".join(parts[-2:] if role in ("meth", "attr") else parts[-1:])
+    return target
+
+
+def help_text(doc: str | None) -> str | None:
+    """A docstring as plain text for an argparse ``description``.
+
+    Sphinx roles (:func:`x`) become their text, double backticks and bold
+    markers are dropped, and a literal-block marker (``Examples::``) becomes a
+    single colon, so ``--help`` shows no documentation markup.
+    """
+    if not doc:
+        return doc
+    text = _ROLE.sub(_role_text, doc)
+    text = text.replace("``", "")
+    text = re.sub(r"\*\*([^*\n]+)\*\*", r"\1", text)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.rstrip()
+        if stripped.strip() == "::":
+            continue
+        if stripped.endswith("::"):
+            line = stripped[:-1]
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _write_all(f, data: bytes) -> None:

@@ -5,12 +5,16 @@
 #   NH_SERVE_CHECKPOINT=runs/model.safetensors PORT=3001 bash scripts/serve.sh
 #
 # Limits and options: NH_SERVE_* environment variables (service/settings.py). Ctrl+C stops it.
+# The first start exports the model to ONNX (about 20 s on 2 cores) into .cache/nh-serve, the
+# cache scripts/test.sh uses too; later starts load it from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-3000}
 HOST=${HOST:-127.0.0.1}
 export BENTOML_DO_NOT_TRACK=true
 export BENTOML_HOME=${BENTOML_HOME:-$PWD/.bentoml}
+# Exported artifacts that backends cache (the ONNX export of the checkpoint) stay inside the clone.
+export NH_SERVE_CACHE_DIR="${NH_SERVE_CACHE_DIR:-$PWD/.cache/nh-serve}"
 
 if [ ! -x .venv/bin/bentoml ]; then
   echo "serve.sh: .venv has no bentoml; run: bash scripts/setup.sh" >&2

@@ -43,6 +43,7 @@ from nh_serve.errors import InputError
 from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
 from nh_serve.inference.model_io import default_checkpoint_path, save_model
 from nh_serve.inference.predictor import Predictor
+from nh_serve.util import help_text
 from service.launcher import ServeProcess, bentoml_env
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -475,7 +476,7 @@ def add_cli(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "service",
         help="end-to-end HTTP latency and load of the BentoML service",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -30,6 +30,7 @@ from nh_serve.data.synth import write_synthetic_sessions
 from nh_serve.data.windows import collate
 from nh_serve.evaluation.metrics import bits_per_spike, poisson_nll
 from nh_serve.inference.model_io import load_model
+from nh_serve.util import help_text
 from training.data import apply_norm, load_session, window_item
 from training.train import make_train_config, train, validation_windows
 
@@ -150,7 +151,7 @@ def compare(root: Path, ckpts: dict[str, Path]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m training.multimodal_check", description=__doc__.split("\n\n")[0]
+        prog="python -m training.multimodal_check", description=help_text(__doc__.split("\n\n")[0])
     )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)

@@ -67,6 +67,7 @@ from nh_serve.evaluation.metrics import bits_per_spike
 from nh_serve.inference.checkpoint import content_hash, load_checkpoint, save_checkpoint
 from nh_serve.inference.model_io import HEAD_ABLATIONS, build_model, save_model
 from nh_serve.settings import Settings, settings
+from nh_serve.util import help_text
 from training.data import (
     TrainSession,
     apply_norm,
@@ -890,14 +891,14 @@ def run(args: argparse.Namespace) -> int:
 def add_cli(subparsers) -> None:
     """Register ``nh-serve train``."""
     p = subparsers.add_parser(
-        "train", help="train a NeuroHorizon model", description=__doc__.split("\n\n")[0]
+        "train", help="train a NeuroHorizon model", description=help_text(__doc__.split("\n\n")[0])
     )
     _add_arguments(p)
     p.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.train", description=help_text(__doc__.split("\n\n")[0]))
     _add_arguments(p)
     args = p.parse_args(argv)
     try:

@@ -30,6 +30,7 @@ from nh_serve.core.model import NeuroHorizon, count_parameters
 from nh_serve.errors import InputError
 from nh_serve.evaluation.reporting import cpu_model
 from nh_serve.inference.runtime import tune_malloc
+from nh_serve.util import help_text
 
 
 def synthetic_window(
@@ -138,7 +139,7 @@ def add_cli(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "forward",
         help="CPU forward-pass latency of a model with random weights",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -67,6 +67,7 @@ from nh_serve.inference.backends import (
 from nh_serve.inference.model_io import load_model
 from nh_serve.inference.predictor import MAX_UNIT_WINDOWS, Predictor
 from nh_serve.inference.runtime import tune_malloc_once
+from nh_serve.util import help_text
 
 DEFAULT_UNITS = (32, 100, 300, 1000)
 TARGET_P99_MS = 10.0
@@ -726,7 +727,7 @@ def add_cli(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "predict",
         help="Predictor latency, throughput and memory per backend",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -41,6 +41,7 @@ from nh_serve.evaluation.score.core import ScoreSettings, load_predictor, score_
 from nh_serve.inference.backends import available_backends
 from nh_serve.inference.checkpoint import read_metadata
 from nh_serve.inference.model_io import default_checkpoint_path, resolve_checkpoint, save_model
+from nh_serve.util import help_text
 
 HOUR_WINDOWS = 3539  # 1 s stride, 60 s reference, 1 s context + 1 s horizon in 3600 s
 WRITE_KEYS = ("spike_times", "unit_index", "unit_ids", "start", "end", "true_rates", "provenance")
@@ -375,7 +376,7 @@ def add_cli(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "score",
         help="batch-scoring throughput and memory (windows/s vs units and recording length)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=help_text(__doc__.split("\n\n")[1]) if __doc__ else None,
     )
     p.add_argument(
         "--checkpoint",

@@ -16,6 +16,7 @@ from pathlib import Path
 from nh_serve.data.synth import make_demo
 from nh_serve.evaluation.quality import evaluate_recording
 from nh_serve.inference.predictor import Predictor
+from nh_serve.util import help_text
 
 
 def score_table(rows: dict[str, dict]) -> str:
@@ -64,7 +65,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="make the demo recording and print prediction scores on it",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=help_text(__doc__.split("\n\n")[1]) if __doc__ else None,
     )
     p.add_argument("--out", default="demo", help="folder for demo.h5 (default ./demo)")
     p.add_argument("--checkpoint", default="default", help="model checkpoint (default: the built-in one)")

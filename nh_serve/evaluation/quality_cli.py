@@ -18,6 +18,7 @@ import numpy as np
 from nh_serve.errors import InputError
 from nh_serve.evaluation.quality import run_benchmark
 from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
+from nh_serve.ingest.on_the_fly import resolve_recordings
 
 # ================================================================================================
 # Tables
@@ -182,9 +183,10 @@ def _run(args: argparse.Namespace) -> int:
     if not args.sessions:
         raise InputError("eval: pass at least one session file")
     checkpoints = {args.name: args.checkpoint, **_parse_compare(args.compare)}
+    sessions = resolve_recordings(args.sessions, command="nh-serve eval", echo=lambda line: print(line, file=sys.stderr))
     res = run_benchmark(
         checkpoints,
-        [Path(s) for s in args.sessions],
+        [Path(s) for s in sessions],
         reference_s=args.reference_s,
         adapt_steps=args.adapt_steps,
         adapt_budget_s=args.adapt_budget_s,
@@ -212,7 +214,9 @@ def add_cli(subparsers) -> None:
         description="Score a checkpoint's next-second predictions (zero-shot, and adapted with --adapt-steps) "
         "against the baselines and, on synthetic recordings, the true rates.",
     )
-    p.add_argument("sessions", nargs="*", help="held-out session files")
+    p.add_argument(
+        "sessions", nargs="*", help="held-out session files (.h5), or .npz / NWB files (ingested on the fly)"
+    )
     p.add_argument(
         "--checkpoint", default="default", help="checkpoint file or 'default' (the built-in model)"
     )

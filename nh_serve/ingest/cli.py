@@ -26,6 +26,7 @@ from nh_serve.ingest.common import (
     Recording,
     UnitFilter,
     check_output_path,
+    describe_filter,
     write_recording,
 )
 from nh_serve.ingest.ibl import make_one, read_ibl
@@ -71,6 +72,7 @@ def _finish(rec: Recording, args) -> int:
         if s.trials is not None:
             parts.append(f"{len(s.trials['start'])} trials")
     print(f"wrote {path}: {', '.join(parts)}")
+    print(describe_filter(f))
     return 0
 
 

@@ -373,6 +373,31 @@ def filter_units(rec: Recording, flt: UnitFilter, *, start: float, end: float) -
     return FilterResult(times=times, unit_index=unit_index, unit_ids=rec.unit_ids[keep], keep=keep, summary=summary)
 
 
+def describe_filter(summary: dict) -> str:
+    """One line: how many units the filters kept and why the others were dropped.
+
+    ``summary`` is the ``filters`` entry of a session's provenance (:func:`filter_units`),
+    e.g. ``units: kept 18 of 20; dropped 2 firing below 0.1 Hz over the recording (--min-rate)``.
+    """
+    n, kept = int(summary.get("n_units_source", 0)), int(summary.get("n_units_kept", 0))
+    if summary.get("all_units"):
+        return f"units: kept all {n} (--all-units: no filter)"
+    rate = f"firing below {float(summary.get('min_rate_hz', 0.0)):g} Hz over the recording (--min-rate)"
+    labels = "/".join(summary.get("keep_labels") or [])
+    if kept == n:
+        why = f"every unit fires at least {float(summary.get('min_rate_hz', 0.0)):g} Hz over the recording"
+        if summary.get("labels_used"):
+            why += f" and is labelled {labels}"
+        return f"units: kept all {n} ({why})"
+    parts = []
+    by_rate, by_label = int(summary.get("n_units_dropped_by_rate", 0)), int(summary.get("n_units_dropped_by_label", 0))
+    if by_rate:
+        parts.append(f"{by_rate} {rate}")
+    if by_label:
+        parts.append(f"{by_label} not labelled {labels}")
+    return f"units: kept {kept} of {n}; dropped {', '.join(parts)}"
+
+
 # ---------------------------------------------------------------------------------------------
 # provenance and writing
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from nh_serve.data.features import DEFAULT_REFERENCE_S
 from nh_serve.errors import InputError
 from nh_serve.evaluation.score.core import ScoreSettings
 from nh_serve.evaluation.score.runner import run_score
 from nh_serve.evaluation.score.shard import merge_outputs
+from nh_serve.ingest.on_the_fly import resolve_recordings
 
 DESCRIPTION = """\
 Score recordings: slide prediction windows over each session file (after a
@@ -28,6 +30,11 @@ files), and write bits/spike (NLB definition), correlation and R2 per
 recording, unit, horizon bin and band to OUT: scores.json, summary.csv,
 units.csv, PNG plots and report.html. Finished recordings are skipped when
 run again (--force scores them again).
+
+An .npz (spike_times + unit_ids) or NWB file is ingested on the fly with
+nh-serve ingest's default unit filter into a cached session file (a note says
+which units were kept); a Kilosort/phy folder is converted first with
+nh-serve ingest phy (the command stops and prints it).
 
 `nh-serve score merge SHARD_DIRS... --out DIR` combines the output folders of
 runs made with --shard I/N into one (same files as an unsharded run).
@@ -68,7 +75,8 @@ def add_cli(subparsers) -> None:
         "paths",
         nargs="+",
         metavar="RECORDINGS",
-        help="session files (.h5) or folders holding them; or `merge` followed by shard output folders",
+        help="session files (.h5) or folders holding them, .npz or NWB files (ingested on the fly); "
+        "or `merge` followed by shard output folders",
     )
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument(
@@ -167,8 +175,9 @@ def _run(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         baselines=args.baselines,
     )
+    paths = resolve_recordings(args.paths, command="nh-serve score", echo=_note)
     report = run_score(
-        args.paths,
+        paths,
         out=args.out,
         checkpoint=args.checkpoint,
         settings=settings,
@@ -182,6 +191,10 @@ def _run(args: argparse.Namespace) -> int:
         ray_runtime_env=env,
     )
     return report.exit_code
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -4,14 +4,19 @@ Figures are drawn with matplotlib's object-oriented API on an Agg canvas (no
 display, no global backend switch) and returned as PNG bytes:
 
 - ``heatmap.png``: observed vs predicted rate (Hz) of the most active units over
-  about 20 s from the middle of the recording. With the default 1 s stride the
-  1 s horizons of consecutive windows tile time, so the predicted panel is the
-  model's next-second forecast stitched window after window; with another
-  stride each window contributes its first ``stride`` seconds of bins.
+  about 20 s from the middle of the scored windows (the title gives the times).
+  With the default 1 s stride the 1 s horizons of consecutive windows tile time,
+  so the predicted panel is the model's next-second forecast stitched window
+  after window; with another stride each window contributes its first ``stride``
+  seconds of bins. Every heatmap of every recording uses one fixed colour scale
+  (:data:`HEATMAP_MAX_HZ`, square root), so colours compare across recordings,
+  runs and shards (each recording's plots are drawn when it is scored, before the
+  others are known, so a scale fitted to all of them is not possible).
 - ``bands.png``: bits/spike of the model, the baselines (and the oracle) in each
   horizon band, and per 20 ms horizon bin.
 - ``units.png``: the distribution of per-unit bits/spike of every predictor
-  (units with spikes in the scored horizons), and model vs best baseline per unit.
+  (units with spikes in the scored horizons), and model vs best baseline per unit,
+  where a point's size grows with the unit's spike count (a legend gives the scale).
 
 ``report.html`` (:func:`write_report_html`) is self-contained HTML with inline
 CSS and no scripts; it links the PNGs by relative path, so the output folder
@@ -36,6 +41,8 @@ COLORS = {
 }
 HEATMAP_UNITS = 60  # most units in the heatmap
 SMOOTH_BINS = 5  # boxcar over observed counts in the heatmap (5 x 20 ms = 100 ms)
+HEATMAP_MAX_HZ = 40.0  # top of the heatmaps' colour scale, the same for every recording; brighter is clipped
+HEATMAP_GAMMA = 0.5  # square-root colour scale: low rates stay visible next to bursts
 
 
 def _figure(w: float, h: float):
@@ -57,7 +64,7 @@ def _color(name: str) -> str:
     return COLORS.get(name, "#9467bd")
 
 
-def heatmap_png(record: dict, sample: dict) -> bytes:
+def heatmap_figure(record: dict, sample: dict):
     """Observed (top) and predicted (bottom) rates, units x time, for the sample stretch."""
     pred, obs = sample["pred"], sample["obs"]  # (n, U, T) expected / observed counts per bin
     oracle = sample.get("oracle")  # (n, U, T) true expected counts, synthetic recordings only
@@ -78,7 +85,8 @@ def heatmap_png(record: dict, sample: dict) -> bytes:
         o = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, o)
     t0 = float(sample["t_now"][0])
     t1 = float(sample["t_now"][-1]) + k * bs
-    vmax = float(max(np.percentile(p, 99), np.percentile(o, 99), 1e-3))
+    w = record["windows"]
+    s0, s1 = float(w["first_prediction_s"]), float(w["last_prediction_s"]) + T * bs
     from matplotlib.colors import PowerNorm
 
     panels = [
@@ -89,7 +97,7 @@ def heatmap_png(record: dict, sample: dict) -> bytes:
         panels.append((timeline(oracle), "true rate (synthetic ground truth)"))
     fig = _figure(10, 0.6 + 2.8 * len(panels))
     axes = fig.subplots(len(panels), 1, sharex=True)
-    norm = PowerNorm(0.5, vmin=0.0, vmax=vmax)
+    norm = PowerNorm(HEATMAP_GAMMA, vmin=0.0, vmax=HEATMAP_MAX_HZ)
     gap = " (gaps between windows)" if stride > T * bs + 1e-9 else ""
     for ax, (data, title) in zip(axes, panels):
         im = ax.imshow(
@@ -104,9 +112,24 @@ def heatmap_png(record: dict, sample: dict) -> bytes:
         ax.set_title(title, fontsize=10, loc="left")
         ax.set_ylabel("unit (by activity)")
     axes[-1].set_xlabel("prediction time (s)" + gap)
-    fig.colorbar(im, ax=axes, label="rate (Hz)", shrink=0.9)
-    fig.suptitle(f"{record['name']}: predicted vs observed rate, {len(order)} of {U} units", fontsize=11)
-    return _png(fig)
+    clipped = max(float(p.max(initial=0.0)), float(o.max(initial=0.0))) > HEATMAP_MAX_HZ
+    fig.colorbar(
+        im,
+        ax=axes,
+        label=f"rate (Hz; square-root scale, 0-{HEATMAP_MAX_HZ:g} Hz in every recording)",
+        shrink=0.9,
+        extend="max" if clipped else "neither",
+    )
+    fig.suptitle(
+        f"{record['name']}: observed vs predicted rate, {len(order)} most active of {U} units\n"
+        f"time slice shown: prediction times {t0:.1f}-{t1:.1f} s (the middle of the scored {s0:.1f}-{s1:.1f} s)",
+        fontsize=11,
+    )
+    return fig
+
+
+def heatmap_png(record: dict, sample: dict) -> bytes:
+    return _png(heatmap_figure(record, sample))
 
 
 def bands_png(record: dict) -> bytes:
@@ -145,8 +168,44 @@ def bands_png(record: dict) -> bytes:
     return _png(fig)
 
 
-def units_png(record: dict) -> bytes:
-    """Per-unit bits/spike of every predictor (box + points) and model vs best baseline (scatter)."""
+def spike_marker_size(n_spikes) -> np.ndarray:
+    """Marker area (points^2) of a unit with ``n_spikes`` spikes: the diameter grows by the same
+    step for every tenfold more spikes (2.5 pt at 1 spike, 6 at 10, 9.5 at 100, 13 at 1000, ...)."""
+    return (2.5 + 3.5 * np.log10(np.maximum(np.asarray(n_spikes, dtype=np.float64), 1.0))) ** 2
+
+
+def _size_legend(ax, n_spikes: np.ndarray) -> None:
+    """A legend of marker sizes for the powers of ten that span ``n_spikes``."""
+    lo = int(np.floor(np.log10(max(float(n_spikes.min()), 1.0))))
+    hi = int(np.ceil(np.log10(max(float(n_spikes.max()), 1.0))))
+    steps = list(range(lo, hi + 1))
+    steps = steps[:: int(np.ceil(len(steps) / 4))]  # at most 4, evenly spaced
+    for e in steps:
+        ax.scatter(
+            [],
+            [],
+            s=spike_marker_size(10**e),
+            color=_color("model"),
+            alpha=0.6,
+            edgecolors="white",
+            linewidths=0.5,
+            label=f"{10**e:,}",
+        )
+    ax.legend(
+        title="spikes scored\n(point size)",
+        fontsize=8,
+        title_fontsize=8,
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        labelspacing=1.2,
+        borderpad=0.8,
+    )
+
+
+def units_figure(record: dict):
+    """Per-unit bits/spike of every predictor (box + points) and model vs best baseline (scatter,
+    point size by the unit's spike count in the scored horizons, with a size legend)."""
     preds = record["predictors"]
     names = list(preds)
     n_spk = np.asarray(record["units"]["n_spikes"])
@@ -174,8 +233,8 @@ def units_png(record: dict) -> bytes:
     ax1.set_ylabel("bits/spike per unit")
     n_out = int(((allv < lo) | (allv > hi)).sum()) if allv.size else 0
     ax1.set_title(
-        f"{int(active.sum())} units with spikes"
-        + (f" ({n_out} values clipped to the 2-98% range)" if n_out else ""),
+        f"{int(active.sum())} units with spikes, one point each"
+        + (f"\n({n_out} values clipped to the 2-98% range)" if n_out else ""),
         fontsize=10,
         loc="left",
     )
@@ -185,8 +244,17 @@ def units_png(record: dict) -> bytes:
         lo, hi = np.percentile(np.concatenate([m, b]), [1, 99])
         pad = 0.1 * max(hi - lo, 1e-3)
         lo, hi = lo - pad, hi + pad
-        size = 4 + 4 * np.log1p(n_spk[active])
-        ax2.scatter(np.clip(b, lo, hi), np.clip(m, lo, hi), s=size, alpha=0.6, color=_color("model"))
+        size = spike_marker_size(n_spk[active])
+        ax2.scatter(
+            np.clip(b, lo, hi),
+            np.clip(m, lo, hi),
+            s=size,
+            alpha=0.6,
+            color=_color("model"),
+            edgecolors="white",
+            linewidths=0.5,
+        )
+        _size_legend(ax2, n_spk[active])
         ax2.plot([lo, hi], [lo, hi], color="k", lw=0.6)
         ax2.set_xlim(lo, hi)
         ax2.set_ylim(lo, hi)
@@ -194,8 +262,46 @@ def units_png(record: dict) -> bytes:
         ax2.set_title(f"model beats {best} on {frac:.0%} of units", fontsize=10, loc="left")
     ax2.set_xlabel(f"{best} bits/spike")
     ax2.set_ylabel("model bits/spike")
-    fig.suptitle(f"{record['name']}: per-unit bits/spike (point size ~ log spikes)", fontsize=11)
-    return _png(fig)
+    fig.suptitle(
+        f"{record['name']}: per-unit bits/spike; right: model vs {best}, point size = the unit's spikes\n"
+        "in the scored horizons (log scale, see the legend)",
+        fontsize=11,
+    )
+    return fig
+
+
+def units_png(record: dict) -> bytes:
+    return _png(units_figure(record))
+
+
+def plot_caption(name: str, record: dict) -> str:
+    """The caption under plot ``name`` of ``record`` in report.html: what it shows and how to read it."""
+    if name == "heatmap.png":
+        truth = (
+            ", then the true rate (synthetic ground truth)"
+            if record["recording"].get("has_true_rates")
+            else ""
+        )
+        return (
+            f"Rates of the most active units (up to {HEATMAP_UNITS}) over about 20 s of prediction times from the "
+            f"middle of the scored windows (the title gives the time slice): observed ({SMOOTH_BINS} x "
+            f"{record['windows']['bin_size_s'] * 1000:g} ms boxcar), then the model's forecast{truth}. One colour "
+            f"scale for every recording's heatmap: 0-{HEATMAP_MAX_HZ:g} Hz on a square-root scale; higher rates "
+            "take the top colour."
+        )
+    if name == "bands.png":
+        return (
+            "Bits/spike of the model, the baselines and (synthetic recordings) the oracle in each horizon band "
+            f"(left) and in each {record['windows']['bin_size_s'] * 1000:g} ms bin after the prediction time (right)."
+        )
+    if name == "units.png":
+        return (
+            "Left: each unit's bits/spike for every predictor (box: quartiles, whiskers 1.5 x IQR; one point per "
+            f"unit). Right: each unit's model bits/spike against the best baseline's ({record['best_baseline']}); "
+            "above the diagonal the model predicts the unit better. Point size grows with the unit's number of "
+            "spikes in the scored horizons (log scale; the legend gives sizes for 10, 100, ... spikes)."
+        )
+    return ""
 
 
 def render_recording_plots(record: dict, sample: dict | None) -> dict[str, bytes]:
@@ -357,6 +463,7 @@ def write_report_html(path, doc: dict, summary_rows: list[dict], *, overview: st
             if name in rec.get("plots", []):
                 src = f"recordings/{rec['key']}/{name}"
                 parts.append(f"<img src='{html.escape(src)}' alt='{html.escape(name)}' loading='lazy'>")
+                parts.append(f"<p class='meta'>{html.escape(plot_caption(name, rec))}</p>")
     parts.append(
         "<p class='meta'>Machine-readable results: <code>scores.json</code> (schema "
         f"<code>{html.escape(doc['schema'])}</code>), <code>summary.csv</code>, <code>units.csv</code>.</p>"
