@@ -28,14 +28,15 @@ def make_tiny_checkpoint():
     from nh_serve.data.features import FeatureNorm
     from nh_serve.inference.model_io import save_model
 
-    def make(path, *, seed: int = 0, norm_seed: int | None = None, config: str = "nh-tiny", **metadata):
+    def make(path, *, seed: int = 0, norm_seed: int | None = None, config: str = "nh-tiny", overrides=None, **metadata):
         torch.manual_seed(seed)
-        model = NeuroHorizon(get_config(config))
+        model = NeuroHorizon(get_config(config, **(overrides or {})))
+        F = model.cfg.n_features
         if norm_seed is None:
-            norm = FeatureNorm.identity()
+            norm = FeatureNorm.identity(F)
         else:
             rng = np.random.default_rng(norm_seed)
-            norm = FeatureNorm(mean=rng.normal(size=33), std=rng.uniform(0.5, 2.0, 33))
+            norm = FeatureNorm(mean=rng.normal(size=F), std=rng.uniform(0.5, 2.0, F))
         save_model(path, model, feature_norm=norm, **metadata)
         return path
 

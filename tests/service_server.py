@@ -56,7 +56,7 @@ def make_tiny_checkpoint(path: Path, *, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     model = NeuroHorizon(get_config("nh-tiny", **overrides))
     save_model(
-        path, model, feature_norm=FeatureNorm.identity(), training={"note": "random weights for tests"}
+        path, model, feature_norm=FeatureNorm.identity(model.cfg.n_features), training={"note": "random weights for tests"}
     )
     return path
 

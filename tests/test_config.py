@@ -14,7 +14,9 @@ def test_registry_configs_are_valid_and_named():
     assert set(CONFIGS) == {"nh-tiny", "nh-small", "nh-base"}
     for name, cfg in CONFIGS.items():
         assert cfg.name == name
-        assert cfg.n_features == 33
+        # 33 statistics, and the population-coupling descriptors of history models
+        assert cfg.n_features == 33 + cfg.coupling_components + 3
+        assert cfg.has_history and cfg.readout_dim > 0 and cfg.pop_tokens
         assert cfg.context_s == 1.0 and cfg.n_bins == 50 and cfg.bin_size_s == 0.02
     small = CONFIGS["nh-small"]
     assert 64 <= small.dim <= 128 and 2 <= small.depth <= 4 and 64 <= small.head_hidden <= 128

@@ -289,9 +289,9 @@ def test_torchscript_wrong_version_and_tampered_weights(artifacts, tmp_path):
 def test_unknown_format_and_bad_output_path(ckpt, tmp_path, capsys):
     model = NeuroHorizon(get_config("nh-tiny"))
     with pytest.raises(InputError, match="unknown export format 'tflite'"):
-        export_model(model, fmt="tflite", out=tmp_path / "m.tflite", feature_norm=FeatureNorm.identity())
+        export_model(model, fmt="tflite", out=tmp_path / "m.tflite", feature_norm=FeatureNorm.identity(model.cfg.n_features))
     with pytest.raises(InputError, match="must end in .onnx"):
-        export_model(model, fmt="onnx", out=tmp_path / "m.pt", feature_norm=FeatureNorm.identity())
+        export_model(model, fmt="onnx", out=tmp_path / "m.pt", feature_norm=FeatureNorm.identity(model.cfg.n_features))
     rc = export_main(["--checkpoint", str(ckpt), "--format", "tflite", "--out", str(tmp_path / "m.tflite")])
     assert rc == 2 and "unknown export format" in capsys.readouterr().err
     rc = export_main(
@@ -339,7 +339,7 @@ def test_parity_failure_exits_nonzero_and_writes_nothing(ckpt, tmp_path, monkeyp
             model,
             fmt="torchscript",
             out=tmp_path / "n.pt",
-            feature_norm=FeatureNorm.identity(),
+            feature_norm=FeatureNorm.identity(model.cfg.n_features),
             recordings=None,
         )
     assert not (tmp_path / "n.pt").exists()
@@ -350,21 +350,28 @@ def test_multimodal_export_takes_the_optional_inputs(tmp_path):
     torch.manual_seed(1)
     model = NeuroHorizon(get_config("nh-tiny", behavior_dim=2))
     res = export_model(
-        model, fmt="torchscript", out=tmp_path / "mm.pt", feature_norm=FeatureNorm.identity(), recordings=None
+        model, fmt="torchscript", out=tmp_path / "mm.pt", feature_norm=FeatureNorm.identity(model.cfg.n_features), recordings=None
     )
-    assert res.metadata["graphs"]["forward_with_embeddings"]["inputs"][-3:] == [
+    assert res.metadata["graphs"]["forward_with_embeddings"]["inputs"][-5:] == [
         "behavior_times",
         "behavior_values",
         "behavior_mask",
+        "history_rates",
+        "unit_readout",
     ]
     assert res.parity.ok
     p = Predictor.load(res.path)
-    eager = Predictor(model=model, feature_norm=FeatureNorm.identity(), backend="torch")
+    eager = Predictor(model=model, feature_norm=FeatureNorm.identity(model.cfg.n_features), backend="torch")
     d = make_session(seed=2, n_units=9, duration=70.0, multimodal=True)
     ids = np.asarray(d["unit_ids"]).astype(str)[d["unit_index"]]
     t = d["spike_times"]
     m = t < 60.0
-    ta, tb = (q.register(t[m], ids[m], reference_window=(0.0, 60.0)) for q in (eager, p))
+    ta = eager.register(t[m], ids[m], reference_window=(0.0, 60.0))
+    # an exported artifact cannot fit read-outs itself; it takes the eager registration's
+    with pytest.raises(InputError, match="fit='none'"):
+        p.register(t[m], ids[m], reference_window=(0.0, 60.0))
+    tb = p.register(t[m], ids[m], reference_window=(0.0, 60.0), fit="none")
+    p.session(tb).readout = eager.session(ta).readout
     bt, bv = d["behavior"]
     w, wb = (t >= 62.0) & (t < 63.0), (bt >= 62.0) & (bt < 63.0)
     a = eager.predict(ta, t[w], ids[w], context_start=62.0, behavior=(bt[wb], bv[wb]))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from nh_serve.core.config import get_config
+from nh_serve.core.config import COUNT_HISTORY, get_config
 from nh_serve.core.model import NeuroHorizon
-from nh_serve.data.features import FeatureNorm, reference_features
+from nh_serve.data.coupling import unit_descriptors
+from nh_serve.data.features import FeatureNorm
+from nh_serve.data.history import ema_rates
 from nh_serve.data.synth import make_session
 from nh_serve.errors import CheckpointError, InputError
 from nh_serve.inference.model_io import load_model, save_model
@@ -30,7 +33,8 @@ def ckpt_path(tmp_path_factory):
     torch.manual_seed(0)
     model = NeuroHorizon(get_config("nh-tiny"))
     rng = np.random.default_rng(0)
-    norm = FeatureNorm(mean=rng.normal(size=33).astype(np.float32), std=rng.uniform(0.5, 2, 33).astype(np.float32))
+    F = model.cfg.n_features
+    norm = FeatureNorm(mean=rng.normal(size=F).astype(np.float32), std=rng.uniform(0.5, 2, F).astype(np.float32))
     path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
     save_model(path, model, feature_norm=norm, training={"note": "random weights"})
     return path
@@ -61,10 +65,17 @@ def test_predict_matches_the_model_called_directly(predictor, recording):
     assert list(pred.unit_ids) == list(all_ids)
     np.testing.assert_allclose(pred.expected_counts, pred.rates_hz * 0.02, rtol=1e-6)
 
-    # The same computation by hand: features -> norm -> model.forward.
+    # The same computation by hand: descriptors -> norm -> model.forward, with the true history and
+    # without a read-out (fit="none"), then with the fitted read-out (fit="reference").
     index = {u: i for i, u in enumerate(all_ids)}
-    feats = reference_features(rt, np.array([index[u] for u in rid]), n_units=U, start=0.0, end=60.0)
-    ref_rate = np.bincount([index[u] for u in rid], minlength=U) / 60.0
+    cfg = predictor.cfg
+    ref_idx = np.array([index[u] for u in rid])
+    ref_rate = np.bincount(ref_idx, minlength=U) / 60.0
+    feats = unit_descriptors(rt, ref_idx, n_units=U, start=0.0, end=60.0, ref_rate_hz=ref_rate,
+                             components=cfg.coupling_components)
+    m = t < 71.0
+    hist = ema_rates(t[m], np.array([index[u] for u in ids[m]]), n_units=U, t_eval=[71.0], start=0.0,
+                     ref_rate_hz=ref_rate, taus=cfg.history_taus)[0]
     model = predictor.model
     item = model.tokenize(
         unit_features=predictor.feature_norm.apply(feats),
@@ -72,10 +83,16 @@ def test_predict_matches_the_model_called_directly(predictor, recording):
         spike_unit_index=np.array([index[u] for u in cid]),
         ctx_start=70.0,
         ref_rate_hz=ref_rate,
+        history_rates=hist,
     )
-    with torch.inference_mode():
-        want = torch.exp(model(**model.collate([item])))[0].numpy()
-    np.testing.assert_allclose(pred.rates_hz, want, rtol=1e-5, atol=1e-6)
+    for fit in ("none", "reference"):
+        tok = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids, fit=fit)
+        got = predictor.predict(tok, ct, cid, context_start=70.0, history_rates=hist)
+        readout = predictor.session(tok).readout
+        assert (readout.abs().sum() > 0) == (fit == "reference")
+        with torch.inference_mode():
+            want = torch.exp(model(**model.collate([item]), unit_readout=readout.unsqueeze(0)))[0].numpy()
+        np.testing.assert_allclose(got.rates_hz, want, rtol=1e-5, atol=1e-6)
 
 
 def test_unit_order_follows_units_argument(predictor, recording):
@@ -129,14 +146,75 @@ def test_predict_batch_chunks_large_sessions_by_unit_windows(predictor, recordin
     assert len(predictor.predict_batch(token, windows, batch_size=np.int64(2))) == len(windows)
 
 
-def test_history_counts_change_the_prediction(predictor, recording):
+def test_history_rates_change_the_prediction(predictor, recording):
     rt, rid = _window(recording, 0.0, 60.0)
     token = predictor.register(rt, rid, reference_window=(0.0, 60.0))
     ct, cid = _window(recording, 70.0, 71.0)
-    U = predictor.session(token).n_units
-    lo = predictor.predict(token, ct, cid, context_start=70.0, history_counts=np.zeros(U))
-    hi = predictor.predict(token, ct, cid, context_start=70.0, history_counts=np.full(U, 3000.0))
+    U, K = predictor.session(token).n_units, len(predictor.cfg.history_taus)
+    lo = predictor.predict(token, ct, cid, context_start=70.0, history_rates=np.full((U, K), 0.1))
+    hi = predictor.predict(token, ct, cid, context_start=70.0, history_rates=np.full((U, K), 50.0))
     assert np.all(hi.rates_hz.mean(axis=1) > lo.rates_hz.mean(axis=1))
+    with pytest.raises(InputError, match="history_counts"):
+        predictor.predict(token, ct, cid, context_start=70.0, history_counts=np.zeros(U))
+    with pytest.raises(InputError, match="history_rates"):
+        predictor.predict(token, ct, cid, context_start=70.0, history_rates=np.full((U, K + 1), 1.0))
+
+
+def test_history_counts_change_a_count_history_models_prediction(tmp_path, recording, make_tiny_checkpoint):
+    path = make_tiny_checkpoint(tmp_path / "v1.safetensors", overrides=COUNT_HISTORY)
+    p = Predictor.load(path, backend="torch")
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = p.register(rt, rid, reference_window=(0.0, 60.0))
+    ct, cid = _window(recording, 70.0, 71.0)
+    U = p.session(token).n_units
+    lo = p.predict(token, ct, cid, context_start=70.0, history_counts=np.zeros(U))
+    hi = p.predict(token, ct, cid, context_start=70.0, history_counts=np.full(U, 3000.0))
+    assert np.all(hi.rates_hz.mean(axis=1) > lo.rates_hz.mean(axis=1))
+    assert p.session(token).readout is None and p.session(token).history is None
+
+
+def test_streamed_history_equals_the_recording_history(predictor, recording):
+    """Consecutive contexts carry each unit's smoothed rates exactly; a window asked again gets the
+    same answer; a gap or a window older than the kept states warns."""
+    t, ids, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    token = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids, fit="none")
+    index = {u: i for i, u in enumerate(all_ids)}
+    u = np.array([index[x] for x in ids])
+    ref = predictor.session(token).ref_rate_hz
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no gap: no warning
+        for c in np.arange(60.0, 66.0):
+            ct, cid = _window(recording, c, c + 1.0)
+            got.append(predictor.predict(token, ct, cid, context_start=float(c)).rates_hz)
+    cfg = predictor.cfg
+    for k, c in enumerate(np.arange(60.0, 66.0)):
+        hist = ema_rates(t, u, n_units=all_ids.size, t_eval=[c + 1.0], start=0.0, ref_rate_hz=ref, taus=cfg.history_taus)[0]
+        ct, cid = _window(recording, c, c + 1.0)
+        explicit = predictor.predict(token, ct, cid, context_start=float(c), history_rates=hist)
+        np.testing.assert_allclose(got[k], explicit.rates_hz, rtol=1e-5, atol=1e-6)
+    ct, cid = _window(recording, 62.0, 63.0)  # asked again, after the stream moved on
+    again = predictor.predict(token, ct, cid, context_start=62.0)
+    np.testing.assert_allclose(again.rates_hz, got[2], rtol=1e-5, atol=1e-6)
+    ct, cid = _window(recording, 80.0, 81.0)
+    with pytest.warns(UserWarning, match="history incomplete"):
+        predictor.predict(token, ct, cid, context_start=80.0)
+
+
+def test_reference_fit_is_deterministic_and_keeps_only_units_it_helps(predictor, recording):
+    _, _, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    a = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids))
+    b = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids))
+    assert torch.equal(a.readout, b.readout)
+    info = a.fit
+    assert info["mode"] == "reference" and info["windows"] >= 50
+    kept = (a.readout.abs().sum(1) > 0).sum().item()
+    assert kept == info["units_fitted"] <= all_ids.size
+    assert info["heldout_nll_fitted"] <= info["heldout_nll_zero_shot"]
+    with pytest.raises(InputError, match="fit"):
+        predictor.register(rt, rid, reference_window=(0.0, 60.0), fit="all")
 
 
 def test_adaptation_lowers_the_reference_loss_and_stays_within_budget(predictor, recording):
@@ -246,7 +324,7 @@ def test_unknown_backend_and_bad_checkpoints(ckpt_path, tmp_path):
 def test_multimodal_model_serves_with_and_without_extra_inputs(tmp_path, recording):
     torch.manual_seed(0)
     model = NeuroHorizon(get_config("nh-tiny", behavior_dim=2, image_dim=8))
-    save_model(tmp_path / "mm.safetensors", model, feature_norm=FeatureNorm.identity())
+    save_model(tmp_path / "mm.safetensors", model, feature_norm=FeatureNorm.identity(model.cfg.n_features))
     p = Predictor.load(tmp_path / "mm.safetensors", backend="torch")
     rt, rid = _window(recording, 0.0, 60.0)
     token = p.register(rt, rid, reference_window=(0.0, 60.0))

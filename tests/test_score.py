@@ -15,6 +15,7 @@ from real_data import REAL
 from nh_serve.core.config import get_config
 from nh_serve.core.model import NeuroHorizon
 from nh_serve.data.features import FeatureNorm, reference_rate_hz
+from nh_serve.data.history import ema_rates
 from nh_serve.data.session import open_session, write_session
 from nh_serve.data.spikes import bin_counts
 from nh_serve.data.synth import make_session
@@ -85,7 +86,8 @@ def data(tmp_path_factory):
         )
     torch.manual_seed(0)
     ckpt = root / "tiny.safetensors"
-    save_model(ckpt, NeuroHorizon(get_config("nh-tiny")), feature_norm=FeatureNorm.identity())
+    m = NeuroHorizon(get_config("nh-tiny"))
+    save_model(ckpt, m, feature_norm=FeatureNorm.identity(m.cfg.n_features))
     return root, rec, ckpt
 
 
@@ -138,19 +140,15 @@ def _independent(path, ckpt):
         rt, ru = s.spikes(r0, r1)
         token = p.register(rt, s.unit_ids[ru], reference_window=(r0, r1), units=s.unit_ids)
         windows = []
+        at, au = s.spikes(s.start, s.end)
+        ref = reference_rate_hz(rt, ru, n_units=s.n_units, start=r0, end=r1)
         for c in plan.ctx_starts:
             c = float(c)
             ct, cu = s.spikes(c, c + cfg.context_s)
-            h0 = max(s.start, c - cfg.history_s)
-            _, hu = s.spikes(h0, c)
+            hist = ema_rates(at, au, n_units=s.n_units, t_eval=[c + cfg.context_s], start=s.start, ref_rate_hz=ref,
+                             taus=cfg.history_taus)[0]  # each unit's smoothed rates from the recording start
             windows.append(
-                {
-                    "spike_times": ct,
-                    "unit_ids": s.unit_ids[cu],
-                    "context_start": c,
-                    "history_counts": np.bincount(hu, minlength=s.n_units),
-                    "history_duration_s": c - h0,
-                }
+                {"spike_times": ct, "unit_ids": s.unit_ids[cu], "context_start": c, "history_rates": hist}
             )
         model = np.stack([x.expected_counts for x in p.predict_batch(token, windows, batch_size=5)])
         counts, base = _reference_targets(s, plan)
@@ -228,7 +226,8 @@ def test_multimodal_model_is_given_the_recordings_stimulus_schedule(tmp_path):
     path = write_session(tmp_path / "mm.h5", **{k: d[k] for k in (*WRITE_KEYS, "behavior", "image_embeddings")})
     torch.manual_seed(0)
     ckpt = tmp_path / "mm.safetensors"
-    save_model(ckpt, NeuroHorizon(get_config("nh-tiny", behavior_dim=2, image_dim=32)), feature_norm=FeatureNorm.identity())
+    m = NeuroHorizon(get_config("nh-tiny", behavior_dim=2, image_dim=32))
+    save_model(ckpt, m, feature_norm=FeatureNorm.identity(m.cfg.n_features))
     report = run_score([path], out=tmp_path / "out", checkpoint=ckpt, settings=SETTINGS, progress=False)
     r = json.loads((report.out / "scores.json").read_text())["recordings"][0]
     assert r["model_inputs"]["behavior"] and r["model_inputs"]["images"]
@@ -241,12 +240,13 @@ def test_multimodal_model_is_given_the_recordings_stimulus_schedule(tmp_path):
         rt, ru = s.spikes(r0, r1)
         token = p.register(rt, s.unit_ids[ru], reference_window=(r0, r1), units=s.unit_ids)
         preds = {True: [], False: []}
+        at, au = s.spikes(s.start, s.end)
+        ref = reference_rate_hz(rt, ru, n_units=s.n_units, start=r0, end=r1)
         for c in map(float, plan.ctx_starts):
             ct, cu = s.spikes(c, c + cfg.context_s)
-            h0 = max(s.start, c - cfg.history_s)
-            _, hu = s.spikes(h0, c)
-            w = {"history_counts": np.bincount(hu, minlength=s.n_units), "history_duration_s": c - h0,
-                 "behavior": s.behavior(c, c + cfg.context_s)}
+            hist = ema_rates(at, au, n_units=s.n_units, t_eval=[c + cfg.context_s], start=s.start, ref_rate_hz=ref,
+                             taus=cfg.history_taus)[0]
+            w = {"history_rates": hist, "behavior": s.behavior(c, c + cfg.context_s)}
             for known in (True, False):
                 imgs = s.image_events(c, c + cfg.context_s + (cfg.horizon_s if known else 0.0))
                 sched = cfg.horizon_s if known else 0.0

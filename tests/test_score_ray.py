@@ -49,7 +49,8 @@ def inputs(tmp_path_factory):
         paths.append(write_session(root / f"rec{i}.h5", **{k: d[k] for k in WRITE_KEYS}))
     torch.manual_seed(1)
     ckpt = root / "tiny.safetensors"
-    save_model(ckpt, NeuroHorizon(get_config("nh-tiny")), feature_norm=FeatureNorm.identity())
+    m = NeuroHorizon(get_config("nh-tiny"))
+    save_model(ckpt, m, feature_norm=FeatureNorm.identity(m.cfg.n_features))
     return root, paths, ckpt
 
 

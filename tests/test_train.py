@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from nh_serve.core.config import COUNT_HISTORY
+from nh_serve.data.history import ema_rates
 from nh_serve.data.session import write_session
 from nh_serve.data.synth import make_session, write_synthetic_sessions
 from nh_serve.data.windows import history_counts
@@ -110,9 +112,17 @@ def test_window_item_targets_and_history_match_hand_counts(data_dir):
         tu = t[(u == unit) & (t >= c + 1) & (t < c + 2)]
         want = np.histogram(tu, bins=c + 1 + 0.02 * np.arange(51))[0]
         np.testing.assert_array_equal(y[unit], want)
-    # History: 15.3 s before the context (the recording start limits the 30 s history).
+    # History: each unit's smoothed rates at the context end, from the recording start.
+    want = ema_rates(t, u, n_units=s.n_units, t_eval=[c + 1.0], start=s.start, ref_rate_hz=s.ref_rate_hz,
+                     taus=cfg.history_taus)[0]
+    np.testing.assert_allclose(item["history_rates"].numpy(), want, rtol=1e-6)
+    # A count-history model: the spikes of the 15.3 s before the context (the recording start limits its 30 s).
+    v1 = cfg.replace(**COUNT_HISTORY)
+    s1 = load_session(data_dir / "train" / "s1.h5", cfg=v1, reference_s=10.0, val_time_fraction=0.2)
+    s1.unit_features = np.zeros_like(s1.features)
+    item1, _ = window_item(s1, c, v1)
     hist = np.array([np.sum((u == k) & (t < c)) for k in range(s.n_units)])
-    np.testing.assert_allclose(item["history_rate_hz"].numpy(), hist / (c - s.start), rtol=1e-6)
+    np.testing.assert_allclose(item1["history_rate_hz"].numpy(), hist / (c - s.start), rtol=1e-6)
     counts, dur = history_counts(t, u, n_units=s.n_units, ctx_start=c, history_s=30.0, start=s.start)
     np.testing.assert_array_equal(counts, hist)
     assert dur == pytest.approx(c - s.start)

@@ -15,6 +15,7 @@ import torch
 from nh_serve.core.config import get_config
 from nh_serve.core.model import NeuroHorizon
 from nh_serve.data.features import FeatureNorm
+from nh_serve.data.history import ema_rates
 from nh_serve.data.session import write_session
 from nh_serve.data.spikes import bin_counts
 from nh_serve.data.synth import make_session
@@ -58,7 +59,7 @@ def setup(tmp_path_factory):
     cfg = get_config("nh-tiny", behavior_dim=2, image_dim=32)
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
-    norm = FeatureNorm(mean=rng.normal(size=33), std=rng.uniform(0.5, 2.0, 33))
+    norm = FeatureNorm(mean=rng.normal(size=cfg.n_features), std=rng.uniform(0.5, 2.0, cfg.n_features))
     ckpt = save_model(root / "mm.safetensors", NeuroHorizon(cfg), feature_norm=norm).path
     return {"path": path, "ckpt": ckpt, "cfg": cfg, "norm": norm, "rec": d}
 
@@ -110,7 +111,11 @@ def _assert_same(a: list[dict], b: list[dict], what: str) -> None:
     for i, (x, y) in enumerate(zip(a, b)):
         assert sorted(x) == sorted(y), (what, i)
         for k in x:
-            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), f"{what}: window {i}, input {k}"
+            assert x[k].dtype == y[k].dtype, f"{what}: window {i}, input {k}"
+            if k in ("history_rates", "history_rate_hz"):  # float64 sums in another order (blocks, anchors)
+                torch.testing.assert_close(x[k], y[k], rtol=1e-6, atol=1e-9, msg=f"{what}: window {i}, input {k}")
+            else:
+                assert torch.equal(x[k], y[k]), f"{what}: window {i}, input {k}"
 
 
 def test_predictor_eval_score_and_training_give_the_model_the_same_inputs(setup):
@@ -130,10 +135,12 @@ def test_predictor_eval_score_and_training_give_the_model_the_same_inputs(setup)
     bt, bv = rec["behavior"]
     it, iv = rec["image_embeddings"]
     windows = []
+    ref_rate = np.bincount(u[m], minlength=ids.size) / (r1 - r0)
     for c in plan.ctx_starts:
         ctx = (t >= c) & (t < c + cfg.context_s)
-        h0 = max(rec["start"], c - cfg.history_s)
-        hist = np.array([np.sum((u == k) & (t >= h0) & (t < c)) for k in range(ids.size)], dtype=np.float32)
+        # each unit's smoothed rates at the context end, from the recording start (nh_serve.data.history)
+        hist = ema_rates(t, u, n_units=ids.size, t_eval=[c + cfg.context_s], start=rec["start"],
+                         ref_rate_hz=ref_rate, taus=cfg.history_taus)[0]
         b = (bt >= c) & (bt < c + cfg.context_s)
         i = (it >= c) & (it < c + cfg.context_s + cfg.horizon_s)
         windows.append(
@@ -141,8 +148,7 @@ def test_predictor_eval_score_and_training_give_the_model_the_same_inputs(setup)
                 spike_times=t[ctx],
                 unit_ids=ids[u[ctx]],
                 context_start=float(c),
-                history_counts=hist,
-                history_duration_s=float(c - h0),
+                history_rates=hist,
                 behavior=(bt[b], bv[b]),
                 images=(it[i], iv[i]),
                 image_schedule_s=cfg.horizon_s,
@@ -159,7 +165,10 @@ def test_predictor_eval_score_and_training_give_the_model_the_same_inputs(setup)
     res = evaluate_recording(setup["path"], predictors={"model": pe}, stride_s=STRIDE_S, progress=False)
     assert res["windows"] == len(plan) and "model" in res["scores"]
     got, emb_e = _windows_seen(pe)
-    _assert_same(got, by_hand, "eval")
+    assert len(got) == 2 * len(plan)  # the model with its reference fit, then zero-shot: the same inputs
+    _assert_same(got[: len(plan)], by_hand, "eval")
+    _assert_same(got[len(plan) :], by_hand, "eval, zero-shot")
+    emb_e = emb_e[: len(plan)]
 
     # nh-serve score.
     ps = _spied(setup)
@@ -203,5 +212,14 @@ def test_cut_windows_history_rules_and_targets(setup):
         h = (t >= t_now) & (t < t_now + 1.0)
         want = bin_counts(t[h], u[h], n_units=n, start=t_now, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
         np.testing.assert_array_equal(y[k], want)
-    assert set(WINDOW_INPUTS) == {"history_counts", "history_duration_s", "behavior", "images", "image_schedule_s"}
+    assert set(WINDOW_INPUTS) == {
+        "history_counts", "history_duration_s", "behavior", "images", "image_schedule_s", "history_rates"
+    }
+    # history models: each unit's smoothed rates at every context end, from the history start
+    ref = np.full(n, 4.0)
+    hr = cut_windows(t, u, starts, n_units=n, cfg=cfg, history_start=0.0, ref_rate_hz=ref)
+    want = ema_rates(t, u, n_units=n, t_eval=np.array(starts) + 1.0, start=0.0, ref_rate_hz=ref, taus=cfg.history_taus)
+    for k, x in enumerate(hr):
+        np.testing.assert_allclose(x.history_rates, want[k], rtol=1e-12)
+        assert x.history_counts is None
     assert isinstance(one, Window)

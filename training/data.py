@@ -14,7 +14,9 @@ Per recording (times in seconds):
   :meth:`nh_serve.inference.predictor.Predictor.register` computes them.
 - **windows**: a context ``[c, c + context_s)``, the target = spike counts in the
   ``n_bins`` bins of ``bin_size_s`` after it, the slow-rate input = counts in
-  ``[max(start, c - history_s), c)``, cut by :func:`nh_serve.data.windows.cut_window`,
+  ``[max(start, c - history_s), c)`` (history models: each unit's smoothed rates at the
+  context end, from the recording start, :mod:`nh_serve.data.history`; stored every
+  10 s so a window needs only the spikes since), cut by :func:`nh_serve.data.windows.cut_window`,
   the same window pipeline the Predictor, evaluation and scoring use. Contexts
   start after the reference window, as in evaluation.
 - **time split** (training recordings): contexts of training windows start in
@@ -40,11 +42,15 @@ import torch
 from tqdm.auto import tqdm
 
 from nh_serve.core.config import ModelConfig
-from nh_serve.data.features import FeatureNorm, auto_reference_s, reference_features, reference_rate_hz
+from nh_serve.data.coupling import unit_descriptors
+from nh_serve.data.features import FeatureNorm, auto_reference_s, reference_rate_hz
+from nh_serve.data.history import ema_rates
 from nh_serve.data.session import open_session, write_session
 from nh_serve.data.session.files import SESSION_SUFFIXES, find_sessions, session_name  # noqa: F401 (re-exported)
 from nh_serve.data.windows import cut_window, target_counts, tokenize_window
 from nh_serve.errors import InputError
+
+ANCHOR_S = 10.0  # spacing of the stored smoothed-rate states of a history model's training recording
 
 
 @dataclass
@@ -58,13 +64,15 @@ class TrainSession:
     start: float
     end: float
     reference: tuple[float, float]  # [r0, r1)
-    features: np.ndarray  # (U, 33) raw reference features
+    features: np.ndarray  # (U, F) raw unit descriptors (33 statistics, + population coupling)
     ref_rate_hz: np.ndarray  # (U,) Hz
     train_range: tuple[float, float]  # context starts of training windows, [lo, hi]
     val_range: tuple[float, float] | None  # context starts of validation-in-time windows, or None
     behavior: tuple[np.ndarray, np.ndarray] | None = None  # (times (Nb,), values (Nb, D_b))
     images: tuple[np.ndarray, np.ndarray] | None = None  # (times (Ni,), emb (Ni, D_img))
-    unit_features: np.ndarray | None = field(default=None, repr=False)  # (U, 33) z-scored
+    unit_features: np.ndarray | None = field(default=None, repr=False)  # (U, F) z-scored
+    history_anchors: np.ndarray | None = field(default=None, repr=False)  # (A,) s: smoothed-rate states every ANCHOR_S
+    history_states: np.ndarray | None = field(default=None, repr=False)  # (A, U, K) the states there (history models)
 
     @property
     def n_units(self) -> int:
@@ -123,8 +131,16 @@ def load_session(
             f"{name}: no unit fires in the reference window [{r0:g}, {r1:g}) s, so the units have no "
             "reference statistics; drop this file or pass a recording whose units fire"
         )
-    feats = reference_features(times[a:b], units[a:b], n_units=unit_ids.shape[0], start=r0, end=r1)
     ref_rate = reference_rate_hz(times[a:b], units[a:b], n_units=unit_ids.shape[0], start=r0, end=r1)
+    feats = unit_descriptors(
+        times[a:b], units[a:b], n_units=unit_ids.shape[0], start=r0, end=r1, ref_rate_hz=ref_rate,
+        components=cfg.coupling_components,
+    )
+    anchors = states = None
+    if cfg.history_taus:  # smoothed-rate states every ANCHOR_S from the recording start (the reference start)
+        anchors = np.arange(start, end, ANCHOR_S)
+        states = ema_rates(times, units, n_units=unit_ids.shape[0], t_eval=anchors, start=start,
+                           ref_rate_hz=ref_rate, taus=cfg.history_taus).astype(np.float32)
     split = end - val_time_fraction * (end - r1)
     if val_time_fraction > 0 and end - split >= span and split - r1 >= span:
         train_range, val_range = (r1, split - span), (split, end - span)
@@ -144,7 +160,18 @@ def load_session(
         val_range=val_range,
         behavior=behavior,
         images=images,
+        history_anchors=anchors,
+        history_states=states,
     )
+
+
+def history_at(s: TrainSession, t: float, taus) -> np.ndarray:
+    """``(U, K)`` smoothed rates at time ``t`` (from the nearest earlier anchor state; exact)."""
+    a = int(np.searchsorted(s.history_anchors, t, side="right")) - 1
+    t0 = float(s.history_anchors[a])
+    i, j = np.searchsorted(s.times, [t0, t])
+    return ema_rates(s.times[i:j], s.units[i:j], n_units=s.n_units, t_eval=[t], start=t0, ref_rate_hz=s.ref_rate_hz,
+                     taus=taus, init=s.history_states[a])[0]
 
 
 def load_sessions(
@@ -208,6 +235,7 @@ def window_item(
     scoring do. Image models get the images shown in the context and those due in the first
     ``image_schedule_s`` seconds of the forecast window (default: all of it).
     """
+    hist = history_at(s, c + cfg.context_s, cfg.history_taus)[None] if cfg.history_taus else None
     w = cut_window(
         s.times,
         s.units,
@@ -218,6 +246,7 @@ def window_item(
         behavior=s.behavior,
         images=s.images,
         image_schedule_s=image_schedule_s,
+        history_rates=hist,
     )
     item = tokenize_window(cfg, w, unit_features=s.unit_features, ref_rate_hz=s.ref_rate_hz)
     y = target_counts(

@@ -81,6 +81,8 @@ from training.data import (
     split_sessions,
     window_item,
 )
+from training.harness import Harness, fit_univariate_start, init_model_univariate, validate_registered
+from training.harness import loss as harness_loss
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STATE_FILE = "train_state.safetensors"
@@ -120,6 +122,10 @@ class TrainConfig(Settings):
             stimulus schedule); validation always passes the whole schedule.
         seed: random seed.
         threads: torch CPU threads (0 = leave torch's default).
+        zero_shot_weight: history models with a read-out: weight of the zero-shot loss (no per-unit
+            read-out) beside the loss with each training unit's learned read-out.
+        readout_l2: penalty on the mean square of the learned read-outs.
+        readout_lr_mult: learning rate of the read-out tables as a multiple of ``lr``.
     """
 
     name: str = "custom"
@@ -145,6 +151,9 @@ class TrainConfig(Settings):
     image_schedule_dropout: float = 0.5
     seed: int = 0
     threads: int = 0
+    zero_shot_weight: float = 0.5
+    readout_l2: float = 1e-2
+    readout_lr_mult: float = 10.0
 
     def __post_init__(self) -> None:
         fail = self.fail
@@ -178,6 +187,9 @@ class TrainConfig(Settings):
             ("ckpt_every", self.ckpt_every >= 1, f"must be >= 1, got {self.ckpt_every}"),
             ("val_windows", self.val_windows >= 1, f"must be >= 1, got {self.val_windows}"),
             ("threads", self.threads >= 0, f"must be >= 0, got {self.threads}"),
+            ("zero_shot_weight", self.zero_shot_weight >= 0, f"must be >= 0, got {self.zero_shot_weight}"),
+            ("readout_l2", self.readout_l2 >= 0, f"must be >= 0, got {self.readout_l2}"),
+            ("readout_lr_mult", self.readout_lr_mult > 0, f"must be > 0, got {self.readout_lr_mult}"),
             (
                 "head_ablation",
                 self.head_ablation in HEAD_ABLATIONS,
@@ -293,14 +305,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     )
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (not biases, norms or embeddings)."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, tables: list[nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not biases, norms or embeddings); the
+    read-out tables of the training units in a group of their own (no decay, ``readout_lr_mult``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+    ]
+    if tables:
+        groups.append({"params": list(tables), "weight_decay": 0.0, "lr_mult": cfg.readout_lr_mult})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
 
 
@@ -332,10 +350,11 @@ def _restore_optimizer(
 
 
 def save_state(
-    path: Path, *, model: nn.Module, opt: torch.optim.Optimizer, norm: FeatureNorm, info: dict
+    path: Path, *, model: nn.Module, opt: torch.optim.Optimizer, norm: FeatureNorm, info: dict, tables=()
 ) -> None:
-    """Write the resumable training state (weights + AdamW moments + bookkeeping) atomically."""
+    """Write the resumable training state (weights, read-out tables, AdamW moments, bookkeeping) atomically."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"table.{i}": t.detach() for i, t in enumerate(tables)})
     opt_t, groups = _optimizer_tensors(opt)
     tensors.update(opt_t)
     save_checkpoint(
@@ -358,6 +377,7 @@ def load_state(
     if ck.training.get("kind") != STATE_KIND:
         raise InputError(f"--resume: {path} is not a training state file written by training.train")
     model_sd = {k[len("model.") :]: v for k, v in ck.state_dict.items() if k.startswith("model.")}
+    model_sd.update({k: v for k, v in ck.state_dict.items() if k.startswith("table.")})
     opt_sd = {k: v for k, v in ck.state_dict.items() if k.startswith("optim.")}
     return model_sd, opt_sd, ck.config, FeatureNorm.from_dict(ck.feature_norm), ck.training
 
@@ -548,7 +568,8 @@ class Trainer:
         cfg, dist, data = self.cfg, self.dist, self.data
         torch.manual_seed(cfg.seed)
         self.model = build_model(self.mcfg, head_ablation=cfg.head_ablation).to(dist.device)
-        self.opt = make_optimizer(self.model, cfg)
+        self.harness = Harness(self.model, [s.n_units for s in data.train]).to(dist.device)
+        self.opt = make_optimizer(self.model, cfg, list(self.harness.tables))
         self.info: dict[str, Any] = {
             "step": 0,
             "best_step": None,
@@ -564,7 +585,11 @@ class Trainer:
                     f"--resume: {self.state_path} was written with a different training or model config; "
                     "resume with the same --config and --set options, or start a new --out folder"
                 )
+            tables = {k: model_sd.pop(k) for k in list(model_sd) if k.startswith("table.")}
             self.model.load_state_dict(model_sd)
+            with torch.no_grad():
+                for i, t in enumerate(self.harness.tables):
+                    t.copy_(tables[f"table.{i}"])
             _restore_optimizer(self.opt, opt_sd, info.pop("optimizer_param_groups"))
             info.pop("kind", None)
             self.info = info
@@ -573,13 +598,22 @@ class Trainer:
         else:
             if resume and dist.main:
                 print(f"--resume: no {STATE_FILE} in {self.out}; starting from step 0", file=sys.stderr)
-            norm = FeatureNorm.fit([s.features for s in data.train])
+            norm = FeatureNorm.fit([s.features for s in data.train], width=self.mcfg.n_features)
+            if self.mcfg.has_history:  # the GLM baseline of these recordings; the model starts from it
+                t0 = time.monotonic()
+                glm = fit_univariate_start(data.train, data.weights, n_bins=self.mcfg.n_bins, bin_size=self.mcfg.bin_size_s)
+                init_model_univariate(self.model, glm)
+                self.info["univariate_glm"] = glm.to_dict()
+                if dist.main and self.progress:
+                    print(f"univariate GLM fitted on the training recordings in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         self.norm = norm
         apply_norm(data.train + data.val, norm)
-        self.ddp_model: nn.Module = self.model
+        self.ddp_model: nn.Module = self.harness
         if dist.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+                self.harness,
+                device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                find_unused_parameters=self.harness.uses_tables,  # each step touches a few recordings' tables
             )
         self.val_sets = {
             "val_sessions": validation_windows(data.val, n=cfg.val_windows, in_time=False),
@@ -614,6 +648,8 @@ class Trainer:
             "best_step": info["best_step"],
             "best_metric": info["best_metric"],
             "history": info["history"],
+            # the baseline fitted on the same recordings, for eval and score (nh_serve.evaluation.baselines)
+            **({"baselines": {"univariate_glm": info["univariate_glm"]}} if info.get("univariate_glm") else {}),
         }
 
     # ---- start ------------------------------------------------------------------------------------
@@ -663,13 +699,15 @@ class Trainer:
         y = pad_targets([g[1] for g in got]).to(dist.device)
         lr = lr_at(step, cfg)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            log_rate = self.ddp_model(**batch)
-        loss = poisson_loss(log_rate.float(), y, bin_size_s=mcfg.bin_size_s, unit_mask=batch["unit_mask"])
+            loss = harness_loss(
+                self.ddp_model, batch, [i for i, _ in picks], y, bin_size_s=mcfg.bin_size_s,
+                zero_shot_weight=cfg.zero_shot_weight, readout_l2=cfg.readout_l2,
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        gnorm = nn.utils.clip_grad_norm_(self.harness.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         self.opt.step()
         self.step_no += 1
         self.info["step"] = self.step_no
@@ -708,10 +746,15 @@ class Trainer:
             )
             if r is not None:
                 rec[key] = r
+        registered = validate_registered(self.model, self.norm, self.data.val, self._val_starts("val_sessions"))
+        if registered is not None:
+            rec["val_registered"] = registered
         metric_key = "val_sessions" if "val_sessions" in rec else ("val_time" if "val_time" in rec else None)
         info["history"].append(rec)
         if metric_key is not None:
             m = rec[metric_key]["bits_per_spike"]
+            if registered is not None and self.mcfg.readout_dim:  # the fitted held-out figure decides
+                m = registered["bits_per_spike_reference"]
             if info["best_metric"] is None or m > info["best_metric"]:
                 info["best_metric"], info["best_step"] = m, self.step_no
                 save_model(
@@ -724,6 +767,12 @@ class Trainer:
                 )
         self.last_val = rec
         return rec
+
+    def _val_starts(self, key: str) -> dict[int, list[float]]:
+        out: dict[int, list[float]] = {}
+        for i, c in self.val_sets[key]:
+            out.setdefault(i, []).append(c)
+        return out
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -745,6 +794,7 @@ class Trainer:
             opt=self.opt,
             norm=self.norm,
             info={**info, "train_config": self.cfg.to_dict()},
+            tables=list(self.harness.tables),
         )
 
     # ---- the end ----------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
+from nh_serve.data.coupling import N_COUPLINGS, N_STATS
+from nh_serve.data.history import HISTORY_TAUS, SLOW_TAU
 from nh_serve.settings import Settings, settings
 
 UNIT_EMBEDDING_MODES = ("idencoder", "random", "mean")
@@ -83,6 +85,30 @@ class ModelConfig(Settings):
         head_activity: Give the per-neuron head each unit's activity (recent counts,
             history and reference rates). ``False`` is an ablation: the head sees
             the unit embedding only (train it with ``baseline_offset=False`` too).
+        history_taus: Time constants (seconds) of each unit's smoothed-rate history
+            (:mod:`nh_serve.data.history`), the model's per-unit history input; must
+            include 30 s (the slow rate every history feature is measured against).
+            Empty (the default of older checkpoints): the history is a 30 s spike count.
+            Non-empty: the offset is ``log(r_30s + 0.1 Hz)`` and the head holds a
+            univariate Poisson GLM term per bin on the unit's relative log rates (the
+            ``univariate_glm`` baseline as a special case, which the model starts from).
+        uni_path: The per-unit forecaster path (history models only): the GLM term and
+            the history features in the head. ``False`` is an ablation.
+        pop_path: The population path: the decoded bins reach the head (and, with
+            ``readout_dim``, the read-out term). ``False`` is an ablation: every unit is
+            forecast from its own history alone.
+        readout_dim: Width ``K`` of the population read-out (history models only):
+            ``log_rate[u, k] += (B e_u + r_u) . P_k + r_u0`` with ``P = Linear(bins)``
+            ``(T, K)``, the zero-shot read-out ``B e_u`` from the unit embedding and a
+            per-unit correction ``r_u`` (``unit_readout``, zero unless the Predictor fitted
+            it on the reference window, ``register(fit="reference")``). 0 = none.
+        pop_tokens: Give the processor one token per history time scale summarising the
+            population's relative log rates, each unit weighted by a vector of its
+            embedding (history models only).
+        coupling_components: Reference-window principal components of the population
+            whose loadings describe each unit beside its 33 statistics (plus three
+            correlations with the population rate): ``n_features`` must be 33, or
+            ``33 + coupling_components + 3``.
     """
 
     name: str = "custom"
@@ -112,6 +138,12 @@ class ModelConfig(Settings):
     baseline_offset: bool = True
     baseline_prior_s: float = 2.0
     head_activity: bool = True
+    history_taus: tuple[float, ...] = ()
+    uni_path: bool = True
+    pop_path: bool = True
+    readout_dim: int = 0
+    pop_tokens: bool = False
+    coupling_components: int = 0
 
     def __post_init__(self) -> None:
         fail = self.fail
@@ -183,6 +215,26 @@ class ModelConfig(Settings):
             fail("activity_scales", f"{scales} must be strictly ascending")
         if not self.baseline_prior_s >= 0:
             fail("baseline_prior_s", f"must be >= 0 seconds, got {self.baseline_prior_s}")
+        taus = self.history_taus
+        if taus:
+            if any(not 0 < t <= 3600 for t in taus) or any(b <= a for a, b in zip(taus, taus[1:])):
+                fail("history_taus", f"{taus} must be ascending time constants in (0, 3600] seconds")
+            if SLOW_TAU not in taus:
+                fail("history_taus", f"{taus} must include the slow rate's {SLOW_TAU:g} s")
+        elif self.readout_dim or self.pop_tokens or not self.uni_path:
+            fail("history_taus", "must list time constants when readout_dim, pop_tokens or uni_path=False are set")
+        if not 0 <= self.readout_dim <= 256:
+            fail("readout_dim", f"must be in [0, 256], got {self.readout_dim}")
+        if not 0 <= self.coupling_components <= 64:
+            fail("coupling_components", f"must be in [0, 64], got {self.coupling_components}")
+        want = N_STATS + (self.coupling_components + N_COUPLINGS if self.coupling_components else 0)
+        if self.n_features != want:
+            fail(
+                "n_features",
+                f"must be {want} (33 reference statistics"
+                + (f" + {self.coupling_components} loadings + {N_COUPLINGS} correlations" if self.coupling_components else "")
+                + f"), got {self.n_features}",
+            )
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -207,8 +259,13 @@ class ModelConfig(Settings):
 
     @property
     def n_activity(self) -> int:
-        """Per-unit activity features the head sees: one per scale + history rate + reference rate."""
-        return len(self.activity_scales) + 2
+        """Per-unit activity features the head sees: one per scale + history rate(s) + reference rate."""
+        return len(self.activity_scales) + 1 + max(1, len(self.history_taus))
+
+    @property
+    def has_history(self) -> bool:
+        """Whether the model takes smoothed-rate histories (``history_rates``) instead of a 30 s count."""
+        return len(self.history_taus) > 0
 
     @property
     def is_multimodal(self) -> bool:
@@ -229,6 +286,11 @@ CONFIGS: dict[str, ModelConfig] = {
         ffn_mult=2,
         head_hidden=16,
         head_layers=2,
+        history_taus=HISTORY_TAUS,
+        readout_dim=4,
+        pop_tokens=True,
+        coupling_components=4,
+        n_features=N_STATS + 4 + N_COUPLINGS,
     ),
     "nh-small": ModelConfig(
         name="nh-small",
@@ -242,6 +304,11 @@ CONFIGS: dict[str, ModelConfig] = {
         ffn_mult=2,
         head_hidden=64,
         head_layers=2,
+        history_taus=HISTORY_TAUS,
+        readout_dim=16,
+        pop_tokens=True,
+        coupling_components=8,
+        n_features=N_STATS + 8 + N_COUPLINGS,
     ),
     "nh-base": ModelConfig(
         name="nh-base",
@@ -256,8 +323,19 @@ CONFIGS: dict[str, ModelConfig] = {
         head_hidden=128,
         head_layers=3,
         dropout=0.1,
+        history_taus=HISTORY_TAUS,
+        readout_dim=32,
+        pop_tokens=True,
+        coupling_components=16,
+        n_features=N_STATS + 16 + N_COUPLINGS,
     ),
 }
+
+
+#: Overrides that give a registered size the architecture of models without history inputs
+#: (a 30 s history count, the persistence offset, no read-out, the 33 statistics only): how the
+#: checkpoints of nh-serve 0.1 were built (their stored configs lack these keys, so they load so).
+COUNT_HISTORY = {"history_taus": (), "readout_dim": 0, "pop_tokens": False, "coupling_components": 0, "n_features": N_STATS}
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:

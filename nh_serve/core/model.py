@@ -72,7 +72,9 @@ from torch import Tensor, nn
 from nh_serve.core.blocks import FeedForward, IDEncoder, PerNeuronHead, ProcessorBlock
 from nh_serve.core.config import ModelConfig
 from nh_serve.core.rotary import RotaryCrossAttention, RotarySelfAttention, rotary_freqs
+from nh_serve.core.unit_paths import PopulationReadout, PopulationTokens, UnivariateTerm
 from nh_serve.data import windows
+from nh_serve.data.history import LOG_FLOOR_HZ, SLOW_TAU
 
 __all__ = [
     "BASELINE_FLOOR_HZ",
@@ -205,6 +207,23 @@ class NeuroHorizon(nn.Module):
         self.head = PerNeuronHead(
             bin_dim=D, unit_dim=D + cfg.n_activity, hidden=cfg.head_hidden, n_layers=cfg.head_layers
         )
+
+        # History models: the per-unit forecaster and the population read-out (nh_serve.core.unit_paths).
+        K = len(cfg.history_taus)
+        self.n_history = K
+        self.log_floor_hz = LOG_FLOOR_HZ
+        self.has_history = K > 0
+        self.uni_path = cfg.uni_path
+        self.pop_path = cfg.pop_path
+        self.slow_index = list(cfg.history_taus).index(SLOW_TAU) if K else 0
+        self.register_buffer(
+            "rel_index", torch.tensor([i for i in range(K) if i != self.slow_index], dtype=torch.long)
+        )  # (K - 1,) the time constants measured against the slow one
+        self.univariate = UnivariateTerm(n_features=K - 1, n_bins=cfg.n_bins) if K and cfg.uni_path else None
+        self.pop_tok = PopulationTokens(dim=D, n_scales=K - 1) if K and cfg.pop_tokens and cfg.pop_path else None
+        self.readout = (
+            PopulationReadout(dim=D, width=cfg.readout_dim) if cfg.readout_dim and cfg.pop_path else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -216,6 +235,18 @@ class NeuroHorizon(nn.Module):
         with torch.no_grad():
             self.head.out.weight.mul_(0.1)
             self.head.out.bias.fill_(0.0 if self.cfg.baseline_offset else math.log(5.0))
+
+    def init_univariate(self, band_weights, bin_band) -> None:
+        """Start the GLM term at a fitted ``univariate_glm``: ``band_weights`` ``(n_bands, K)``
+        (:class:`~nh_serve.evaluation.glm_baselines.UnivariateGLM` weights, same time constants),
+        ``bin_band`` ``(n_bins,)`` the band of each bin."""
+        if self.univariate is None:
+            raise ValueError("init_univariate: this model has no univariate term (history_taus empty or uni_path off)")
+        w = torch.as_tensor(band_weights, dtype=torch.float32)[torch.as_tensor(bin_band, dtype=torch.long)]
+        if tuple(w.shape) != tuple(self.univariate.weight.shape):
+            raise ValueError(f"init_univariate: weights give {tuple(w.shape)}, the term holds {tuple(self.univariate.weight.shape)}")
+        with torch.no_grad():
+            self.univariate.weight.copy_(w)
 
     # ---- CPU-side input preparation (the window pipeline, nh_serve.data.windows) ---------------
     def tokenize(self, **kwargs: Any) -> dict[str, Tensor]:
@@ -237,22 +268,45 @@ class NeuroHorizon(nn.Module):
         return self.unit_encoder(unit_features)
 
     @torch.jit.export
+    def history_features(self, history_rates: Tensor) -> tuple[Tensor, Tensor]:
+        """Smoothed rates ``(B, U, K)`` (Hz, at ``cfg.history_taus``) -> relative log rates
+        ``(B, U, K - 1)`` and the slow log rate ``(B, U)`` (``log(r_30s + 0.1 Hz)``), as
+        :func:`nh_serve.data.history.log_history` computes them."""
+        logs = torch.log(history_rates.clamp_min(0.0) + self.log_floor_hz)
+        slow = logs[:, :, self.slow_index]
+        return logs.index_select(2, self.rel_index) - slow.unsqueeze(-1), slow
+
+    @torch.jit.export
     def unit_vectors(
-        self, unit_embeddings: Tensor, unit_counts: Tensor, history_rate_hz: Tensor, ref_rate_hz: Tensor
+        self,
+        unit_embeddings: Tensor,
+        unit_counts: Tensor,
+        history_rate_hz: Tensor,
+        ref_rate_hz: Tensor,
+        history_rates: Tensor | None = None,
     ) -> Tensor:
-        """Head input per unit: ``concat(embedding, activity)``, ``(B, U, D + S + 2)``.
+        """Head input per unit: ``concat(embedding, activity)``, ``(B, U, D + n_activity)``.
 
         ``activity = log1p([counts_s / s for s in activity_scales], history_rate_hz, ref_rate_hz)``
-        (rates in Hz; negative inputs are treated as 0).
+        (rates in Hz; negative inputs are treated as 0). History models replace ``history_rate_hz``
+        by the relative and slow log rates of ``history_rates`` (zeros without the per-unit path).
         """
         rates = unit_counts / self.activity_scales  # (B, U, S) Hz
-        activity = torch.cat(
-            (rates, history_rate_hz.unsqueeze(-1), ref_rate_hz.unsqueeze(-1)), dim=-1
-        )  # (B, U, S + 2) Hz
-        activity = torch.log1p(activity.clamp_min(0.0))
+        if self.has_history and history_rates is not None:
+            recent = torch.log1p(torch.cat((rates, ref_rate_hz.unsqueeze(-1)), dim=-1).clamp_min(0.0))
+            rel, slow = self.history_features(history_rates)
+            hist = torch.cat((rel, slow.unsqueeze(-1)), dim=-1)  # (B, U, K)
+            if not self.uni_path:  # ablation: no per-unit history in the head
+                hist = torch.zeros_like(hist)
+            activity = torch.cat((recent, hist), dim=-1)  # (B, U, S + 1 + K)
+        else:
+            activity = torch.cat(
+                (rates, history_rate_hz.unsqueeze(-1), ref_rate_hz.unsqueeze(-1)), dim=-1
+            )  # (B, U, S + 2) Hz
+            activity = torch.log1p(activity.clamp_min(0.0))
         if not self.head_activity:  # ablation: the head sees the unit embedding only
             activity = torch.zeros_like(activity)
-        return torch.cat((unit_embeddings, activity), dim=-1)  # (B, U, D + S + 2)
+        return torch.cat((unit_embeddings, activity), dim=-1)  # (B, U, D + n_activity)
 
     @torch.jit.export
     def bin_states(
@@ -268,8 +322,13 @@ class NeuroHorizon(nn.Module):
         image_times: Tensor | None = None,
         image_values: Tensor | None = None,
         image_mask: Tensor | None = None,
+        extra_tokens: Tensor | None = None,
     ) -> Tensor:
-        """Encoder + processor + decoder: the decoded future bins ``(B, T, D)`` (input of the head)."""
+        """Encoder + processor + decoder: the decoded future bins ``(B, T, D)`` (input of the head).
+
+        ``extra_tokens`` ``(B, P, D)`` (the population history tokens) join the latents in the
+        processor and the decoder's cross-attention, at time 0 (rotary: the context start).
+        """
         B = spike_times.shape[0]
         U = unit_embeddings.shape[1]
         D = unit_embeddings.shape[2]
@@ -321,6 +380,10 @@ class NeuroHorizon(nn.Module):
             mm_times = torch.cat(mm_time_parts, dim=1)  # (B, Nm)
             mm_mask = torch.cat(mm_mask_parts, dim=1)  # (B, Nm)
 
+        if extra_tokens is not None:
+            latents = torch.cat((latents, extra_tokens), dim=1)  # (B, L + P, D)
+            latent_times = torch.cat((latent_times, torch.zeros_like(extra_tokens[:, :, 0])), dim=1)
+
         # Process.
         for block in self.blocks:
             latents = block(latents, latent_times, self.freqs, mm_tokens, mm_times, mm_mask)  # (B, L, D)
@@ -354,6 +417,78 @@ class NeuroHorizon(nn.Module):
         return torch.log(base)
 
     @torch.jit.export
+    def log_rate_parts(
+        self,
+        unit_embeddings: Tensor,
+        unit_mask: Tensor,
+        unit_counts: Tensor,
+        history_rate_hz: Tensor,
+        ref_rate_hz: Tensor,
+        spike_unit_index: Tensor,
+        spike_times: Tensor,
+        spike_type: Tensor,
+        spike_mask: Tensor,
+        behavior_times: Tensor | None = None,
+        behavior_values: Tensor | None = None,
+        behavior_mask: Tensor | None = None,
+        image_times: Tensor | None = None,
+        image_values: Tensor | None = None,
+        image_mask: Tensor | None = None,
+        history_rates: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The unclamped log rate without any ``unit_readout`` ``(B, U, T)``, the read-out design
+        ``(B, T, K + 1)`` (empty ``K + 1 = 0`` without a read-out) and the decoded bins ``(B, T, D)``.
+
+        ``log_rate = parts + unit_readout . design`` (then clamped and masked) is
+        :meth:`forward_with_embeddings`; the registration fit solves for ``unit_readout``.
+        """
+        B = spike_times.shape[0]
+        hist = history_rates
+        if self.has_history and hist is None:  # no history known: the reference rate stands in
+            hist = ref_rate_hz.unsqueeze(-1).expand(-1, -1, self.n_history)
+        extra: Tensor | None = None
+        pop_tok = self.pop_tok
+        if pop_tok is not None and hist is not None:
+            rel_h, _ = self.history_features(hist)
+            extra = pop_tok(unit_embeddings, unit_mask, rel_h)  # (B, K - 1, D)
+        if self.pop_path:
+            bins = self.bin_states(
+                unit_embeddings,
+                spike_unit_index,
+                spike_times,
+                spike_type,
+                spike_mask,
+                behavior_times,
+                behavior_values,
+                behavior_mask,
+                image_times,
+                image_values,
+                image_mask,
+                extra,
+            )  # (B, T, D)
+        else:  # ablation: no population path, every unit from its own history
+            bins = torch.zeros(B, self.n_bins, unit_embeddings.shape[2], dtype=unit_embeddings.dtype, device=unit_embeddings.device)
+        unit_vec = self.unit_vectors(unit_embeddings, unit_counts, history_rate_hz, ref_rate_hz, hist)  # (B, U, D+A)
+        offset: Tensor | None = None
+        if self.baseline_offset:
+            if self.has_history and hist is not None:
+                offset = self.history_features(hist)[1]  # (B, U) log(r_30s + 0.1)
+            else:
+                offset = self.log_baseline(unit_counts, history_rate_hz)  # (B, U)
+        head = self.head
+        bin_part = head.bin_part(bins) if self.pop_path else torch.zeros_like(head.bin_part(bins))
+        log_rate = head.combine(head.unit_part(unit_vec), bin_part, offset)  # (B, U, T)
+        univariate = self.univariate
+        if univariate is not None and hist is not None:
+            log_rate = log_rate + univariate(self.history_features(hist)[0])
+        readout = self.readout
+        design = torch.zeros(B, self.n_bins, 0, dtype=log_rate.dtype, device=log_rate.device)
+        if readout is not None:
+            log_rate = log_rate + readout(bins, unit_embeddings, None)
+            design = readout.design(bins)
+        return log_rate, design, bins
+
+    @torch.jit.export
     def forward_with_embeddings(
         self,
         unit_embeddings: Tensor,
@@ -371,10 +506,16 @@ class NeuroHorizon(nn.Module):
         image_times: Tensor | None = None,
         image_values: Tensor | None = None,
         image_mask: Tensor | None = None,
+        history_rates: Tensor | None = None,
+        unit_readout: Tensor | None = None,
     ) -> Tensor:
         """:meth:`forward` with precomputed unit embeddings ``(B, U, D)`` instead of features."""
-        bins = self.bin_states(
+        log_rate, design, _ = self.log_rate_parts(
             unit_embeddings,
+            unit_mask,
+            unit_counts,
+            history_rate_hz,
+            ref_rate_hz,
             spike_unit_index,
             spike_times,
             spike_type,
@@ -385,13 +526,15 @@ class NeuroHorizon(nn.Module):
             image_times,
             image_values,
             image_mask,
-        )  # (B, T, D)
-        unit_vec = self.unit_vectors(
-            unit_embeddings, unit_counts, history_rate_hz, ref_rate_hz
-        )  # (B, U, D+A)
-        offset = self.log_baseline(unit_counts, history_rate_hz) if self.baseline_offset else None  # (B, U)
-        head = self.head
-        log_rate = head.combine(head.unit_part(unit_vec), head.bin_part(bins), offset)  # (B, U, T)
+            history_rates,
+        )
+        if unit_readout is not None and design.shape[2] > 0:
+            log_rate = log_rate + torch.matmul(unit_readout, design.transpose(1, 2))  # (B, U, T)
+        return self.finish_log_rate(log_rate, unit_mask)
+
+    @torch.jit.export
+    def finish_log_rate(self, log_rate: Tensor, unit_mask: Tensor) -> Tensor:
+        """Clamp to ``[LOG_RATE_MIN, LOG_RATE_MAX]``; padded units get ``LOG_RATE_MIN``. ``(B, U, T)``."""
         log_rate = log_rate.clamp(self.log_rate_min, self.log_rate_max)
         return log_rate.masked_fill(~unit_mask.unsqueeze(-1), self.log_rate_min)  # (B, U, T) log Hz
 
@@ -412,6 +555,8 @@ class NeuroHorizon(nn.Module):
         image_times: Tensor | None = None,
         image_values: Tensor | None = None,
         image_mask: Tensor | None = None,
+        history_rates: Tensor | None = None,
+        unit_readout: Tensor | None = None,
     ) -> Tensor:
         """Log firing rate (Hz) of every unit in every future bin, ``(B, U, n_bins)``.
 
@@ -430,6 +575,11 @@ class NeuroHorizon(nn.Module):
                 ``(B, Nb)`` mask; only for models with ``behavior_dim > 0``.
             image_*: ``(B, Ni)`` times, ``(B, Ni, image_dim + 1)`` embeddings with the schedule-marker
                 column, ``(B, Ni)`` mask; only for models with ``image_dim > 0``.
+            history_rates: ``(B, U, K)`` float32 smoothed rates (Hz) at ``cfg.history_taus`` at the
+                context end (:mod:`nh_serve.data.history`); history models only (None: the reference
+                rate stands in for every time constant).
+            unit_readout: ``(B, U, readout_dim + 1)`` per-unit read-out correction (zeros or None:
+                zero-shot); models with ``readout_dim > 0`` only.
 
         Returns:
             ``(B, U, n_bins)`` float32 log-rate in Hz, in ``[LOG_RATE_MIN, LOG_RATE_MAX]``; padded units
@@ -451,6 +601,8 @@ class NeuroHorizon(nn.Module):
             image_times,
             image_values,
             image_mask,
+            history_rates,
+            unit_readout,
         )
 
 

@@ -94,6 +94,8 @@ class _Problem:
         if self.X.shape[-2] != P or (not self.shared and self.X.shape[0] != self.G):
             raise ValueError(f"X has shape {tuple(self.X.shape)} but y has shape {tuple(self.y.shape)}")
         self.F = self.X.shape[-1]
+        # shared design: X_f X_h of every row once, so the Hessians of all groups are one matrix product
+        self.XX = (self.X.unsqueeze(2) * self.X.unsqueeze(1)).reshape(P, -1) if self.shared else None
         one = torch.ones(self.G, P, dtype=f64)
         self.exposure = one if exposure is None else _tensor(exposure).expand(self.G, P)
         self.offset = 0 * one if offset is None else _tensor(offset).expand(self.G, P)
@@ -113,7 +115,7 @@ class _Problem:
 
     def xt_w_x(self, mu):  # (G, P) -> (G, F, F)
         if self.shared:
-            return torch.einsum("gp,pf,ph->gfh", mu, self.X, self.X)
+            return (mu @ self.XX).reshape(self.G, self.F, self.F)
         return torch.bmm((self.X * mu.unsqueeze(-1)).transpose(1, 2), self.X)
 
     def objective(self, w):  # (G,)

@@ -224,26 +224,32 @@ def reference_features(times, unit_index, *, n_units: int, start: float, end: fl
 
 @dataclass(eq=False)
 class FeatureNorm:
-    """Z-scoring of reference features: ``(x - mean) / std`` per feature.
+    """Z-scoring of per-unit descriptors: ``(x - mean) / std`` per feature.
 
-    ``mean`` and ``std`` are (33,) float64 arrays; ``std`` is at least
-    :data:`STD_FLOOR` after :meth:`fit`. Serialises to plain JSON lists.
+    ``mean`` and ``std`` are ``(F,)`` float64 arrays (F = 33 reference statistics, or
+    more when the model also describes units by their population coupling,
+    :mod:`nh_serve.data.coupling`); ``std`` is at least :data:`STD_FLOOR` after
+    :meth:`fit`. Serialises to plain JSON lists.
     """
 
-    mean: np.ndarray  # (33,)
-    std: np.ndarray  # (33,)
+    mean: np.ndarray  # (F,)
+    std: np.ndarray  # (F,)
 
     def __post_init__(self):
         self.mean = _check_vec(self.mean, "mean")
-        self.std = _check_vec(self.std, "std")
+        self.std = _check_vec(self.std, "std", self.mean.shape[0])
         if np.any(self.std <= 0):
             raise InputError("feature norm: every std must be > 0; refit the norm with FeatureNorm.fit")
 
+    @property
+    def width(self) -> int:
+        return int(self.mean.shape[0])
+
     @classmethod
-    def fit(cls, features_list) -> FeatureNorm:
+    def fit(cls, features_list, *, width: int = N_FEATURES) -> FeatureNorm:
         """Fit mean/std over all units of all training sessions.
 
-        ``features_list``: a list of (n_units_i, 33) arrays (one per session).
+        ``features_list``: a list of (n_units_i, width) arrays (one per session).
         The std of each feature is floored at :data:`STD_FLOOR`.
         """
         if isinstance(features_list, np.ndarray):
@@ -251,9 +257,9 @@ class FeatureNorm:
         arrays = []
         for i, f in enumerate(features_list):
             a = np.asarray(f, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != N_FEATURES:
+            if a.ndim != 2 or a.shape[1] != width:
                 raise InputError(
-                    f"feature norm: features #{i} has shape {a.shape}; each must be (n_units, {N_FEATURES}) "
+                    f"feature norm: features #{i} has shape {a.shape}; each must be (n_units, {width}) "
                     "from reference_features"
                 )
             if not np.all(np.isfinite(a)):
@@ -261,29 +267,29 @@ class FeatureNorm:
                     f"feature norm: features #{i} contains NaN or inf; recompute with reference_features"
                 )
             arrays.append(a)
-        allf = np.concatenate(arrays, axis=0) if arrays else np.empty((0, N_FEATURES))
+        allf = np.concatenate(arrays, axis=0) if arrays else np.empty((0, width))
         if allf.shape[0] == 0:
             raise InputError(
-                "feature norm: no units to fit on; pass at least one (n_units, 33) array with units"
+                f"feature norm: no units to fit on; pass at least one (n_units, {width}) array with units"
             )
         return cls(mean=allf.mean(axis=0), std=np.maximum(allf.std(axis=0), STD_FLOOR))
 
     @classmethod
-    def identity(cls) -> FeatureNorm:
+    def identity(cls, width: int = N_FEATURES) -> FeatureNorm:
         """A norm that leaves features unchanged (mean 0, std 1)."""
-        return cls(mean=np.zeros(N_FEATURES), std=np.ones(N_FEATURES))
+        return cls(mean=np.zeros(width), std=np.ones(width))
 
     def apply(self, x) -> np.ndarray:
-        """Z-score features ``x`` of shape (..., 33); returns float32 of the same shape."""
+        """Z-score features ``x`` of shape (..., F); returns float32 of the same shape."""
         a = np.asarray(x, dtype=np.float64)
-        if a.ndim < 1 or a.shape[-1] != N_FEATURES:
+        if a.ndim < 1 or a.shape[-1] != self.width:
             raise InputError(
-                f"feature norm: features have shape {a.shape}; the last axis must be {N_FEATURES}"
+                f"feature norm: features have shape {a.shape}; the last axis must be {self.width}"
             )
         return ((a - self.mean) / self.std).astype(np.float32)
 
     def to_dict(self) -> dict:
-        """``{"mean": [33 floats], "std": [33 floats]}`` (JSON-serialisable)."""
+        """``{"mean": [F floats], "std": [F floats]}`` (JSON-serialisable)."""
         return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
 
     @classmethod
@@ -296,14 +302,15 @@ class FeatureNorm:
         return cls(mean=d["mean"], std=d["std"])
 
 
-def _check_vec(v, name: str) -> np.ndarray:
+def _check_vec(v, name: str, width: int | None = None) -> np.ndarray:
     try:
         a = np.asarray(v, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(f"feature norm: {name} must be a list of {N_FEATURES} numbers") from None
-    if a.shape != (N_FEATURES,):
+        raise InputError(f"feature norm: {name} must be a list of numbers, one per feature") from None
+    if a.ndim != 1 or a.shape[0] < N_FEATURES or (width is not None and a.shape[0] != width):
+        want = width if width is not None else f"at least {N_FEATURES}"
         raise InputError(
-            f"feature norm: {name} has shape {a.shape}; it must hold exactly {N_FEATURES} numbers"
+            f"feature norm: {name} has shape {a.shape}; it must hold exactly {want} numbers"
         )
     if not np.all(np.isfinite(a)):
         raise InputError(f"feature norm: {name} contains NaN or inf; refit the norm with FeatureNorm.fit")

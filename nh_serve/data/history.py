@@ -152,3 +152,39 @@ class EmaState:
             ref_rate_hz=self.ref, taus=self.taus, init=self.rates,
         )[0]
         self.t = until
+
+
+class HistoryTrack:
+    """Smoothed rates of a whole recording at its prediction times, a block of windows at a time.
+
+    ``read(t0, t1)`` returns the recording's spikes ``(times, units)`` in ``[t0, t1)``. The state
+    starts at ``ref_rate_hz`` at ``start`` and is carried from call to call, so every block needs
+    only its own spikes (gaps between blocks are read); :meth:`at` must be called with
+    non-decreasing times. Values equal :func:`ema_rates` from ``start`` (up to float64 round-off).
+    """
+
+    def __init__(self, *, read, n_units: int, ref_rate_hz, start: float, taus):
+        self.read = read
+        self.U = int(n_units)
+        self.taus = check_taus(taus)
+        self.ref = np.asarray(ref_rate_hz, dtype=np.float64)
+        self.t = float(start)
+        self.state = np.repeat(self.ref[:, None], self.taus.size, axis=1)  # (U, K)
+
+    def at(self, t_eval, times, units, *, t0: float) -> np.ndarray:
+        """``(w, U, K)`` smoothed rates at the sorted ``t_eval``; ``times`` / ``units``: the spikes from
+        ``t0`` (at most the last queried time) to ``t_eval[-1]`` or beyond."""
+        t_eval = np.asarray(t_eval, dtype=np.float64)
+        if t_eval.size == 0:
+            return np.zeros((0, self.U, self.taus.size))
+        if float(t_eval[0]) < self.t - 1e-9:
+            raise InputError(f"history: time {float(t_eval[0]):.6g} s is before the last one asked ({self.t:.6g} s)")
+        if t0 > self.t:  # spikes between the last state and this block: read them
+            gt, gu = self.read(self.t, t0)
+            self.state = ema_rates(gt, gu, n_units=self.U, t_eval=[t0], start=self.t, ref_rate_hz=self.ref,
+                                   taus=self.taus, init=self.state)[0]
+            self.t = float(t0)
+        R = ema_rates(times, units, n_units=self.U, t_eval=t_eval, start=self.t, ref_rate_hz=self.ref,
+                      taus=self.taus, init=self.state)
+        self.t, self.state = float(t_eval[-1]), R[-1].copy()
+        return R

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nh_serve.data.history import SLOW_TAU, ema_rates
 from nh_serve.data.spikes import check_spikes, prefix_counts
 from nh_serve.errors import InputError
 
@@ -49,7 +50,7 @@ IMAGE_MARKER_COLUMN = -1
 TOKEN_SPIKE, TOKEN_UNIT_START, TOKEN_UNIT_END = 0, 1, 2
 
 # Keys produced by tokenize / collate, grouped by the axis they are padded along.
-UNIT_KEYS = ("unit_features", "unit_mask", "unit_counts", "history_rate_hz", "ref_rate_hz")
+UNIT_KEYS = ("unit_features", "unit_mask", "unit_counts", "history_rate_hz", "ref_rate_hz", "history_rates")
 SPIKE_KEYS = ("spike_unit_index", "spike_times", "spike_type", "spike_mask")
 BEHAVIOR_KEYS = ("behavior_times", "behavior_values", "behavior_mask")
 IMAGE_KEYS = ("image_times", "image_values", "image_mask")
@@ -72,6 +73,7 @@ class Window:
     behavior: tuple[np.ndarray, np.ndarray] | None = None  # (times (Nb,), values (Nb, behavior_dim))
     images: tuple[np.ndarray, np.ndarray] | None = None  # (onsets (Ni,), embeddings (Ni, image_dim))
     image_schedule_s: float | None = None  # seconds after the context end up to which images is complete
+    history_rates: np.ndarray | None = None  # (U, K) smoothed rates (Hz) at the context end (history models)
 
 
 #: The optional inputs of a window beyond its spikes (the keyword arguments ``Predictor.predict`` takes).
@@ -116,6 +118,8 @@ def cut_windows(
     behavior: tuple[np.ndarray, np.ndarray] | None = None,
     images: tuple[np.ndarray, np.ndarray] | None = None,
     image_schedule_s: float | Sequence[float] | None = None,
+    history_rates: np.ndarray | None = None,
+    ref_rate_hz: np.ndarray | None = None,
 ) -> list[Window]:
     """The :class:`Window` of every context start ``ctx_starts`` ``(W,)``, cut from a recording.
 
@@ -127,6 +131,11 @@ def cut_windows(
     in), otherwise any history longer than 0 counts. ``behavior`` / ``images``: the recording's
     ``(times, values)`` events, or None; ``image_schedule_s``: how far into the forecast window
     the images are known (a number or one per window; default the whole horizon).
+
+    History models (``cfg.history_taus``) also get each unit's smoothed rates at each context
+    end: ``history_rates`` ``(W, U, K)`` when the caller has them (a block of a long recording,
+    carried from the recording start), else computed here from ``times`` (which must then hold
+    every spike since ``history_start``) with the history started at ``ref_rate_hz``.
     """
     times = np.asarray(times, dtype=np.float64)
     units = np.asarray(units)
@@ -147,16 +156,28 @@ def cut_windows(
         )
         # presentations already shown and those scheduled in the known part of the forecast window
         img = _slice_events(images, ctx, ctx + cfg.context_s + sched)
+    hr = None
+    if cfg.history_taus:
+        if history_rates is not None:
+            hr = np.asarray(history_rates)
+            if hr.shape != (ctx.size, n_units, len(cfg.history_taus)):
+                raise InputError(
+                    f"history_rates: expected shape ({ctx.size}, {n_units}, {len(cfg.history_taus)}), got {hr.shape}"
+                )
+        elif ref_rate_hz is not None:
+            hr = ema_rates(times, units, n_units=n_units, t_eval=ctx + cfg.context_s, start=history_start,
+                           ref_rate_hz=ref_rate_hz, taus=cfg.history_taus)
     return [
         Window(
             context_start=float(c),
             spike_times=times[a[i] : b[i]],
             spike_unit_index=units[a[i] : b[i]],
-            history_counts=hist[i] if keep[i] else None,
-            history_duration_s=float(dur[i]) if keep[i] else None,
+            history_counts=hist[i] if keep[i] and hr is None else None,  # history models: the rates instead
+            history_duration_s=float(dur[i]) if keep[i] and hr is None else None,
             behavior=beh[i] if beh is not None else None,
             images=img[i] if img is not None else None,
             image_schedule_s=float(sched[i]) if img is not None else None,
+            history_rates=hr[i] if hr is not None else None,
         )
         for i, c in enumerate(ctx)
     ]
@@ -288,6 +309,7 @@ def tokenize(
     behavior: tuple[Any, Any] | None = None,
     images: tuple[Any, Any] | None = None,
     image_schedule_s: float | None = None,
+    history_rates: Any = None,
 ) -> dict[str, Tensor]:
     """Turn ONE window's data into model inputs (CPU tensors, no batch axis).
 
@@ -312,11 +334,15 @@ def tokenize(
             ``[0, horizon_s]``: 0 = only the images shown so far are known, ``horizon_s`` = the whole
             coming stimulus sequence is known (pass it with an empty list for "no image will be
             shown"). Default: ``horizon_s`` when an image lies after the context end, else 0.
+        history_rates: ``(U, K)`` each unit's smoothed rates (Hz) at ``cfg.history_taus`` at the
+            context end (:mod:`nh_serve.data.history`); history models only (they take it instead of
+            ``history_counts``). None: the reference rate stands in for every time constant.
 
     Returns:
         Dict with the keys of :meth:`NeuroHorizon.forward` (unbatched): unit-level
         ``unit_features (U, F)``, ``unit_mask (U,)``, ``unit_counts (U, S)``,
-        ``history_rate_hz (U,)``, ``ref_rate_hz (U,)``; token-level ``spike_unit_index``,
+        ``history_rate_hz (U,)``, ``ref_rate_hz (U,)`` (history models: ``history_rates (U, K)``,
+        and ``history_rate_hz`` is the 30 s rate); token-level ``spike_unit_index``,
         ``spike_times`` (float32 seconds from ``ctx_start``), ``spike_type``, ``spike_mask`` of
         length ``2 U + n`` (each unit's start and end tokens first, then the spikes); and for
         multimodal models ``behavior_*`` / ``image_*``.
@@ -367,6 +393,27 @@ def tokenize(
                 "pass spike counts over the history window and its length in seconds"
             )
 
+    hist_rates = None
+    if cfg.history_taus:
+        if history_counts is not None:
+            raise InputError(
+                "history_counts: this model takes each unit's smoothed rates (history_rates) instead of "
+                "spike counts; pass history_rates, or neither (the Predictor keeps them per session)"
+            )
+        K = len(cfg.history_taus)
+        if history_rates is None:
+            hist_rates = np.repeat(ref.astype(np.float64)[:, None], K, axis=1)
+        else:
+            hist_rates = _float_array(
+                history_rates, name="history_rates", shape=(n_units, K),
+                fix=f"pass each unit's smoothed rates (Hz) at the {K} time constants {tuple(cfg.history_taus)}",
+            )
+            if np.any(hist_rates < 0) or not np.all(hist_rates <= MAX_HISTORY_RATE_HZ):
+                raise InputError(f"history_rates: rates must be in [0, {MAX_HISTORY_RATE_HZ:g}] Hz")
+        hist_rate = hist_rates[:, list(cfg.history_taus).index(SLOW_TAU)]
+    elif history_rates is not None:
+        raise InputError("history_rates: this model takes a 30 s history count (history_counts) instead; pass history_rates=None")
+
     # Per-unit counts in the last s seconds of the context, for each activity scale.
     rel = times - ctx_start  # (n,) seconds from the context start, float64
     counts = np.stack(
@@ -392,6 +439,8 @@ def tokenize(
         "spike_type": torch.from_numpy(tok_types),
         "spike_mask": torch.ones(tok_units.shape[0], dtype=torch.bool),
     }
+    if hist_rates is not None:
+        out["history_rates"] = torch.from_numpy(np.ascontiguousarray(hist_rates, dtype=np.float32))  # (U, K)
     if cfg.image_dim == 0 and image_schedule_s is not None:
         raise InputError("image_schedule_s: this model takes no images; pass image_schedule_s=None")
     img_end = ctx_end + cfg.horizon_s
@@ -496,4 +545,5 @@ def tokenize_window(cfg: ModelConfig, window: Window, *, unit_features: Any, ref
         behavior=window.behavior,
         images=window.images,
         image_schedule_s=window.image_schedule_s,
+        history_rates=window.history_rates,
     )

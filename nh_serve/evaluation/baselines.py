@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nh_serve.data.history import HISTORY_TAUS, ema_rates
+from nh_serve.data.history import HISTORY_TAUS, HistoryTrack, ema_rates
 from nh_serve.data.spikes import check_spikes, prefix_counts
 from nh_serve.errors import InputError
 from nh_serve.evaluation.glm_baselines import (
@@ -265,7 +265,7 @@ class BaselineSet:
         self.start = float(start)
         self.history_s = float(history_s)
         self.univariate = univariate if univariate is not None or "univariate_glm" not in names else default_univariate_glm()
-        self._t, self._state = self.start, np.repeat(self.ref[:, None], len(ALL_TAUS), axis=1)  # (U, K)
+        self.track = HistoryTrack(read=read, n_units=self.U, ref_rate_hz=self.ref, start=self.start, taus=ALL_TAUS)
         self._i_hist = [ALL_TAUS.index(x) for x in HISTORY_TAUS]
         self._i_ema = [ALL_TAUS.index(x) for x in EMA_TAUS]
         self.population = None
@@ -281,16 +281,9 @@ class BaselineSet:
 
     def _rates_at(self, t_now: np.ndarray, times: np.ndarray, units: np.ndarray, t0: float) -> np.ndarray:
         """``(w, U, K)`` smoothed rates at the sorted ``t_now`` (carrying the state between calls)."""
-        if t0 > self._t:  # spikes between the last state and this block: read them
-            gt, gu = self.read(self._t, t0)
-            self._state = ema_rates(gt, gu, n_units=self.U, t_eval=[t0], start=self._t, ref_rate_hz=self.ref,
-                                    taus=ALL_TAUS, init=self._state)[0]
-            self._t = t0
-        R = ema_rates(times, units, n_units=self.U, t_eval=t_now, start=self._t, ref_rate_hz=self.ref,
-                      taus=ALL_TAUS, init=self._state)
-        self._t, self._state = float(t_now[-1]), R[-1].copy()
+        R = self.track.at(t_now, times, units, t0=t0)
         if "population_glm_recent" in self.names:
-            self._snapshots.append((self._t, self._state.copy()))
+            self._snapshots.append((self.track.t, self.track.state.copy()))
         return R
 
     def _recent_model(self, t_now: float):

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from nh_serve.core.config import ModelConfig
 from nh_serve.data.features import MIN_REFERENCE_S, auto_reference_s
+from nh_serve.data.history import HistoryTrack
 from nh_serve.data.session import open_session
 from nh_serve.data.windows import RecordedInputs, cut_windows, recorded_input_notes, recorded_inputs
 from nh_serve.errors import InputError
@@ -101,12 +102,12 @@ class _Variant:
         return np.stack([pr.expected_counts for pr in preds])  # (w, U, T)
 
 
-def _register(p, times, units, unit_ids, plan, *, adapt_steps=0, adapt_budget_s=30.0, seed=0) -> str:
+def _register(p, times, units, unit_ids, plan, *, adapt_steps=0, adapt_budget_s=30.0, seed=0, fit="reference") -> str:
     r0, r1 = plan.reference
     a, b = np.searchsorted(times, [r0, r1])
     return p.register(
         times[a:b], unit_ids[units[a:b]], reference_window=(r0, r1), units=unit_ids,
-        adapt_steps=adapt_steps, adapt_time_budget_s=adapt_budget_s, seed=seed,
+        adapt_steps=adapt_steps, adapt_time_budget_s=adapt_budget_s, seed=seed, fit=fit,
     )
 
 
@@ -138,6 +139,7 @@ def model_rates(
         times, units, plan.ctx_starts, n_units=unit_ids.shape[0], cfg=p.cfg, history_start=start,
         behavior=inputs.behavior if inputs is not None else None,
         images=inputs.images if inputs is not None else None,
+        ref_rate_hz=p.session(token).ref_rate_hz,
     )
     rates = _Variant("model", p, token).rates(windows, plan)
     offset_counts = _offset_counts(p, token, windows, plan) if offset else None
@@ -147,14 +149,19 @@ def model_rates(
 
 
 def _offset_counts(p, token: str, windows: list, plan) -> np.ndarray:
-    """Expected counts ``(W, U, T)`` of the model's persistence offset alone (see :func:`model_rates`)."""
-    unit_counts, hist_rate = [], []
+    """Expected counts ``(W, U, T)`` of the model's offset alone (see :func:`model_rates`): the
+    persistence offset, or a history model's ``log(r_30s + 0.1 Hz)``."""
+    unit_counts, hist_rate, hist = [], [], []
     for w in windows:
         item = p.tokenize(token, w)
         unit_counts.append(item["unit_counts"])  # (U, S)
         hist_rate.append(item["history_rate_hz"])  # (U,)
+        hist.append(item.get("history_rates"))
     with torch.no_grad():
-        log_base = p.model.log_baseline(torch.stack(unit_counts), torch.stack(hist_rate))  # (W, U) log Hz
+        if p.cfg.has_history:
+            log_base = p.model.history_features(torch.stack(hist))[1]  # (W, U) log Hz
+        else:
+            log_base = p.model.log_baseline(torch.stack(unit_counts), torch.stack(hist_rate))  # (W, U) log Hz
     rate = torch.exp(log_base).numpy()
     return np.repeat((rate * plan.bin_size)[:, :, None], plan.n_bins, axis=2)
 
@@ -210,7 +217,9 @@ def evaluate_recording(
         for name, p in predictors.items():
             token = _register(p, ref_t, ref_u, unit_ids, plan)
             variants.append(_Variant(name, p, token))
-            offset_key = (p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
+            if p.cfg.readout_dim:  # the same checkpoint with no reference fit: pure zero-shot
+                variants.append(_Variant(f"{name} zero-shot", p, _register(p, ref_t, ref_u, unit_ids, plan, fit="none")))
+            offset_key = (p.cfg.history_taus, p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
             if p.cfg.baseline_offset and offset_key not in offsets_scored:  # one row per distinct offset
                 offsets_scored.add(offset_key)
                 variants.append(_Variant(f"{name} offset only", p, token, offset_only=True))
@@ -219,6 +228,11 @@ def evaluate_recording(
                 variants.append(_Variant(f"{name} adapted", p, tok))
                 adaptation[name] = p.session(tok).adaptation
         inputs = {name: recorded_input_notes(s, p.cfg) for name, p in predictors.items()}
+        # each history model's smoothed rates at every prediction time, carried block to block
+        tracks = {
+            taus: HistoryTrack(read=s.spikes, n_units=U, ref_rate_hz=bset.ref, start=start, taus=taus)
+            for taus in {p.cfg.history_taus for p in predictors.values() if p.cfg.has_history}
+        }
         names = [v.name for v in variants] + list(bset.names) + ([ORACLE] if has_oracle else [])
         acc = StreamingMetrics(names, n_units=U, n_bins=plan.n_bins)
         seconds = dict.fromkeys([v.name for v in variants], 0.0)
@@ -231,13 +245,14 @@ def evaluate_recording(
                 t0 = time.monotonic()
                 preds = bset.predict(plan.t_now[sl], block.times, block.units, t0=block.t0)
                 fit_seconds += time.monotonic() - t0
+                hist = {taus: tr.at(plan.t_now[sl], block.times, block.units, t0=block.t0) for taus, tr in tracks.items()}
                 cut = {}
                 for v in variants:
                     if v.p not in cut:
                         rec = recorded_inputs(s, v.p.cfg, float(ctx[0]), float(ctx[-1]) + first.context_s + first.horizon_s)
                         cut[v.p] = cut_windows(
                             block.times, block.units, ctx, n_units=U, cfg=v.p.cfg, history_start=start,
-                            behavior=rec.behavior, images=rec.images,
+                            behavior=rec.behavior, images=rec.images, history_rates=hist.get(v.p.cfg.history_taus),
                         )
                     t0 = time.monotonic()
                     preds[v.name] = v.rates(cut[v.p], plan)

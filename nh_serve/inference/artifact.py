@@ -106,6 +106,10 @@ def forward_input_names(cfg: ModelConfig) -> tuple[str, ...]:
         names += BEHAVIOR_KEYS
     if cfg.image_dim > 0:
         names += IMAGE_KEYS
+    if cfg.history_taus:
+        names += ("history_rates",)
+    if cfg.readout_dim:
+        names += ("unit_readout",)
     return names
 
 

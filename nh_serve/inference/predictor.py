@@ -18,14 +18,29 @@ its reference once and then only one context window per prediction.
 ``register(..., adapt_steps=N)`` refines the cached embeddings by a few
 gradient steps of next-second Poisson loss on the reference window itself
 (model weights frozen), within a time budget.
+
+History models (the shipped ones: ``cfg.history_taus``) also describe each unit by
+how it moves with the population in the reference window
+(:mod:`nh_serve.data.coupling`), fit each unit's population read-out on the
+reference window at registration (``fit="reference"``, the default; ``fit="none"``
+is pure zero-shot; :mod:`nh_serve.inference.reference_fit`), and keep each unit's
+smoothed-rate history per session (:class:`nh_serve.data.history.EmaState`): it
+starts at the reference rates at the reference start, takes in the reference
+spikes and then every context a ``predict`` call sends, so a tool that streams
+consecutive windows needs to send nothing else. A stretch no call covered counts
+as firing at the reference rate (a warning says so once per session); pass
+``history_rates`` per window to give the history yourself.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import operator
 import secrets
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +48,9 @@ import numpy as np
 import torch
 
 from nh_serve.core.model import poisson_loss
-from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_features, reference_rate_hz
+from nh_serve.data.coupling import unit_descriptors
+from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_rate_hz
+from nh_serve.data.history import EmaState
 from nh_serve.data.spikes import check_spikes, units_to_index
 from nh_serve.data.windows import (
     WINDOW_INPUTS,
@@ -46,11 +63,18 @@ from nh_serve.data.windows import (
 from nh_serve.errors import InputError
 from nh_serve.inference.backends import Backend, make_backend, open_artifact_model
 from nh_serve.inference.model_io import load_model
+from nh_serve.inference.reference_fit import fit_readout
 from nh_serve.inference.sessions import RegisteredSession, SessionCache
 from nh_serve.prediction import Prediction
 
 #: Most windows x units that predict_batch runs at once (memory: ~50 bins x head width floats each).
 MAX_UNIT_WINDOWS = 16_384
+#: How a registration fits the units' read-outs: on the reference window, or not at all (zero-shot).
+FIT_MODES = ("reference", "none")
+#: A gap between the data a session has seen and a new context longer than this is "history incomplete".
+HISTORY_GAP_S = 0.5
+#: States a session keeps of its history stream (one per context end), for windows asked again.
+HISTORY_STATES = 256
 
 
 def _as_unit_ids(ids: Any, name: str) -> np.ndarray:
@@ -124,6 +148,7 @@ class Predictor:
         adapt_steps: int = 0,
         adapt_time_budget_s: float = 10.0,
         seed: int = 0,
+        fit: str = "reference",
     ) -> str:
         """Register a recording's units from its reference spikes; returns a session token.
 
@@ -136,7 +161,13 @@ class Predictor:
                 units that were silent in the reference; default: sorted unique ids of the spikes.
             adapt_steps: gradient steps of test-time unit adaptation (0 = zero-shot embeddings).
             adapt_time_budget_s: stop adapting after this many seconds.
+            fit: ``"reference"`` (default): fit each unit's population read-out on the reference
+                window (models with a read-out; deterministic, a second or two per 100 units),
+                keeping it only for units whose last 20% of the reference it predicts better;
+                ``"none"``: zero-shot, from the unit descriptors alone.
         """
+        if fit not in FIT_MODES:
+            raise InputError(f"fit: must be one of {', '.join(FIT_MODES)}, got {fit!r}")
         ids = _as_unit_ids(unit_ids, "reference unit_ids")
         t = np.asarray(spike_times)
         if t.ndim != 1 or t.shape[0] != ids.shape[0]:
@@ -167,10 +198,13 @@ class Predictor:
                 f"reference_window: [{r0:g}, {r1:g}) s is {r1 - r0:.3g} s long; send at least "
                 f"{MIN_REFERENCE_S:g} s of reference spikes (60 s recommended)"
             )
-        feats = reference_features(t, uidx, n_units=order.size, start=r0, end=r1)  # (U, 33)
         ref_rate = reference_rate_hz(t, uidx, n_units=order.size, start=r0, end=r1)  # (U,)
+        feats = unit_descriptors(
+            t, uidx, n_units=order.size, start=r0, end=r1, ref_rate_hz=ref_rate,
+            components=self.cfg.coupling_components,
+        )  # (U, n_features): 33 statistics (+ population coupling)
         with torch.inference_mode():
-            x = torch.from_numpy(self.feature_norm.apply(feats)).unsqueeze(0)  # (1, U, 33)
+            x = torch.from_numpy(self.feature_norm.apply(feats)).unsqueeze(0)  # (1, U, F)
             emb = self.model.embed_units(x)[0].clone()  # (U, D)
         session = RegisteredSession(
             token=secrets.token_urlsafe(12),
@@ -184,8 +218,33 @@ class Predictor:
             session.embeddings, session.adaptation = self._adapt(
                 session, t, uidx, steps=int(adapt_steps), budget_s=float(adapt_time_budget_s), seed=seed
             )
+        if self.cfg.has_history:
+            o = np.argsort(np.asarray(t, dtype=np.float64), kind="stable")
+            ts, us = np.asarray(t, dtype=np.float64)[o], uidx[o]
+            session.history = EmaState(ref_rate_hz=ref_rate, taus=self.cfg.history_taus, start=r0)
+            session.history.update(ts, us, until=r1)
+            session.history_states = collections.deque([(r1, session.history.rates.copy())], maxlen=HISTORY_STATES)
+            if self.cfg.readout_dim:
+                session.readout = torch.zeros(order.size, self.cfg.readout_dim + 1)
+                if fit == "reference":
+                    session.readout, session.fit = fit_readout(
+                        self._fit_model(), times=ts, units=us, reference=(r0, r1),
+                        unit_features=session.features, ref_rate_hz=session.ref_rate_hz,
+                        embeddings=session.embeddings,
+                    )
+            session.fit = {"mode": fit, **(session.fit or {})}
         self.sessions.put(session)
         return session.token
+
+    def _fit_model(self):
+        """The model the reference fit runs (the eager module; exported artifacts have none)."""
+        model = getattr(self.model, "log_rate_parts", None)
+        if model is None:
+            raise InputError(
+                "fit: this predictor runs an exported artifact, which cannot fit read-outs; load the checkpoint, "
+                "or register with fit='none'"
+            )
+        return self.model
 
     def session(self, session) -> RegisteredSession:
         """The :class:`RegisteredSession` of a token (or the object itself)."""
@@ -208,6 +267,7 @@ class Predictor:
         image_schedule_s: float | None = None,
         history_counts=None,
         history_duration_s: float | None = None,
+        history_rates=None,
     ) -> dict[str, torch.Tensor]:
         """One window -> the model's tokenized inputs (no batch axis)."""
         window = self._window(
@@ -220,14 +280,68 @@ class Predictor:
             image_schedule_s=image_schedule_s,
             history_counts=history_counts,
             history_duration_s=history_duration_s,
+            history_rates=history_rates,
         )
         return self.tokenize(s, window)
 
     def tokenize(self, session, window: Window) -> dict[str, torch.Tensor]:
-        """A :class:`~nh_serve.data.windows.Window` (unit rows in the registered order) -> model inputs."""
+        """A :class:`~nh_serve.data.windows.Window` (unit rows in the registered order) -> model inputs.
+
+        A history model's window without ``history_rates`` takes them from the session's stream
+        (:meth:`_stream_history`), which it moves forward to the window's context end.
+        """
         s = self.session(session)
+        if self.cfg.has_history and window.history_rates is None and s.history is not None:
+            window = dataclasses.replace(window, history_rates=self._stream_history(s, window))
         # unit_features are replaced by the cached embeddings in _run; passing them keeps tokenize's checks
         return tokenize_window(self.cfg, window, unit_features=s.features, ref_rate_hz=s.ref_rate_hz)
+
+    def _stream_history(self, s: RegisteredSession, window: Window) -> np.ndarray:
+        """The session's smoothed rates at the context end of ``window``, moving the stream forward.
+
+        The stream keeps its state at the end of each recent context (:data:`HISTORY_STATES` of
+        them), so a window asked again, or one overlapping a recent one, gets the same history.
+        Spikes between the data the session saw and a later context are unknown (the rates relax
+        toward the reference rate there); a context older than the kept states gets the reference
+        rates. Both warn once per session.
+        """
+        t0 = float(window.context_start)
+        t1 = t0 + self.cfg.context_s
+        times, units = check_spikes(
+            window.spike_times, window.spike_unit_index, n_units=s.n_units, name="context spikes", window=(t0, t1)
+        )
+        with s.lock:
+            h = s.history
+            if t1 < h.t - 1e-9:  # an older window: continue from a kept state inside or at its context
+                past = [(ts, st) for ts, st in s.history_states if t0 - 1e-9 <= ts <= t1 + 1e-9]
+                if not past:
+                    self._warn_history(s, f"a context ending at {t1:g} s lies before the data this session has "
+                                          f"kept (from {s.history_states[0][0] if s.history_states else h.t:g} s); "
+                                          "its history is taken as the reference rates")
+                    return np.repeat(h.ref[:, None], h.taus.size, axis=1).astype(np.float32)
+                ts, st = past[-1]
+                old = h.copy()
+                old.rates, old.t = st.copy(), ts
+                old.update(times, units, until=t1)
+                return old.rates.astype(np.float32)
+            if t0 > h.t + HISTORY_GAP_S:
+                self._warn_history(s, f"nothing was sent between {h.t:g} s and the context at {t0:g} s; that "
+                                      "stretch counts as firing at the reference rate (send consecutive contexts, "
+                                      "or pass history_rates)")
+            if t0 > h.t:
+                h.skip_to(t0)
+            h.update(times, units, until=t1)
+            if not s.history_states or s.history_states[-1][0] < h.t:
+                s.history_states.append((h.t, h.rates.copy()))
+            return h.rates.astype(np.float32)
+
+    @staticmethod
+    def _warn_history(s: RegisteredSession, message: str) -> None:
+        info = s.fit if s.fit is not None else {}
+        if not info.get("history_warned"):
+            warnings.warn(f"session {s.token[:6]}...: history incomplete: {message}", stacklevel=4)
+            info["history_warned"] = True
+            s.fit = info
 
     @staticmethod
     def _window(s: RegisteredSession, spike_times, unit_ids, *, context_start, **inputs) -> Window:
@@ -244,6 +358,8 @@ class Predictor:
     def _run(self, s: RegisteredSession, items: list[dict[str, torch.Tensor]]) -> np.ndarray:
         batch = collate(items)
         batch.pop("unit_features")
+        if s.readout is not None:
+            batch["unit_readout"] = s.readout.unsqueeze(0).expand(len(items), -1, -1)  # (B, U, K + 1)
         emb = s.embeddings.unsqueeze(0).expand(len(items), -1, -1)  # (B, U, D)
         with torch.inference_mode():
             log_rate = self._backend(batch, emb)  # (B, U, T)
@@ -285,6 +401,7 @@ class Predictor:
         image_schedule_s: float | None = None,
         history_counts=None,
         history_duration_s: float | None = None,
+        history_rates=None,
         horizon_s: float | None = None,
     ) -> Prediction:
         """Predict the rates of every registered unit over the bins after the context.
@@ -303,8 +420,12 @@ class Predictor:
             image_schedule_s: seconds after the context end up to which ``images`` is complete
                 (0 .. the horizon); default: the whole forecast window if an image lies in it, else 0
                 (only shown images known). Pass the horizon with no later image for "none coming".
-            history_counts: optional ``(U,)`` spike counts over the ``history_s`` seconds before the
-                context (registered unit order); default: the reference rate stands in.
+            history_counts: models without ``history_taus`` only: optional ``(U,)`` spike counts over
+                the ``history_s`` seconds before the context (registered unit order); default: the
+                reference rate stands in.
+            history_rates: history models only: optional ``(U, K)`` smoothed rates (Hz) of the
+                registered units at the context end (:func:`nh_serve.data.history.ema_rates`);
+                default: the session's own stream of the reference and every context sent.
             horizon_s: predict only the first ``horizon_s`` seconds (a multiple of the bin size).
         """
         s = self.session(session)
@@ -312,7 +433,7 @@ class Predictor:
         item = self.tokenize_window(
             s, spike_times, unit_ids, context_start=context_start, behavior=behavior, images=images,
             image_schedule_s=image_schedule_s,
-            history_counts=history_counts, history_duration_s=history_duration_s,
+            history_counts=history_counts, history_duration_s=history_duration_s, history_rates=history_rates,
         )
         rates = self._run(s, [item])[0]
         return self._prediction(s, rates, context_start, n)
@@ -383,9 +504,13 @@ class Predictor:
         # The history before each window, as training and predict() see it (a full history_s seconds),
         # where the reference holds that much before the window; else the reference rate stands in: a
         # shorter history gives noisier rates than training ever gave the model.
-        windows = cut_windows(t, u, starts, n_units=s.n_units, cfg=cfg, history_start=r0, full_history=True)
+        windows = cut_windows(
+            t, u, starts, n_units=s.n_units, cfg=cfg, history_start=r0, full_history=True, ref_rate_hz=s.ref_rate_hz
+        )
         batch = collate([self.tokenize(s, w) for w in windows])
         batch.pop("unit_features")
+        if s.readout is not None:
+            batch["unit_readout"] = s.readout.unsqueeze(0).expand(len(windows), -1, -1)
         counts = torch.from_numpy(
             target_counts(t, u, starts + cfg.context_s, n_units=s.n_units, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
         )  # (W, U, T)

@@ -29,7 +29,7 @@ folder), :mod:`~nh_serve.evaluation.score.report` (plots, report.html),
          "recording": {"n_units", "n_spikes", "start_s", "end_s", "duration_s", "has_true_rates"},
          "windows": {"n", "reference": [t0, t1], "first_prediction_s", "last_prediction_s",
                      "context_s", "n_bins", "bin_size_s"},
-         "model_inputs": {"history_counts", "behavior", "images"},   # what the model was given
+         "model_inputs": {"history", "fit", "behavior", "images"},   # what the model was given
          "units": {"id": [...], "ref_rate_hz": [...], "n_spikes": [...], "flags": ["no_spikes_scored;..."]},
          "flagged_units": {"no_spikes_scored", "silent_in_reference"},
          "predictors": {                                # model, reference_rate, persistence, exp_smooth[, oracle]

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nh_serve.data.features import DEFAULT_REFERENCE_S, reference_rate_hz
+from nh_serve.data.history import HistoryTrack
 from nh_serve.data.session import open_session
 from nh_serve.data.windows import cut_windows, recorded_input_notes, recorded_inputs
 from nh_serve.errors import InputError
@@ -292,6 +293,12 @@ def score_recording(
             history_s=settings.baseline_history_s,
         )
         baselines = list(bset.names)
+        # a history model's smoothed rates at every prediction time, carried block to block
+        track = (
+            HistoryTrack(read=s.spikes, n_units=U, ref_rate_hz=ref_rate, start=float(s.start), taus=cfg.history_taus)
+            if cfg.has_history
+            else None
+        )
         names = [MODEL, *baselines] + ([ORACLE] if has_oracle else [])
         acc = StreamingMetrics(names, n_units=U, n_bins=T)
         sa, sb = _sample_range(W, settings.stride_s)
@@ -334,6 +341,7 @@ def score_recording(
                 history_start=s.start,
                 behavior=inputs.behavior,
                 images=inputs.images,
+                history_rates=track.at(plan.t_now[sl], block.times, block.units, t0=block.t0) if track else None,
             )
             timing["inputs_s"] += time.perf_counter() - t0
             return block, counts, preds, windows
@@ -417,7 +425,12 @@ def score_recording(
                 "bin_size_s": bs,
             },
             "model_inputs": {
-                "history_counts": f"spikes in the {cfg.history_s:g} s before each context",
+                "history": (
+                    f"smoothed rates at {', '.join(f'{t:g}' for t in cfg.history_taus)} s from the recording start"
+                    if cfg.has_history
+                    else f"spikes in the {cfg.history_s:g} s before each context"
+                ),
+                "fit": (getattr(predictor.session(token), "fit", None) or {}).get("mode", "none"),
                 "behavior": notes["behavior"],
                 "images": notes["images"],
             },

@@ -76,6 +76,8 @@ _INPUT_SOURCES = {
     "behavior_values": "behavior",
     "image_times": "images",
     "image_values": "images",
+    "history_rates": "history_rates",
+    "unit_readout": "the registered read-out",
 }
 
 

@@ -163,6 +163,10 @@ def _random_window(cfg, rng: np.random.Generator, *, n_units: int, rate_hz: floa
             n = int(rng.integers(1, 12))
             span = cfg.context_s + (cfg.horizon_s if key == "images" else 0.0)  # images: also scheduled ones
             kw[key] = (np.sort(ctx + rng.uniform(0, span * 0.999, n)), rng.normal(size=(n, width)))
+    if cfg.history_taus:
+        kw["history_rates"] = rng.gamma(2.0, rate_hz / 2, size=(n_units, len(cfg.history_taus)))
+    else:
+        kw["history_counts"] = rng.poisson(rate_hz * cfg.history_s, size=n_units)
     return tokenize(
         cfg,
         unit_features=rng.normal(size=(n_units, cfg.n_features)).astype(np.float32),
@@ -170,7 +174,6 @@ def _random_window(cfg, rng: np.random.Generator, *, n_units: int, rate_hz: floa
         spike_unit_index=unit_index,
         ctx_start=ctx,
         ref_rate_hz=rng.gamma(2.0, rate_hz / 2, size=n_units),
-        history_counts=rng.poisson(rate_hz * cfg.history_s, size=n_units),
         **kw,
     )
 
@@ -191,7 +194,11 @@ def random_batches(cfg, *, seed: int = 0, small: bool = False) -> list[tuple[str
     out = []
     for name, windows in specs:
         items = [_random_window(cfg, rng, n_units=u, rate_hz=r, events=e) for u, r, e in windows]
-        out.append((name, collate(items)))
+        batch = collate(items)
+        if cfg.readout_dim:  # a fitted read-out, as a registered session holds one
+            B, U = batch["unit_mask"].shape
+            batch["unit_readout"] = torch.from_numpy(rng.normal(0.0, 0.3, size=(B, U, cfg.readout_dim + 1)).astype(np.float32))
+        out.append((name, batch))
     return out
 
 
@@ -266,4 +273,8 @@ def example_inputs(cfg, *, seed: int = 0) -> dict[str, Tensor]:
             x[f"{prefix}_values"] = torch.randn(B, n, width + (prefix == "image"), generator=g)
             x[f"{prefix}_mask"] = torch.ones(B, n, dtype=torch.bool)
             x[f"{prefix}_mask"][1, -1] = False
+    if cfg.history_taus:
+        x["history_rates"] = torch.rand(B, U, len(cfg.history_taus), generator=g) * 10
+    if cfg.readout_dim:
+        x["unit_readout"] = torch.randn(B, U, cfg.readout_dim + 1, generator=g) * 0.3
     return {k: x[k] for k in forward_input_names(cfg)}

@@ -1,0 +1,148 @@
+"""The registration fit: each new unit's population read-out, fitted on the reference window.
+
+A history model with a read-out (``cfg.readout_dim``) predicts
+``log_rate[u, k] = eta0[u, k] + r_u . X_k`` where ``eta0`` is everything the network
+computes zero-shot (offset, univariate GLM term, head, zero-shot read-out) and
+``X_k = [P_k, 1]`` the decoded population forecast of bin ``k`` with a column of ones
+(:meth:`~nh_serve.core.model.NeuroHorizon.log_rate_parts`). With the network frozen,
+``r_u`` is the solution of a convex Poisson regression per unit, solved for every unit
+at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
+
+1. Contexts every :data:`STEP_S` seconds inside the reference window, starting
+   :data:`WARMUP_S` seconds in (so every window has some observed history; the history
+   starts at the reference start, at the reference rates), at most
+   :data:`MAX_WINDOWS` of them; each window's next second is the target.
+2. One frozen forward pass per window gives ``eta0`` and ``X``.
+3. On the first 80% of the windows (in time), ``r_u`` for each L2 penalty of
+   :data:`L2_GRID`; each unit keeps the penalty whose fit predicts the last 20% best,
+   and keeps a fit at all only where that beats the zero-shot prediction (``r_u = 0``)
+   on those held-out windows. Kept units are refitted on all windows.
+
+Deterministic (no random numbers; float64 solves). Units that are not kept get
+``r_u = 0``: their predictions stay zero-shot. :class:`Refitter` repeats the fit on
+the most recent stretch of a stream (``register(..., refit_every_s=...)``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from nh_serve.core.poisson import fit_poisson
+from nh_serve.data.history import ema_rates
+from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
+
+STEP_S = 0.5
+WARMUP_S = 5.0
+MAX_WINDOWS = 120
+HELD_OUT = 0.2
+L2_GRID = (3.0, 30.0, 300.0)
+MAX_ITER = 12
+FORWARD_CHUNK_UNIT_WINDOWS = 16_384  # windows x units per forward pass
+
+
+def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float) -> np.ndarray:
+    """Context starts of the fit inside ``[r0, r1)`` (empty when the window is too short)."""
+    starts = np.arange(r0 + WARMUP_S, r1 - context_s - horizon_s + 1e-9, STEP_S)
+    if starts.size < 5:  # a short reference: start at its beginning instead
+        starts = np.arange(r0, r1 - context_s - horizon_s + 1e-9, STEP_S)
+    if starts.size > MAX_WINDOWS:
+        starts = starts[np.linspace(0, starts.size - 1, MAX_WINDOWS).round().astype(np.int64)]
+    return starts
+
+
+@torch.no_grad()
+def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings) -> tuple[np.ndarray, np.ndarray]:
+    """``eta0`` ``(W, U, T)`` and the read-out design ``(W, T, K + 1)`` of every window (float64)."""
+    U = embeddings.shape[0]
+    step = max(1, FORWARD_CHUNK_UNIT_WINDOWS // max(U, 1))
+    etas, designs = [], []
+    for i in range(0, len(windows), step):
+        items = [tokenize_window(cfg, w, unit_features=unit_features, ref_rate_hz=ref_rate_hz) for w in windows[i : i + step]]
+        batch = collate(items)
+        batch.pop("unit_features")
+        emb = embeddings.unsqueeze(0).expand(len(items), -1, -1)
+        eta, design, _ = model.log_rate_parts(emb, **batch)
+        etas.append(eta.double().numpy())
+        designs.append(design.double().numpy())
+    return np.concatenate(etas), np.concatenate(designs)
+
+
+def fit_readout(
+    model,
+    *,
+    times,
+    units,
+    reference: tuple[float, float],
+    unit_features,
+    ref_rate_hz,
+    embeddings: torch.Tensor,
+    history_init=None,
+) -> tuple[torch.Tensor, dict]:
+    """Fit every unit's read-out on the spikes ``times`` / ``units`` (sorted, unit rows) of ``reference``.
+
+    Returns ``(readout (U, K + 1) float32, info)``; ``info`` says how many units kept a fit,
+    the held-out Poisson NLL per (unit, bin) before and after, the penalties chosen and the
+    seconds it took. ``history_init``: the units' smoothed-rate state at ``reference[0]``
+    (default: their reference rates, as at registration).
+    """
+    t_start = time.monotonic()
+    cfg = model.cfg
+    r0, r1 = (float(x) for x in reference)
+    U = int(embeddings.shape[0])
+    K1 = cfg.readout_dim + 1
+    starts = fit_windows(r0, r1, context_s=cfg.context_s, horizon_s=cfg.horizon_s)
+    info = {"windows": int(starts.size), "units": U, "units_fitted": 0}
+    zero = torch.zeros(U, K1)
+    if starts.size < 5:
+        info.update(seconds=round(time.monotonic() - t_start, 4), note="reference too short to fit; zero-shot read-out")
+        return zero, info
+    times = np.asarray(times, dtype=np.float64)
+    units = np.asarray(units, dtype=np.int64)
+    if history_init is None:
+        windows = cut_windows(times, units, starts, n_units=U, cfg=cfg, history_start=r0, ref_rate_hz=ref_rate_hz)
+    else:
+        hr = ema_rates(times, units, n_units=U, t_eval=starts + cfg.context_s, start=r0, ref_rate_hz=ref_rate_hz,
+                       taus=cfg.history_taus, init=history_init)
+        windows = cut_windows(times, units, starts, n_units=U, cfg=cfg, history_start=r0, history_rates=hr)
+    eta0, design = _frozen_parts(model, cfg, windows, unit_features=unit_features, ref_rate_hz=ref_rate_hz,
+                                 embeddings=embeddings)  # (W, U, T), (W, T, K1)
+    y = target_counts(times, units, starts + cfg.context_s, n_units=U, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
+    W, T = starts.size, cfg.n_bins
+    X = design.reshape(W * T, K1)  # rows: (window, bin), shared by every unit
+    off = eta0.transpose(1, 0, 2).reshape(U, W * T) + math.log(cfg.bin_size_s)  # log expected counts
+    off = np.clip(off, -30.0, 10.0)
+    Y = y.transpose(1, 0, 2).reshape(U, W * T).astype(np.float64)
+    n_fit = max(1, int(round((1.0 - HELD_OUT) * W))) * T
+    ho = slice(n_fit, None)
+
+    def nll(w: np.ndarray, rows: slice) -> np.ndarray:  # (U,) Poisson NLL on ``rows`` with read-outs ``w``
+        eta = np.clip(off[:, rows] + w @ X[rows].T, -30.0, 30.0)
+        return (np.exp(eta) - Y[:, rows] * eta).sum(1)
+
+    base = nll(np.zeros((U, K1)), ho)
+    best, best_l2, best_w = base.copy(), np.full(U, np.inf), np.zeros((U, K1))
+    for l2 in L2_GRID:
+        w = fit_poisson(X[:n_fit], Y[:, :n_fit], offset=off[:, :n_fit], l2=l2, max_iter=MAX_ITER)
+        got = nll(w, ho)
+        better = got < best - 1e-9
+        best, best_l2 = np.where(better, got, best), np.where(better, l2, best_l2)
+        best_w[better] = w[better]
+    keep = np.isfinite(best_l2)
+    readout = np.zeros((U, K1))
+    if keep.any():
+        readout[keep] = fit_poisson(
+            X, Y[keep], offset=off[keep], l2=best_l2[keep][:, None], w0=best_w[keep], max_iter=MAX_ITER
+        )
+    n_ho = max(1, (W * T - n_fit)) * U
+    info.update(
+        units_fitted=int(keep.sum()),
+        heldout_nll_zero_shot=float(base.sum() / n_ho),
+        heldout_nll_fitted=float(best.sum() / n_ho),
+        l2_chosen={f"{l2:g}": int(np.sum(best_l2 == l2)) for l2 in L2_GRID},
+        seconds=round(time.monotonic() - t_start, 4),
+    )
+    return torch.from_numpy(readout.astype(np.float32)), info

@@ -1,0 +1,116 @@
+"""What a history model's training adds around the network (:mod:`nh_serve.core.unit_paths`).
+
+- :class:`Harness`: the model plus one read-out table per training recording (``(U, K + 1)``,
+  zeros at the start): each training unit learns its population read-out, as the
+  registration fit (:mod:`nh_serve.inference.reference_fit`) later estimates it for a new unit
+  from its reference window. One backbone pass gives both the fitted prediction (with the
+  unit's table) and the zero-shot one (without), and the loss trains both:
+  ``L = L_fitted + zero_shot_weight * L_zero_shot + readout_l2 * mean(table^2)``.
+- :func:`fit_univariate_start`: the ``univariate_glm`` baseline fitted on the training
+  recordings; the model's GLM term starts from its weights (so the untrained model *is*
+  that baseline) and the checkpoint carries it (``training["baselines"]``), so eval and
+  score compare the model with the GLM fitted on the same recordings.
+- :func:`validate_registered`: bits/spike on held-out recordings through the Predictor,
+  registered zero-shot and with the reference fit, as evaluation will score them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from nh_serve.core.model import poisson_loss
+from nh_serve.data.windows import cut_windows, target_counts
+from nh_serve.evaluation.glm_baselines import GLMRecording, UnivariateGLM, band_index
+from nh_serve.evaluation.metrics import bits_per_spike
+from nh_serve.inference.predictor import Predictor
+from training.data import TrainSession, history_at
+
+
+class Harness(nn.Module):
+    """The model and the read-out tables of the training recordings."""
+
+    def __init__(self, model: nn.Module, unit_counts: list[int]):
+        super().__init__()
+        self.model = model
+        k1 = model.cfg.readout_dim + 1
+        self.uses_tables = model.readout is not None
+        self.tables = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n, k1)) for n in unit_counts] if self.uses_tables else []
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], sessions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_rate with the units' tables, zero-shot log_rate)``, each ``(B, U, T)``."""
+        batch = dict(batch)
+        model = self.model
+        emb = model.embed_units(batch.pop("unit_features"))
+        eta, design, _ = model.log_rate_parts(emb, **batch)
+        zero_shot = model.finish_log_rate(eta, batch["unit_mask"])
+        if not self.uses_tables:
+            return zero_shot, zero_shot
+        U = eta.shape[1]
+        rows = []
+        for i in sessions:
+            t = self.tables[i]
+            rows.append(torch.nn.functional.pad(t, (0, 0, 0, U - t.shape[0])))
+        readout = torch.stack(rows)  # (B, U, K + 1)
+        fitted = model.finish_log_rate(eta + torch.matmul(readout, design.transpose(1, 2)), batch["unit_mask"])
+        return fitted, zero_shot
+
+    def table_penalty(self) -> torch.Tensor:
+        if not self.uses_tables:
+            return torch.zeros(())
+        return torch.stack([(t * t).mean() for t in self.tables]).mean()
+
+
+def loss(harness: Harness, batch, sessions, y, *, bin_size_s: float, zero_shot_weight: float, readout_l2: float):
+    fitted, zero_shot = harness(batch, sessions)
+    mask = batch["unit_mask"]
+    out = poisson_loss(fitted.float(), y, bin_size_s=bin_size_s, unit_mask=mask)
+    if harness.uses_tables:
+        out = out + zero_shot_weight * poisson_loss(zero_shot.float(), y, bin_size_s=bin_size_s, unit_mask=mask)
+        out = out + readout_l2 * harness.table_penalty()
+    return out
+
+
+def fit_univariate_start(sessions: list[TrainSession], weights: np.ndarray, *, n_bins: int, bin_size: float) -> UnivariateGLM:
+    """The univariate GLM on the training recordings (each weighted by its sampling weight)."""
+    recs = [
+        GLMRecording(name=s.name, times=s.times, units=s.units, n_units=s.n_units, start=s.start, end=s.end,
+                     reference=s.reference, ref_rate_hz=s.ref_rate_hz.astype(np.float64), weight=float(w) * len(sessions))
+        for s, w in zip(sessions, weights)
+    ]
+    return UnivariateGLM.fit(recs, n_bins=n_bins, bin_size=bin_size)
+
+
+def init_model_univariate(model, glm: UnivariateGLM) -> None:
+    if model.univariate is not None:
+        model.init_univariate(glm.weights, band_index(model.cfg.n_bins, model.cfg.bin_size_s, glm.bands_ms))
+
+
+@torch.no_grad()
+def validate_registered(model, norm, sessions: list[TrainSession], starts: dict[int, list[float]]) -> dict | None:
+    """Bits/spike (per recording, then averaged) of held-out recordings registered on their reference
+    window, zero-shot (``fit="none"``) and with the reference fit (``fit="reference"``)."""
+    if not starts or not model.cfg.has_history:
+        return None
+    was_training = model.training
+    cfg = model.cfg
+    p = Predictor(model=model, feature_norm=norm, backend="torch")
+    out = {"none": [], "reference": []}
+    for i, cs in starts.items():
+        s = sessions[i]
+        r0, r1 = s.reference
+        a, b = np.searchsorted(s.times, [r0, r1])
+        ctx = np.asarray(cs)
+        hist = np.stack([history_at(s, c + cfg.context_s, cfg.history_taus) for c in ctx])
+        wins = cut_windows(s.times, s.units, ctx, n_units=s.n_units, cfg=cfg, history_start=s.start, history_rates=hist)
+        y = target_counts(s.times, s.units, ctx + cfg.context_s, n_units=s.n_units, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
+        for mode in out:
+            tok = p.register(s.times[a:b], s.unit_ids[s.units[a:b]], reference_window=(r0, r1), units=s.unit_ids, fit=mode)
+            pred = np.stack([q.expected_counts for q in p.predict_windows(tok, wins)])
+            out[mode].append(bits_per_spike(pred, y))
+            p.sessions.discard(tok)
+    model.train(was_training)
+    return {f"bits_per_spike_{k}": float(np.mean(v)) for k, v in out.items()} | {"sessions": len(starts)}
