@@ -16,6 +16,7 @@ from nh_serve.client.wire import TooLarge, decode_array, decode_spikes, encode_a
 from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
 from nh_serve.inference.predictor import Prediction, Predictor
+from nh_serve.prediction import IndexedIds
 
 # ----------------------------------------------------------------------------- wire encodings
 
@@ -92,21 +93,50 @@ def test_limits_raise_too_large_before_decoding():
         )
 
 
-def test_encode_spikes_is_compact_and_decodes_to_the_ids():
+def test_encode_spikes_is_compact_and_decodes_to_the_ids_in_their_type():
     t = np.array([0.1, 0.2, 0.3, 0.4])
     ids = np.array([7, 3, 7, 12])
     w = encode_spikes(t, ids)
-    assert w["unit_table"] == ["3", "7", "12"]
+    assert w["unit_table"] == [3, 7, 12]  # integers stay integers, in numeric order
     assert w["unit_ids"]["dtype"] == "int32"
     times, got = decode_spikes(w, name="s")
     np.testing.assert_array_equal(times, t)
-    assert got.tolist() == ["7", "3", "7", "12"]
+    assert got.dtype == np.int64 and got.tolist() == [7, 3, 7, 12]
     times, got = decode_spikes(encode_spikes(t, ids.astype(str), binary=False), name="s")
     assert got.tolist() == ["7", "3", "7", "12"]
+    _, compact = decode_spikes(w, name="s", compact=True)
+    assert isinstance(compact, IndexedIds) and compact.table.tolist() == [3, 7, 12]
+    assert compact.table[compact.index].tolist() == [7, 3, 7, 12]
+    _, plain = decode_spikes({"times": [1.0, 2.0], "unit_ids": [5, 2]}, name="s")
+    assert plain.dtype == np.int64
     with pytest.raises(InputError, match="outside unit_table"):
         decode_spikes({"times": [1.0], "unit_ids": [5], "unit_table": ["a"]}, name="s")
     with pytest.raises(InputError, match="2 spike times but 1"):
         decode_spikes({"times": [1.0, 2.0], "unit_ids": ["a"]}, name="s")
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        ({"times": [1.0, 2.0], "unit_ids": [0, 1], "unit_table": ["a", "a"]}, "'a' appears more than once"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": [7, 7]}, "appears more than once"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": ["x" * 200, "a"]}, "200 characters"),
+        ({"times": [1.0], "unit_ids": ["x" * 200]}, "200 characters"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": [True]}, "list of unit ids"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": [2**70]}, "64 bits"),
+        ({"times": [True, False], "unit_ids": ["a", "b"]}, "true/false"),
+        ({"times": [1.0], "unit_ids": [1.5]}, "integers or strings"),
+    ],
+)
+def test_bad_unit_tables_and_ids_name_the_field(train, match):
+    with pytest.raises(InputError, match=match) as e:
+        decode_spikes(train, name="reference", max_id_chars=128)
+    assert str(e.value).startswith("reference")
+
+
+def test_nested_true_false_is_refused():
+    with pytest.raises(InputError, match="true/false"):
+        decode_array([[1.0, True]], name="behavior.values", kinds="f", ndim=2)
 
 
 # ----------------------------------------------------------------------------- against the server
