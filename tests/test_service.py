@@ -33,6 +33,7 @@ from nh_serve.client.wire import encode_array
 from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
 from nh_serve.inference.backends import choose_backend
+from nh_serve.inference.limits import Limits
 from nh_serve.inference.predictor import Predictor
 from service import schemas
 from service.handlers import ApiError, Handlers, api_field_names
@@ -262,8 +263,12 @@ def test_model_info(http, server):
 def test_health_and_docs_endpoints(http):
     assert http.get("/livez").status_code == 200
     assert http.get("/readyz").status_code == 200
-    docs = http.get("/docs", follow_redirects=True)
+    docs = http.get("/docs")  # the page itself, not a redirect
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert docs.headers["content-type"].startswith("text/html") and "googletagmanager" not in docs.text
+    spec = http.get("/docs.json").json()
+    assert "/model" in spec["paths"] and "get" in spec["paths"]["/model"]
+    assert "ModelInfo" in spec["components"]["schemas"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -585,9 +590,13 @@ def test_chunked_body_over_the_limit_gets_413(http):
 
 @pytest.mark.service
 @pytest.mark.slow
-def test_any_content_type_is_read_as_json(http, rec):
+def test_only_json_bodies_are_accepted(http, rec):
+    """A browser's cross-origin 'simple' POST (text/plain, form types) is refused before anything runs."""
     body = json.dumps(_register_body(rec)).encode()
-    for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", ""):
+        r = http.post("/register", content=body, headers={"content-type": ctype})
+        assert r.status_code == 415 and "application/json" in r.json()["error"], (ctype, r.text)
+    for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
         r = http.post("/register", content=body, headers={"content-type": ctype})
         assert r.status_code == 200, (ctype, r.text)
 
@@ -842,8 +851,9 @@ def test_bentoml_build_works_offline_and_the_bento_serves(tmp_path, server):
 @pytest.fixture(scope="module")
 def handlers(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors")
-    p = Predictor.load(str(ckpt), max_sessions=4, session_ttl_s=0.2)
-    return Handlers(p, settings=Settings(max_units=10, max_spikes=1000, max_windows=2, max_adapt_steps=1))
+    limits = Limits(max_units=10, max_spikes=1000, max_windows=2, max_adapt_steps=1)
+    p = Predictor.load(str(ckpt), max_sessions=4, session_ttl_s=0.2, limits=limits)
+    return Handlers(p, settings=Settings(limits=limits))
 
 
 def test_handlers_limits_and_expired_token(handlers, rec):
@@ -941,8 +951,16 @@ def test_api_field_names_and_validation_messages():
 def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("NH_SERVE_MAX_BODY_MB", "0.5")
     monkeypatch.setenv("NH_SERVE_MAX_SESSIONS", "7")
+    monkeypatch.setenv("NH_SERVE_MAX_REFERENCE_S", "120")
+    monkeypatch.setenv("NH_SERVE_ALLOWED_HOSTS", "Example.org, 10.0.0.5")
     s = Settings.from_env()
-    assert s.max_body_bytes == 2**19 and s.max_sessions == 7
+    assert s.max_body_bytes == 2**19 and s.max_sessions == 7 and s.limits.max_reference_s == 120.0
+    assert s.max_sessions_per_client == 1  # a quarter of the sessions by default
+    assert s.allowed_hosts == ("example.org", "10.0.0.5") and s.api_key == ""
+    monkeypatch.setenv("NH_SERVE_API_KEY", "s3cret")
+    s = Settings.from_env()
+    assert s.api_key == "s3cret" and "s3cret" not in repr(s) and "s3cret" not in json.dumps(s.public())
+    assert s.public()["api_key_required"] is True
     monkeypatch.setenv("NH_SERVE_MAX_UNITS", "many")
     with pytest.raises(InputError, match="NH_SERVE_MAX_UNITS"):
         Settings.from_env()
