@@ -113,7 +113,11 @@ class Handlers:
             session, new_token = self._session_of(req, owner=owner, should_stop=should_stop)
             windows = [self._window(w, f"windows[{i}].") for i, w in enumerate(req.windows)]
             t0 = time.perf_counter()
-            preds = self.predictor.predict_batch(session, windows, horizon_s=req.horizon_s)
+            preds = []
+            for group in _token_groups(windows, self.settings.limits.max_context_spikes):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("stopped: the result is no longer wanted")
+                preds += self.predictor.predict_batch(session, group, horizon_s=req.horizon_s)
             for i, p in enumerate(preds):
                 _check_finite(p.rates_hz, f"windows[{i}].")
             if self.metrics is not None:
@@ -240,20 +244,20 @@ class Handlers:
         times, ids = decode_spikes(
             w.context,
             name=f"{prefix}context",
-            max_spikes=lim.max_spikes,
+            max_spikes=lim.max_context_spikes,
             max_units=lim.max_units,
             max_id_chars=lim.max_unit_id_chars,
             compact=True,
         )
         out: dict[str, Any] = {"spike_times": times, "unit_ids": ids, "context_start": w.context_start}
-        for key in ("behavior", "images"):
+        cfg = self.predictor.cfg
+        for key, width in (("behavior", cfg.behavior_dim), ("images", cfg.image_dim)):
             ev = getattr(w, key)
             if ev is not None:
-                et = decode_array(
-                    ev.times.root, name=f"{prefix}{key}.times", kinds="f", max_items=lim.max_spikes
-                )
+                n = lim.max_context_spikes  # each event is a token of the model, like a spike
+                et = decode_array(ev.times.root, name=f"{prefix}{key}.times", kinds="f", max_items=n)
                 ev_v = decode_array(
-                    ev.values.root, name=f"{prefix}{key}.values", kinds="f", ndim=2, max_items=lim.max_spikes
+                    ev.values.root, name=f"{prefix}{key}.values", kinds="f", ndim=2, max_items=n * max(1, width)
                 )
                 out[key] = (et, ev_v)
         if w.history_counts is not None:
@@ -308,6 +312,21 @@ class _ErrorScope:
             status = 413 if isinstance(exc, (TooLarge, LimitExceeded)) else 400
             raise ApiError(status, api_field_names(str(exc))) from None
         return False  # ApiError and Cancelled go up as they are; anything else is a bug: logged, 500
+
+
+def _token_groups(windows: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Consecutive windows in groups of at most ``max_tokens`` context spikes (one window at least), so
+    that one model call never holds more tokens than one window may carry."""
+    groups: list[list[dict]] = [[]]
+    n = 0
+    for w in windows:
+        k = int(np.asarray(w["spike_times"]).shape[0])
+        if groups[-1] and n + k > max_tokens:
+            groups.append([])
+            n = 0
+        groups[-1].append(w)
+        n += k
+    return groups
 
 
 def _check_finite(rates: np.ndarray, prefix: str) -> None:

@@ -78,11 +78,12 @@ _extra_routes = Starlette(routes=[Route("/model", _model_info, methods=["GET"])]
 
 
 def _fail_start(msg: str) -> None:
-    """Stop the whole server (not just this worker, which BentoML would restart every 10 s forever)."""
+    """Stop the whole server (not just this worker, which BentoML would restart every 10 s forever),
+    with the message and no traceback."""
     log.critical(msg)
     print(msg, file=sys.stderr, flush=True)
     os.kill(os.getppid(), signal.SIGTERM)  # the worker's parent is the `bentoml serve` process
-    raise SystemExit(msg) from None
+    os._exit(3)
 
 
 def _error(ctx, e: ApiError, request_id: str) -> JSONResponse:

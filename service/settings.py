@@ -7,13 +7,15 @@ a size limit gets 413, a value out of range 400, each naming the field and the l
 variable                            default    meaning
 ==================================  =========  ======================================================
 ``NH_SERVE_MAX_UNITS``              1024       units per session (distinct ids, ``units``, ``unit_table``)
-``NH_SERVE_MAX_SPIKES``             2000000    spikes per spike train in one request
+``NH_SERVE_MAX_SPIKES``              2000000    spikes of a reference
+``NH_SERVE_MAX_CONTEXT_SPIKES``     100000     spikes (and behaviour or image events) of one context window
+``NH_SERVE_MAX_CLOSE_PAIRS``         1e8        pairs of one unit's reference spikes less than 100 ms apart
 ``NH_SERVE_MAX_UNIT_ID_CHARS``      128        characters of one unit id
 ``NH_SERVE_MAX_REFERENCE_S``        3600       length of a reference window, seconds
 ``NH_SERVE_MAX_TIME_S``             1e10       largest time (spike, window start or end), seconds
 ``NH_SERVE_MAX_WINDOWS``            256        context windows per ``/predict_batch`` request
 ``NH_SERVE_MAX_ADAPT_STEPS``        200        ``adapt_steps`` of one registration
-``NH_SERVE_MAX_ADAPT_UNIT_WINDOWS`` 65536      reference windows x units test-time adaptation trains on
+``NH_SERVE_MAX_ADAPT_UNIT_WINDOWS`` 16384      reference windows x units test-time adaptation trains on
 ``NH_SERVE_ADAPT_BUDGET_S``         5          wall-clock budget of a registration with adaptation,
                                                counted from its start, seconds
 ``NH_SERVE_MAX_BODY_MB``            32         request body size, MiB
@@ -75,6 +77,8 @@ from nh_serve.settings import settings
 LIMIT_VARIABLES = {
     "max_units": ("NH_SERVE_MAX_UNITS", True, 1),
     "max_spikes": ("NH_SERVE_MAX_SPIKES", True, 1),
+    "max_context_spikes": ("NH_SERVE_MAX_CONTEXT_SPIKES", True, 1),
+    "max_close_pairs": ("NH_SERVE_MAX_CLOSE_PAIRS", True, 1),
     "max_unit_id_chars": ("NH_SERVE_MAX_UNIT_ID_CHARS", True, 1),
     "max_reference_s": ("NH_SERVE_MAX_REFERENCE_S", False, 1e-3),
     "max_time_s": ("NH_SERVE_MAX_TIME_S", False, 1e-3),

@@ -139,7 +139,7 @@ def test_limits_refuse_work_before_doing_it(limited):
         p.register(t[ref], np.array(["x" * 17, "a"])[u[ref] % 2], reference_window=(0, 60))
     with pytest.raises(InputError, match="adapt_steps: 6 is more than"):
         p.register(t[ref], u[ref], reference_window=(0, 60), adapt_steps=6)
-    with pytest.raises(InputError, match=r"unit-windows\) is more than the limit of 2000.*at most 47 s"):
+    with pytest.raises(InputError, match=r"unit-windows\) is more than the limit of 2000.*at most 49 s"):
         p.register(t[ref], u[ref], reference_window=(0, 60), adapt_steps=1)  # 117 windows x 21 units
     tok = p.register(t[ref], u[ref], reference_window=(0, 60))
     ctx = (t >= 62) & (t < 63)
@@ -152,6 +152,20 @@ def test_limits_refuse_work_before_doing_it(limited):
     with pytest.raises(LimitExceeded, match="windows: 5 windows is more than the limit of 4"):
         p.predict_batch(tok, [w] * 5)
     assert len(p.predict_batch(tok, [w] * 4)) == 4
+
+
+def test_dense_units_and_crowded_contexts_are_refused(ckpt_path):
+    p = Predictor.load(ckpt_path, backend="torch", limits=Limits(max_close_pairs=1_000_000, max_context_spikes=500))
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 60, 300_000))  # 2 units at 2.5 kHz: ~7.5e7 pairs within 100 ms
+    with pytest.raises(LimitExceeded, match=r"reference spikes: \d+ pairs .*\(max_close_pairs\)"):
+        p.register(t, np.arange(t.size) % 2, reference_window=(0, 60))
+    tr, ur = integer_id_recording()
+    tok = p.register(tr[tr < 60], ur[tr < 60], reference_window=(0, 60))  # ~0.3 pairs a spike: fine
+    ct = np.sort(rng.uniform(62, 63, 501))
+    with pytest.raises(LimitExceeded, match="context spikes: 501 spikes is more than the limit of 500"):
+        p.predict(tok, ct, np.zeros(501, int), context_start=62.0)
+    assert p.predict(tok, ct[:500], np.zeros(500, int), context_start=62.0).rates_hz.shape == (21, 50)
 
 
 def test_library_predictor_has_no_size_limits_but_checks_values(predictor):

@@ -184,14 +184,15 @@ def decode_spikes(
         raise InputError(f"{name}.times: missing; send the spike times in seconds")
     if "unit_ids" not in obj or obj["unit_ids"] is None:
         raise InputError(f"{name}.unit_ids: missing; send one unit id (or unit_table index) per spike")
-    times = decode_array(obj["times"], name=f"{name}.times", kinds="f", max_items=max_spikes)
     table = obj.get("unit_table")
+    if table is not None:  # small: checked before the (large) arrays are decoded
+        table_ids = _unit_table(table, name=f"{name}.unit_table", max_units=max_units, max_chars=max_id_chars)
+    times = decode_array(obj["times"], name=f"{name}.times", kinds="f", max_items=max_spikes)
     if table is None:
         raw = decode_array(obj["unit_ids"], name=f"{name}.unit_ids", kinds="iU", max_items=max_spikes)
         ids = unit_id_array(raw, name=f"{name}.unit_ids", max_chars=max_id_chars)
         n_ids = ids.shape[0]
     else:
-        table_ids = _unit_table(table, name=f"{name}.unit_table", max_units=max_units, max_chars=max_id_chars)
         index = decode_array(obj["unit_ids"], name=f"{name}.unit_ids", kinds="i", max_items=max_spikes)
         if index.size:
             lo, hi = int(index.min()), int(index.max())

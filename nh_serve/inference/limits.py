@@ -10,14 +10,18 @@ every value is valid (finite times, a horizon the model has), only not how large
 limit                          default     what it bounds
 =============================  ==========  ====================================================
 ``max_units``                  1024        units of a session (distinct ids, ``units=``)
-``max_spikes``                 2,000,000   spikes of one spike train (reference or context)
+``max_spikes``                 2,000,000   spikes of a reference
+``max_context_spikes``         100,000     spikes (and behaviour or image events) of one context
+                                           window; each is a token of the model (~2 kB each)
+``max_close_pairs``            1e8         pairs of one unit's reference spikes less than 100 ms
+                                           apart: the autocorrelogram's work (~25 ns a pair)
 ``max_unit_id_chars``          128         characters of one string unit id
 ``max_reference_s``            3600        length of the reference window, seconds
 ``max_time_s``                 1e10        any time (spike, window start or end), seconds;
                                            1e10 s leaves room for Unix timestamps
 ``max_windows``                256         context windows of one ``predict_batch``
 ``max_adapt_steps``            200         ``adapt_steps`` of one registration
-``max_adapt_unit_windows``     65,536      windows x units that test-time adaptation trains on
+``max_adapt_unit_windows``     16,384      windows x units that test-time adaptation trains on
                                            (one window every 0.5 s of the reference)
 ``adapt_budget_s``             5           wall-clock seconds of a registration with
                                            adaptation, counted from its start (features and
@@ -38,6 +42,7 @@ import math
 
 import numpy as np
 
+from nh_serve.data.features import ACORR_EDGES_S
 from nh_serve.errors import InputError
 from nh_serve.settings import Settings, settings
 
@@ -59,16 +64,26 @@ class Limits(Settings):
 
     max_units: int = 1024
     max_spikes: int = 2_000_000
+    max_context_spikes: int = 100_000
+    max_close_pairs: int = 100_000_000
     max_unit_id_chars: int = 128
     max_reference_s: float = 3600.0
     max_time_s: float = 1e10
     max_windows: int = 256
     max_adapt_steps: int = 200
-    max_adapt_unit_windows: int = 65_536
+    max_adapt_unit_windows: int = 16_384
     adapt_budget_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for key in ("max_units", "max_spikes", "max_unit_id_chars", "max_windows", "max_adapt_unit_windows"):
+        for key in (
+            "max_units",
+            "max_spikes",
+            "max_context_spikes",
+            "max_close_pairs",
+            "max_unit_id_chars",
+            "max_windows",
+            "max_adapt_unit_windows",
+        ):
             if getattr(self, key) < 1:
                 self.fail(key, f"must be >= 1, got {getattr(self, key)}")
         if self.max_adapt_steps < 0:
@@ -102,6 +117,27 @@ class Limits(Settings):
         if finite.size:
             self.check_time(float(np.abs(finite).max()), name)
 
+    def check_close_pairs(self, times, unit_index, name: str) -> None:
+        """LimitExceeded when the reference's autocorrelogram would count more than ``max_close_pairs``
+        pairs (spikes of one unit closer than its largest lag): a few units firing at kHz cost
+        seconds per million spikes in the features, however few units there are."""
+        t = np.asarray(times, dtype=np.float64)
+        u = np.asarray(unit_index, dtype=np.int64)
+        if t.size * (t.size - 1) // 2 <= self.max_close_pairs or not np.all(np.isfinite(t)):
+            return  # few spikes (or bad times, which check_spikes reports)
+        order = np.argsort(u, kind="stable")
+        ts, us = t[order], u[order]
+        lo = float(ts.min())
+        key = us * (float(ts.max()) - lo + 1.0) + (ts - lo)  # one unit after another, in time order
+        later = np.searchsorted(key, key + ACORR_EDGES_S[-1], side="left") - np.arange(t.size) - 1
+        pairs = int(later.sum())
+        if pairs > self.max_close_pairs:
+            raise LimitExceeded(
+                f"{name}: {pairs} pairs of one unit's spikes lie within {ACORR_EDGES_S[-1] * 1000:g} ms of each "
+                f"other, more than the limit of {self.max_close_pairs} (max_close_pairs); check that the times "
+                "are in seconds and each unit is one neuron, or send a shorter reference"
+            )
+
     def check_reference(self, start: float, end: float) -> None:
         """Times of the reference window and its length."""
         self.check_time(start, "reference_window")
@@ -112,17 +148,18 @@ class Limits(Settings):
                 f"of {self.max_reference_s:g} s (max_reference_s); send a shorter reference (60 s is recommended)"
             )
 
-    def check_adaptation(self, steps: int, *, n_windows: int, n_units: int) -> None:
-        """``adapt_steps`` and the windows x units that adaptation would train on."""
+    def check_adaptation(self, steps: int, *, n_windows: int, n_units: int, span_s: float) -> None:
+        """``adapt_steps`` and the windows x units that adaptation would train on (``span_s``: a
+        window's context + horizon, seconds)."""
         if steps > self.max_adapt_steps:
             raise InputError(
                 f"adapt_steps: {steps} is more than this server's limit of {self.max_adapt_steps} (max_adapt_steps)"
             )
         if steps > 0 and n_windows * n_units > self.max_adapt_unit_windows:
-            longest = (self.max_adapt_unit_windows // max(1, n_units) - 1) * ADAPT_STRIDE_S
+            fit = self.max_adapt_unit_windows // max(1, n_units)  # windows that fit the limit
             hint = (
-                f"send a reference of at most {longest:g} s for adaptation"
-                if longest > 0
+                f"send a reference of at most {(fit - 1) * ADAPT_STRIDE_S + span_s:g} s for adaptation"
+                if fit >= 1
                 else "register fewer units"
             )
             raise InputError(

@@ -178,7 +178,9 @@ class Predictor:
         if lim is not None:
             lim.check_reference(r0, r1)
             lim.check_spike_times(t, "reference spikes")
-            lim.check_adaptation(int(adapt_steps), n_windows=n_adapt_windows(self.cfg, r0, r1), n_units=order.size)
+            lim.check_close_pairs(t, uidx, "reference spikes")
+            span = self.cfg.context_s + self.cfg.horizon_s
+            lim.check_adaptation(int(adapt_steps), n_windows=n_adapt_windows(self.cfg, r0, r1), n_units=order.size, span_s=span)
         feats = reference_features(t, uidx, n_units=order.size, start=r0, end=r1)  # (U, 33)
         ref_rate = reference_rate_hz(t, uidx, n_units=order.size, start=r0, end=r1)  # (U,)
         stop()
@@ -255,7 +257,7 @@ class Predictor:
                 f"context spikes: {t.shape} spike times but {n_ids(ids)} unit ids; pass one unit id per spike"
             )
         if self.limits is not None:
-            self.limits.check_count(t.size, "max_spikes", "spikes", "context spikes")
+            self.limits.check_count(t.size, "max_context_spikes", "spikes", "context spikes")
             self.limits.check_time(context_start, "ctx_start")
         uidx = unit_rows(ids, s.unit_ids, "context unit_ids")
         return Window(context_start=context_start, spike_times=t, spike_unit_index=uidx, **inputs)
