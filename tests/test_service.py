@@ -970,3 +970,41 @@ def test_serve_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", str(REPO / "scripts" / "serve.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert os.access(REPO / "scripts" / "serve.sh", os.X_OK)
+
+
+# ----------------------------------------------------------------------------- abandoned work stops
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_abandoned_registrations_stop_and_keep_nothing(tmp_path, rec):
+    """A registration over the request time limit answers 503 and stops between its steps; so does one
+    whose client went away. Either way no session is kept and the fit thread is free at once."""
+    ckpt = make_tiny_checkpoint(tmp_path / "m.safetensors")
+    env = bentoml_env(
+        tmp_path / "bentoml", NH_SERVE_CHECKPOINT=str(ckpt), NH_SERVE_BACKEND="torch",
+        NH_SERVE_REQUEST_TIMEOUT_S="3", NH_SERVE_ADAPT_BUDGET_S="60", NH_SERVE_MAX_ADAPT_STEPS="1000000",
+    )
+    proc = ServeProcess(env=env, log_path=tmp_path / "log")
+    try:
+        proc.wait_ready(90)
+        with httpx.Client(base_url=proc.url, timeout=30) as h:
+            long_fit = _register_body(rec, adapt_steps=1_000_000)  # would adapt for the 60 s budget
+            t0 = time.monotonic()
+            r = h.post("/register", json=long_fit)
+            assert r.status_code == 503 and "NH_SERVE_REQUEST_TIMEOUT_S" in r.json()["error"], r.text
+            assert r.headers["retry-after"] == "1" and 3 <= time.monotonic() - t0 < 7
+            # The client gives up (disconnects) after 0.5 s, well before the 3 s limit: the work stops too,
+            # so the fit thread is free for a short fit at once instead of after the limit.
+            t0 = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{proc.url}/register", json=long_fit, timeout=0.5)
+            r = h.post("/register", json=_register_body(rec, adapt_steps=1))
+            took = time.monotonic() - t0
+            assert r.status_code == 200 and took < 2.0, (r.text, took)
+            assert h.get("/model").json()["sessions"]["active"] == 1  # only the last one was kept
+    finally:
+        proc.stop()
+    log = proc.log(50000)
+    assert "refused 503 POST /register" in log and "refused 499 POST /register" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

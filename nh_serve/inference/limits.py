@@ -125,12 +125,15 @@ class Limits(Settings):
         u = np.asarray(unit_index, dtype=np.int64)
         if t.size * (t.size - 1) // 2 <= self.max_close_pairs or not np.all(np.isfinite(t)):
             return  # few spikes (or bad times, which check_spikes reports)
+        lo, span = float(t.min()), float(t.max() - t.min()) + 1.0
         order = np.argsort(u, kind="stable")
-        ts, us = t[order], u[order]
-        lo = float(ts.min())
-        key = us * (float(ts.max()) - lo + 1.0) + (ts - lo)  # one unit after another, in time order
-        later = np.searchsorted(key, key + ACORR_EDGES_S[-1], side="left") - np.arange(t.size) - 1
-        pairs = int(later.sum())
+        key = t[order]  # (N,) one unit after another, in time order: unit * span + (t - lo)
+        key -= lo
+        key += u[order] * span
+        del order
+        n = t.size
+        # pairs (i, j > i) of one unit closer than the largest lag: sum over i of (first j at t_i + lag) - i - 1
+        pairs = int(np.searchsorted(key, key + ACORR_EDGES_S[-1], side="left").sum()) - n * (n - 1) // 2 - n
         if pairs > self.max_close_pairs:
             raise LimitExceeded(
                 f"{name}: {pairs} pairs of one unit's spikes lie within {ACORR_EDGES_S[-1] * 1000:g} ms of each "
