@@ -42,11 +42,19 @@ def bentoml_env(home, **extra: str) -> dict[str, str]:
 
 
 class ServeProcess:
-    """``bentoml serve`` in its own process group; :meth:`stop` always cleans up."""
+    """``bentoml serve`` on 127.0.0.1 in its own process group; :meth:`stop` always cleans up."""
 
     def __init__(
-        self, *, env: dict[str, str], log_path, target: str = "service.service:NHServe", cwd=REPO, port: int | None = None
+        self,
+        *,
+        env: dict[str, str],
+        log_path,
+        target: str = "service.service:NHServe",
+        cwd=REPO,
+        port: int | None = None,
+        host: str | None = "127.0.0.1",
     ):
+        """``host=None`` leaves ``--host`` out (the service's own default, 127.0.0.1, applies)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -54,7 +62,7 @@ class ServeProcess:
         self._stopped = False
         bentoml = Path(sys.executable).parent / "bentoml"
         self.proc = subprocess.Popen(
-            [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(bentoml), "serve", target, *(["--host", host] if host else []), "--port", str(self.port)],
             cwd=str(cwd),
             env=env,
             stdout=self._log,

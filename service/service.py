@@ -102,6 +102,7 @@ def _error(ctx, e: ApiError, request_id: str) -> JSONResponse:
     traffic={"timeout": SETTINGS.request_timeout_s + 30},  # a last resort: the service's own limit comes first
     metrics={"enabled": True},
     logging={"access": {"enabled": SETTINGS.access_log}},
+    http={"host": "127.0.0.1"},  # `bentoml serve` without --host answers this machine only
 )
 class NHServe:
     """NeuroHorizon: predict every unit's firing rate (Hz) over the next second from its last second of spikes.

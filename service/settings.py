@@ -1,57 +1,44 @@
 """Service options and limits, read from ``NH_SERVE_*`` environment variables.
 
-What one request may ask (every one reported by ``GET /model`` under ``limits``; a request over
-a size limit gets 413, a value out of range 400, each naming the field and the limit):
+docs/service.md explains each of them with the security stance; ``GET /model`` reports them
+under ``limits`` (never the API key). What one request may ask (a size over its limit gets 413,
+a value out of range 400, each naming the field and the limit):
 
-==================================  =========  ======================================================
-variable                            default    meaning
-==================================  =========  ======================================================
-``NH_SERVE_MAX_UNITS``              1024       units per session (distinct ids, ``units``, ``unit_table``)
-``NH_SERVE_MAX_SPIKES``              2000000    spikes of a reference
-``NH_SERVE_MAX_CONTEXT_SPIKES``     100000     spikes (and behaviour or image events) of one context window
-``NH_SERVE_MAX_CLOSE_PAIRS``         1e8        pairs of one unit's reference spikes less than 100 ms apart
-``NH_SERVE_MAX_UNIT_ID_CHARS``      128        characters of one unit id
-``NH_SERVE_MAX_REFERENCE_S``        3600       length of a reference window, seconds
-``NH_SERVE_MAX_TIME_S``             1e10       largest time (spike, window start or end), seconds
-``NH_SERVE_MAX_WINDOWS``            256        context windows per ``/predict_batch`` request
-``NH_SERVE_MAX_ADAPT_STEPS``        200        ``adapt_steps`` of one registration
-``NH_SERVE_MAX_ADAPT_UNIT_WINDOWS`` 16384      reference windows x units test-time adaptation trains on
-``NH_SERVE_ADAPT_BUDGET_S``         5          wall-clock budget of a registration with adaptation,
-                                               counted from its start, seconds
-``NH_SERVE_MAX_BODY_MB``            32         request body size, MiB
-==================================  =========  ======================================================
+- ``NH_SERVE_MAX_BODY_MB`` (32): request body size, MiB;
+- ``NH_SERVE_MAX_SPIKES`` (2000000): spikes of a reference;
+- ``NH_SERVE_MAX_CONTEXT_SPIKES`` (100000): spikes (and behaviour or image events) of one context window;
+- ``NH_SERVE_MAX_UNITS`` (1024): units of a session (distinct ids, ``units``, ``unit_table``);
+- ``NH_SERVE_MAX_UNIT_ID_CHARS`` (128): characters of one unit id;
+- ``NH_SERVE_MAX_CLOSE_PAIRS`` (100000000): pairs of one unit's reference spikes less than 100 ms apart;
+- ``NH_SERVE_MAX_REFERENCE_S`` (3600): length of a reference window, seconds;
+- ``NH_SERVE_MAX_TIME_S`` (1e10): largest time (spike, window start or end), seconds;
+- ``NH_SERVE_MAX_WINDOWS`` (256): context windows of one ``/predict_batch``;
+- ``NH_SERVE_MAX_ADAPT_STEPS`` (200): ``adapt_steps`` of one registration;
+- ``NH_SERVE_MAX_ADAPT_UNIT_WINDOWS`` (16384): reference windows x units that adaptation trains on;
+- ``NH_SERVE_ADAPT_BUDGET_S`` (5): wall-clock seconds of a registration with adaptation, from its start.
 
 How the server shares itself out:
 
-==================================  =========  ======================================================
-``NH_SERVE_MAX_SESSIONS``           64         registered sessions kept (least recently used evicted)
-``NH_SERVE_MAX_SESSIONS_PER_CLIENT`` 16        sessions one client keeps (its own oldest goes first);
-                                               a client is its address plus its ``X-Client-Id`` header
-``NH_SERVE_SESSION_TTL_S``          3600       a session expires this many seconds after its last use
-``NH_SERVE_REQUEST_TIMEOUT_S``      30         a request's work is stopped after this long (503)
-``NH_SERVE_BODY_TIMEOUT_S``         15         the whole body must arrive within this long (408)
-``NH_SERVE_MAX_CONCURRENCY``        64         API requests in progress at once (more get 429)
-``NH_SERVE_THREADS``                cores      threads computing predictions and registrations
-``NH_SERVE_FIT_THREADS``            1          threads for registrations with adaptation (fits),
-                                               apart, so that predictions never wait behind a fit
-``NH_SERVE_MAX_QUEUED_FITS``        4          fits waiting for a fit thread (more get 429)
-``NH_SERVE_TORCH_THREADS``          1          torch intra-op threads per computation
-==================================  =========  ======================================================
+- ``NH_SERVE_MAX_SESSIONS`` (64): registered sessions kept (least recently used evicted);
+- ``NH_SERVE_MAX_SESSIONS_PER_CLIENT`` (16, at most a quarter of the sessions): sessions one client
+  keeps, its own oldest going first; a client is its address plus its ``X-Client-Id`` header;
+- ``NH_SERVE_SESSION_TTL_S`` (3600): a session expires this many seconds after its last use;
+- ``NH_SERVE_REQUEST_TIMEOUT_S`` (30): a request's work is stopped after this long (503);
+- ``NH_SERVE_BODY_TIMEOUT_S`` (15): the whole body must arrive within this long (408);
+- ``NH_SERVE_MAX_CONCURRENCY`` (64): API requests in progress at once (more get 429);
+- ``NH_SERVE_THREADS`` (one per core): threads computing predictions and registrations;
+- ``NH_SERVE_FIT_THREADS`` (1): threads for registrations with adaptation, apart from the others;
+- ``NH_SERVE_MAX_QUEUED_FITS`` (4): registrations with adaptation waiting for a fit thread (more get 429);
+- ``NH_SERVE_TORCH_THREADS`` (1): torch intra-op threads per computation.
 
-Who may talk to it (docs/service.md explains the stance):
+Who may talk to it:
 
-==================================  =========  ======================================================
-``NH_SERVE_API_KEY``                unset      when set, every request but /livez, /readyz and the
-                                               OpenAPI page needs ``Authorization: Bearer <key>``
-                                               (or ``X-API-Key``); 401 without it
-``NH_SERVE_ALLOWED_HOSTS``          127.0.0.1, ``Host`` header values answered (names, no ports;
-                                    localhost, ``*`` = any); others get 403 (DNS rebinding)
-                                    ::1
-``NH_SERVE_ALLOWED_ORIGINS``        unset      browser origins (``http://host:port``) allowed
-                                               besides the server's own; others get 403
-==================================  =========  ======================================================
+- ``NH_SERVE_API_KEY`` (unset): when set, every request but ``/livez``, ``/readyz`` and the OpenAPI
+  page needs ``Authorization: Bearer <key>`` (or ``X-API-Key``); 401 without it;
+- ``NH_SERVE_ALLOWED_HOSTS`` (``127.0.0.1,localhost,::1``): ``Host`` names answered (``*``: any); 403 otherwise;
+- ``NH_SERVE_ALLOWED_ORIGINS`` (unset): browser origins allowed besides the server's own; 403 otherwise.
 
-Others: ``NH_SERVE_CHECKPOINT`` (default: the built-in checkpoint; or a checkpoint or exported
+Others: ``NH_SERVE_CHECKPOINT`` (``default``: the built-in checkpoint; or a checkpoint or exported
 artifact path), ``NH_SERVE_BACKEND`` (``auto``), ``NH_SERVE_ACCESS_LOG`` (0; 1 logs every request).
 
 The service runs ONE worker process: sessions live in that process's memory, so a second worker

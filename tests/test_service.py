@@ -1008,3 +1008,25 @@ def test_abandoned_registrations_stop_and_keep_nothing(tmp_path, rec):
     log = proc.log(50000)
     assert "refused 503 POST /register" in log and "refused 499 POST /register" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_serve_without_host_binds_the_loopback_interface(tmp_path):
+    """`bentoml serve service.service:NHServe` with no --host listens on 127.0.0.1 only."""
+    import psutil
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m.safetensors")
+    env = bentoml_env(tmp_path / "bentoml", NH_SERVE_CHECKPOINT=str(ckpt), NH_SERVE_BACKEND="torch")
+    proc = ServeProcess(env=env, log_path=tmp_path / "log", host=None)
+    try:
+        proc.wait_ready(90)
+        listening = {
+            c.laddr.ip
+            for p in proc.processes()
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == proc.port
+        }
+        assert listening == {"127.0.0.1"}, listening
+    finally:
+        proc.stop()
