@@ -634,7 +634,10 @@ def _write_benchmarks(n4: int, n5: int, max_rss: int) -> None:
         "",
         f"**{len(CASES)} cases tried: {n4} answered 4xx, {n5} answered 5xx; the worker's resident memory peaked at "
         f"{max_rss / 2**20:.0f} MB** (the stated limit is {MAX_WORKER_RSS / 2**20:.0f} MB; it starts near 900 MB "
-        "with torch and BentoML loaded). Every request limit at the service's default (docs/service.md); the server serves a "
+        "with torch and BentoML loaded). The cases are the rows below (the issue's table row by row, then the "
+        f"security and lifecycle checks; one row stands for the {sum(1 for c in CASES if 'never finishes' in c['case'])} "
+        f"slow connections) and the load test's {len(load)} requests. Every request limit at the service's default "
+        "(docs/service.md); the server serves a "
         f"random-weight nh-tiny with a {BODY_TIMEOUT_S:g} s body timeout and a {ADAPT_BUDGET_S:g} s adaptation budget. "
         f"The load test's {len(load)} HTTP answers: {dict(sorted(codes.items()))} (the 404s are the sessions lost "
         "with the killed worker, which the client registers again). Written by the suite with "
