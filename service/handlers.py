@@ -117,7 +117,11 @@ class Handlers:
             for group in _token_groups(windows, self.settings.limits.max_context_spikes):
                 if should_stop is not None and should_stop():
                     raise Cancelled("stopped: the result is no longer wanted")
-                preds += self.predictor.predict_batch(session, group, horizon_s=req.horizon_s)
+                try:
+                    preds += self.predictor.predict_batch(session, group, horizon_s=req.horizon_s)
+                except InputError as e:  # name the window by its place in the request, not in the group
+                    cls = LimitExceeded if isinstance(e, LimitExceeded) else InputError
+                    raise cls(_shift_window(str(e), len(preds))) from None
             for i, p in enumerate(preds):
                 _check_finite(p.rates_hz, f"windows[{i}].")
             if self.metrics is not None:
@@ -327,6 +331,11 @@ def _token_groups(windows: list[dict], max_tokens: int) -> list[list[dict]]:
         groups[-1].append(w)
         n += k
     return groups
+
+
+def _shift_window(message: str, offset: int) -> str:
+    """``windows[i]: ...`` -> ``windows[i + offset]: ...``."""
+    return re.sub(r"^windows\[(\d+)\]", lambda m: f"windows[{int(m.group(1)) + offset}]", message)
 
 
 def _check_finite(rates: np.ndarray, prefix: str) -> None:

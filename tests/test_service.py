@@ -917,6 +917,27 @@ def test_handlers_pass_behaviour_images_and_schedule_to_the_predictor(tmp_path):
     assert e.value.status == 400 and "images" in e.value.message and "image_schedule_s" in e.value.message
 
 
+def test_handlers_split_batches_by_tokens_and_name_windows_by_their_place(tmp_path, rec):
+    ckpt = make_tiny_checkpoint(tmp_path / "m.safetensors")
+    limits = Limits(max_context_spikes=300)
+    p = Predictor.load(str(ckpt), backend="torch", limits=limits)
+    h = Handlers(p, settings=Settings(limits=limits))
+    reg = h.register(schemas.RegisterRequest.model_validate(_register_body(rec)))
+    starts = [60.0, 61.0, 62.0, 63.0, 64.0]
+    windows = [{"context": _train(*_ctx(rec, s)), "context_start": s} for s in starts]
+    n = [len(w["context"]["times"]) for w in windows]
+    assert max(n) <= 300 < sum(n)  # so the batch runs in several groups
+    got = h.predict_batch(schemas.PredictBatchRequest.model_validate({"token": reg.token, "windows": windows}))
+    ltok = p.register(*_ref(rec), reference_window=(0.0, 60.0))
+    for i, s in enumerate(starts):
+        want = p.predict(ltok, *_ctx(rec, s), context_start=s).rates_hz
+        np.testing.assert_allclose(np.asarray(got.rates_hz.root)[i], want, rtol=1e-5, atol=1e-6)
+    bad = [*windows[:4], {"context": _train(*_ctx(rec, 64.0)), "context_start": 66.0}]  # spikes outside its window
+    with pytest.raises(ApiError) as e:
+        h.predict_batch(schemas.PredictBatchRequest.model_validate({"token": reg.token, "windows": bad}))
+    assert e.value.status == 400 and e.value.message.startswith("windows[4]"), e.value.message
+
+
 def test_handlers_warm_up_leaves_no_session(handlers):
     n = len(handlers.predictor.sessions)
     assert handlers.warm_up(n_units=20, seconds=20.0, repeats=1) > 0
