@@ -631,6 +631,8 @@ def _write_benchmarks(n4: int, n5: int, max_rss: int) -> None:
         "## Reliability (`pytest tests/test_service_reliability.py`)",
         "",
         machine_line(("nh-serve", "torch", "numpy", "bentoml")),
+        f"- Load average (1/5/15 min) at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} on 2 cores: "
+        "the machine was shared with other jobs; seconds are noisy, statuses and memory are not.",
         "",
         f"**{len(CASES)} cases tried: {n4} answered 4xx, {n5} answered 5xx; the worker's resident memory peaked at "
         f"{max_rss / 2**20:.0f} MB** (the stated limit is {MAX_WORKER_RSS / 2**20:.0f} MB; it starts near 900 MB "
