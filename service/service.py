@@ -209,8 +209,10 @@ class NHServe:
         except ApiError as e:
             log_refusal(e.status, "POST", path, rid, e.message)
             return _error(ctx, e, rid)
-        except Cancelled:  # the job saw its stop flag after the answer was given up: nothing to send
-            return _error(ctx, ApiError(503, "timeout: the work was stopped", retry_after=1), rid)
+        except Cancelled:  # the job saw its stop flag after the answer was given up
+            e = ApiError(503, "timeout: the work was stopped and nothing was kept; retry later", retry_after=1)
+            log_refusal(e.status, "POST", path, rid, e.message)
+            return _error(ctx, e, rid)
 
 
 @functools.lru_cache(maxsize=1)
