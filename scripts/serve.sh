@@ -4,6 +4,10 @@
 #   bash scripts/serve.sh                                              # the built-in checkpoint
 #   NH_SERVE_CHECKPOINT=runs/model.safetensors PORT=3001 bash scripts/serve.sh
 #
+# It answers this machine only (127.0.0.1). To serve other machines, read docs/service.md first:
+#   NH_SERVE_API_KEY=$(openssl rand -hex 16) NH_SERVE_ALLOWED_HOSTS=myhost.lab HOST=0.0.0.0 bash scripts/serve.sh
+# (and put TLS in front: the key and the spikes travel in clear over plain HTTP).
+#
 # Limits and options: NH_SERVE_* environment variables (service/settings.py). Ctrl+C stops it.
 # The first start exports the model to ONNX (about 20 s on 2 cores) into .cache/nh-serve, the
 # cache scripts/test.sh uses too; later starts load it from there.
@@ -15,6 +19,21 @@ export BENTOML_DO_NOT_TRACK=true
 export BENTOML_HOME=${BENTOML_HOME:-$PWD/.bentoml}
 # Exported artifacts that backends cache (the ONNX export of the checkpoint) stay inside the clone.
 export NH_SERVE_CACHE_DIR="${NH_SERVE_CACHE_DIR:-$PWD/.cache/nh-serve}"
+
+case "$HOST" in
+  127.0.0.1|localhost|::1) ;;
+  *)
+    if [ -z "${NH_SERVE_API_KEY:-}" ]; then
+      echo "serve.sh: warning: HOST=$HOST without NH_SERVE_API_KEY: anyone who can reach port $PORT can use this server (docs/service.md)" >&2
+    fi
+    if [ -z "${NH_SERVE_ALLOWED_HOSTS:-}" ]; then
+      case "$HOST" in
+        0.0.0.0|::) echo "serve.sh: warning: set NH_SERVE_ALLOWED_HOSTS to the names clients use for this machine; other names get 403" >&2 ;;
+        *) export NH_SERVE_ALLOWED_HOSTS="127.0.0.1,localhost,::1,$HOST" ;;
+      esac
+    fi
+    ;;
+esac
 
 if [ ! -x .venv/bin/bentoml ]; then
   echo "serve.sh: .venv has no bentoml; run: bash scripts/setup.sh" >&2
@@ -39,7 +58,7 @@ except CheckpointError as e:
 print(f"[serve] model {meta['config'].get('name', '?')} ({meta['short_hash']}) from {path}")
 PY
 
-URL="http://$HOST:$PORT"
+case "$HOST" in 0.0.0.0|::) URL="http://127.0.0.1:$PORT" ;; ::1) URL="http://[::1]:$PORT" ;; *) URL="http://$HOST:$PORT" ;; esac
 echo "[serve] OpenAPI page: $URL/docs (spec: $URL/docs.json)   model: $URL/model   metrics: $URL/metrics"
 echo "[serve] try it (another terminal):"
 echo "  .venv/bin/python -c \"import numpy as np; from nh_serve.client import Client; c = Client('$URL'); t = np.sort(np.random.uniform(0, 61, 3000)); u = np.random.randint(0, 20, 3000); m = t < 60; tok = c.register(t[m], u[m], reference_window=(0, 60)); print(c.predict(tok, t[~m], u[~m], context_start=60.0).rates_hz.shape)\""

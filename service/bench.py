@@ -431,7 +431,11 @@ def run(
         markdown_table([load_row]),
         "",
         f"Status counts: {json.dumps(load['status'])}; sessions after the run: {sessions}; server still ready: {alive}. "
-        f"Memory is bounded by the session cache (at most {limits['max_sessions']} sessions), not by the request count.",
+        f"Memory grew from {rss_start / 2**20:.0f} to {rss_end / 2**20:.0f} MB over the run: the session cache (at most "
+        f"{limits['max_sessions']} sessions, {limits.get('max_sessions_per_client', '-')} per client) plus what the "
+        "allocator keeps of the requests' working memory, which levels off rather than growing with the request count "
+        "but is not bounded by the session cache alone; the worker's peak under the largest requests the limits allow "
+        "is in the Reliability section.",
         "",
         f"### Request threads vs torch threads under load ({clients} clients, {load_units} units)",
         "",

@@ -6,13 +6,21 @@ models. Every user mistake becomes an :class:`ApiError` with an HTTP status and
 a message naming the field:
 
 * 400 -- bad values (:class:`~nh_serve.errors.InputError` from the Predictor or the decoders);
-* 404 -- unknown or expired session token;
+* 404 -- unknown or expired session token (the token itself is not repeated in the answer);
 * 413 -- more units, spikes or windows than the configured limits
-  (:class:`~nh_serve.client.wire.TooLarge` from the decoders, or raised here).
+  (:class:`~nh_serve.client.wire.TooLarge` from the decoders,
+  :class:`~nh_serve.inference.limits.LimitExceeded` from the Predictor).
+
+The Predictor is built with the service's :class:`~nh_serve.inference.limits.Limits`, so every
+size and value is checked before the work it would cost; the decoders check what they can
+before allocating (spike counts, unit tables, id lengths). Each operation takes ``owner`` (the
+client, for per-client session quotas) and ``should_stop`` (the request was abandoned: stop,
+keep nothing).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -21,17 +29,21 @@ import numpy as np
 
 from nh_serve.client.wire import TooLarge, decode_array, decode_spikes, encode_array
 from nh_serve.errors import InputError
+from nh_serve.inference.limits import Cancelled, LimitExceeded
+from nh_serve.prediction import unit_id_list
 from service import schemas
 from service.settings import Settings
 
 
 class ApiError(Exception):
-    """A request the service refuses: HTTP ``status`` and a message for the caller."""
+    """A request the service refuses: HTTP ``status``, a message for the caller, and for 429/503
+    the seconds after which to retry."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None):
         super().__init__(message)
         self.status = int(status)
         self.message = str(message)
+        self.retry_after = retry_after
 
 
 class Handlers:
@@ -47,16 +59,16 @@ class Handlers:
         self._cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------ operations
-    def register(self, req: schemas.RegisterRequest) -> schemas.RegisterResponse:
+    def register(self, req: schemas.RegisterRequest, *, owner=None, should_stop=None) -> schemas.RegisterResponse:
         with self._errors("register"):
             t0 = time.perf_counter()
-            token = self._register(req)
+            token = self._register(req, owner=owner, should_stop=should_stop)
             s = self._own_lookup(token)
             if self.metrics is not None:
                 self.metrics.registration_seconds.observe(time.perf_counter() - t0)
-            return schemas.RegisterResponse(
+            return schemas.RegisterResponse.model_construct(
                 token=token,
-                unit_ids=s.unit_ids.tolist(),
+                unit_ids=unit_id_list(s.unit_ids),
                 n_units=s.n_units,
                 reference_start=s.reference[0],
                 reference_end=s.reference[1],
@@ -65,9 +77,9 @@ class Handlers:
                 model_hash=self.predictor.model_hash,
             )
 
-    def predict(self, req: schemas.PredictRequest) -> schemas.Prediction:
+    def predict(self, req: schemas.PredictRequest, *, owner=None, should_stop=None) -> schemas.Prediction:
         with self._errors("predict"):
-            session, new_token = self._session_of(req)
+            session, new_token = self._session_of(req, owner=owner, should_stop=should_stop)
             window = self._window(req, "")
             t0 = time.perf_counter()
             pred = self.predictor.predict(session, **window, horizon_s=req.horizon_s)
@@ -79,26 +91,37 @@ class Handlers:
             return schemas.Prediction.model_construct(
                 rates_hz=_out(schemas.FloatMatrix, pred.rates_hz, "float32", binary),
                 bin_edges=_out(schemas.Float64Array, pred.bin_edges, "float64", binary),
-                unit_ids=session.unit_ids.tolist(),
+                unit_ids=unit_id_list(session.unit_ids),
                 model=pred.model,
                 model_hash=pred.model_hash,
                 token=new_token,
             )
 
-    def predict_batch(self, req: schemas.PredictBatchRequest) -> schemas.BatchPrediction:
+    def predict_batch(
+        self, req: schemas.PredictBatchRequest, *, owner=None, should_stop=None
+    ) -> schemas.BatchPrediction:
         with self._errors("predict_batch"):
             if not req.windows:
                 raise InputError("windows: the list is empty; send at least one context window")
-            if len(req.windows) > self.settings.max_windows:
+            limit = self.settings.limits.max_windows
+            if len(req.windows) > limit:
                 raise ApiError(
                     413,
-                    f"windows: {len(req.windows)} windows is more than the limit of {self.settings.max_windows} "
-                    "per request; split them over several requests",
+                    f"windows: {len(req.windows)} windows is more than the limit of {limit} "
+                    "per request (max_windows); split them over several requests",
                 )
-            session, new_token = self._session_of(req)
+            session, new_token = self._session_of(req, owner=owner, should_stop=should_stop)
             windows = [self._window(w, f"windows[{i}].") for i, w in enumerate(req.windows)]
             t0 = time.perf_counter()
-            preds = self.predictor.predict_batch(session, windows, horizon_s=req.horizon_s)
+            preds = []
+            for group in _token_groups(windows, self.settings.limits.max_context_spikes):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("stopped: the result is no longer wanted")
+                try:
+                    preds += self.predictor.predict_batch(session, group, horizon_s=req.horizon_s)
+                except InputError as e:  # name the window by its place in the request, not in the group
+                    cls = LimitExceeded if isinstance(e, LimitExceeded) else InputError
+                    raise cls(_shift_window(str(e), len(preds))) from None
             for i, p in enumerate(preds):
                 _check_finite(p.rates_hz, f"windows[{i}].")
             if self.metrics is not None:
@@ -112,7 +135,7 @@ class Handlers:
             return schemas.BatchPrediction.model_construct(
                 rates_hz=_out(schemas.FloatTensor, rates, "float32", binary),
                 bin_edges=_out(schemas.FloatMatrix, edges, "float64", binary),
-                unit_ids=session.unit_ids.tolist(),
+                unit_ids=unit_id_list(session.unit_ids),
                 model=preds[0].model,
                 model_hash=preds[0].model_hash,
                 token=new_token,
@@ -123,7 +146,7 @@ class Handlers:
         p = self.predictor
         cache = p.sessions
         return {
-            **p.info(),
+            **public_info(p.info()),
             "limits": self.settings.public(),
             "sessions": {
                 "active": len(cache),
@@ -145,58 +168,60 @@ class Handlers:
         times = np.sort(rng.uniform(0.0, seconds, n))
         ids = rng.integers(0, n_units, n).astype(str)
         p = self.predictor
-        real = p.sessions
-        p.sessions = type(real)(
-            max_sessions=1, ttl_s=real.ttl_s
-        )  # a throw-away cache for the warm-up session
+        real, limits = p.sessions, p.limits
+        p.sessions = type(real)(max_sessions=1, ttl_s=real.ttl_s)  # a throw-away cache for the warm-up session
+        p.limits = None  # the warm-up is the server's own work, whatever the request limits are
         try:
             token = p.register(times, ids, reference_window=(0.0, seconds))
             c = (times >= seconds - 1.0) & (times < seconds)
             for _ in range(repeats):
                 p.predict(token, times[c], ids[c], context_start=seconds - 1.0)
         finally:
-            p.sessions = real
+            p.sessions, p.limits = real, limits
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ helpers
     def _errors(self, endpoint: str):
         return _ErrorScope(self, endpoint)
 
-    def _register(self, req) -> str:
-        lim = self.settings
-        times, ids = decode_spikes(
-            req.reference, name="reference", max_spikes=lim.max_spikes, max_units=lim.max_units
-        )
+    def _register(self, req, *, owner=None, should_stop=None) -> str:
+        lim = self.settings.limits
         units = getattr(req, "units", None)
         if units is not None and len(units) > lim.max_units:
-            raise ApiError(413, f"units: {len(units)} units is more than the limit of {lim.max_units}")
+            raise LimitExceeded(f"units: {len(units)} units is more than the limit of {lim.max_units} (max_units)")
+        times, ids = decode_spikes(
+            req.reference,
+            name="reference",
+            max_spikes=lim.max_spikes,
+            max_units=lim.max_units,
+            max_id_chars=lim.max_unit_id_chars,
+            compact=True,
+        )
         if times.size == 0:
             raise InputError(
                 "reference.times: no spikes; send the spikes of the reference window (at least 10 s)"
             )
-        n_units = len(units) if units is not None else int(np.unique(ids).size)
-        if n_units > lim.max_units:
-            raise ApiError(
-                413, f"reference.unit_ids: {n_units} units is more than the limit of {lim.max_units}"
-            )
         window = _reference_window(req.reference_start, req.reference_end, times)
         steps = int(getattr(req, "adapt_steps", 0) or 0)
-        if steps > lim.max_adapt_steps:
-            raise InputError(
-                f"adapt_steps: {steps} is more than this server's limit of {lim.max_adapt_steps}"
-            )
         kwargs: dict[str, Any] = dict(
             reference_window=window,
-            units=None if units is None else [str(u) for u in units],
+            units=units,
             adapt_steps=steps,
             adapt_time_budget_s=lim.adapt_budget_s,
+            owner=owner,
+            should_stop=should_stop,
         )
         if steps > 0:
             with self._adapt_lock:
-                return self.predictor.register(times, ids, **kwargs)
-        return self.predictor.register(times, ids, **kwargs)
+                token = self.predictor.register(times, ids, **kwargs)
+        else:
+            token = self.predictor.register(times, ids, **kwargs)
+        if should_stop is not None and should_stop():  # abandoned while it was being stored
+            self.predictor.sessions.discard(token)
+            raise Cancelled("stopped: the result is no longer wanted")
+        return token
 
-    def _session_of(self, req):
+    def _session_of(self, req, *, owner=None, should_stop=None):
         """The RegisteredSession of a request (token or inline reference) and the new token, if any."""
         has_ref = req.reference is not None
         if (req.token is None) == (not has_ref):
@@ -205,27 +230,38 @@ class Handlers:
                 "or the reference spikes of a new session"
             )
         if has_ref:
-            token = self._register(req)
+            token = self._register(req, owner=owner, should_stop=should_stop)
             return self._own_lookup(token), token
         try:
             return self.predictor.session(req.token), None
-        except InputError as e:
-            raise ApiError(404, f"token: {e}") from None
+        except InputError:
+            c = self.predictor.sessions
+            raise ApiError(
+                404,
+                f"token: the session token is unknown or expired (sessions expire {c.ttl_s:g} s after their "
+                f"last use, and at most {c.max_sessions} are kept, {self.settings.max_sessions_per_client} per "
+                "client); register the reference again",
+            ) from None
 
     def _window(self, w: schemas.WindowInputs, prefix: str) -> dict:
-        lim = self.settings
+        lim = self.settings.limits
         times, ids = decode_spikes(
-            w.context, name=f"{prefix}context", max_spikes=lim.max_spikes, max_units=lim.max_units
+            w.context,
+            name=f"{prefix}context",
+            max_spikes=lim.max_context_spikes,
+            max_units=lim.max_units,
+            max_id_chars=lim.max_unit_id_chars,
+            compact=True,
         )
         out: dict[str, Any] = {"spike_times": times, "unit_ids": ids, "context_start": w.context_start}
-        for key in ("behavior", "images"):
+        cfg = self.predictor.cfg
+        for key, width in (("behavior", cfg.behavior_dim), ("images", cfg.image_dim)):
             ev = getattr(w, key)
             if ev is not None:
-                et = decode_array(
-                    ev.times.root, name=f"{prefix}{key}.times", kinds="f", max_items=lim.max_spikes
-                )
+                n = lim.max_context_spikes  # each event is a token of the model, like a spike
+                et = decode_array(ev.times.root, name=f"{prefix}{key}.times", kinds="f", max_items=n)
                 ev_v = decode_array(
-                    ev.values.root, name=f"{prefix}{key}.values", kinds="f", ndim=2, max_items=lim.max_spikes
+                    ev.values.root, name=f"{prefix}{key}.values", kinds="f", ndim=2, max_items=n * max(1, width)
                 )
                 out[key] = (et, ev_v)
         if w.history_counts is not None:
@@ -277,8 +313,29 @@ class _ErrorScope:
         if exc is None:
             return False
         if isinstance(exc, InputError):
-            raise ApiError(413 if isinstance(exc, TooLarge) else 400, api_field_names(str(exc))) from None
-        return False  # ApiError goes up as it is; anything else is a bug: the framework logs it, 500
+            status = 413 if isinstance(exc, (TooLarge, LimitExceeded)) else 400
+            raise ApiError(status, api_field_names(str(exc))) from None
+        return False  # ApiError and Cancelled go up as they are; anything else is a bug: logged, 500
+
+
+def _token_groups(windows: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Consecutive windows in groups of at most ``max_tokens`` context spikes (one window at least), so
+    that one model call never holds more tokens than one window may carry."""
+    groups: list[list[dict]] = [[]]
+    n = 0
+    for w in windows:
+        k = int(np.asarray(w["spike_times"]).shape[0])
+        if groups[-1] and n + k > max_tokens:
+            groups.append([])
+            n = 0
+        groups[-1].append(w)
+        n += k
+    return groups
+
+
+def _shift_window(message: str, offset: int) -> str:
+    """``windows[i]: ...`` -> ``windows[i + offset]: ...``."""
+    return re.sub(r"^windows\[(\d+)\]", lambda m: f"windows[{int(m.group(1)) + offset}]", message)
 
 
 def _check_finite(rates: np.ndarray, prefix: str) -> None:
@@ -309,6 +366,21 @@ def api_field_names(message: str) -> str:
             rest = new + rest[len(old) :]
             break
     return f"{head}.{rest}" if head else rest
+
+
+#: Keys of GET /model that would tell a caller about the machine rather than the model.
+_PRIVATE_KEYS = frozenset({"command", "argv", "cwd", "host", "hostname", "user", "env"})
+
+
+def public_info(obj):
+    """``obj`` without command lines and with every absolute path cut to its file name (for GET /model)."""
+    if isinstance(obj, dict):
+        return {k: public_info(v) for k, v in obj.items() if k not in _PRIVATE_KEYS}
+    if isinstance(obj, (list, tuple)):
+        return [public_info(v) for v in obj]
+    if isinstance(obj, str) and (obj.startswith(("/", "~", "\\")) or obj[1:3] in (":\\", ":/")):
+        return re.split(r"[\\/]", obj.rstrip("/\\"))[-1] or "."
+    return obj
 
 
 def _reference_window(start: float | None, end: float | None, times: np.ndarray):

@@ -42,17 +42,27 @@ def bentoml_env(home, **extra: str) -> dict[str, str]:
 
 
 class ServeProcess:
-    """``bentoml serve`` in its own process group; :meth:`stop` always cleans up."""
+    """``bentoml serve`` on 127.0.0.1 in its own process group; :meth:`stop` always cleans up."""
 
-    def __init__(self, *, env: dict[str, str], log_path, target: str = "service.service:NHServe", cwd=REPO):
-        self.port = free_port()
+    def __init__(
+        self,
+        *,
+        env: dict[str, str],
+        log_path,
+        target: str = "service.service:NHServe",
+        cwd=REPO,
+        port: int | None = None,
+        host: str | None = "127.0.0.1",
+    ):
+        """``host=None`` leaves ``--host`` out (the service's own default, 127.0.0.1, applies)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self._stopped = False
         bentoml = Path(sys.executable).parent / "bentoml"
         self.proc = subprocess.Popen(
-            [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(bentoml), "serve", target, *(["--host", host] if host else []), "--port", str(self.port)],
             cwd=str(cwd),
             env=env,
             stdout=self._log,
@@ -94,6 +104,16 @@ class ServeProcess:
             main = psutil.Process(self.pid)
             return [main, *main.children(recursive=True)]
         return []
+
+    def worker_rss_bytes(self) -> int:
+        """Resident memory of the worker process(es) alone, bytes (0 while none is running)."""
+        import psutil
+
+        total = 0
+        for p in self.processes()[1:]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its workers together, bytes."""

@@ -5,18 +5,35 @@ Arrays travel as JSON lists or in the compact encoded form of
 ``{"npy": ...}``). Times are seconds on the recording's own clock; rates are Hz
 (spikes per second); counts are spikes.
 
-The models check the JSON shape only; the values (sorted finite times, windows,
-unit ids, limits) are checked by :mod:`service.handlers` and the Predictor,
-which answer 4xx with a message naming the field.
+The models check the JSON shape: numbers are finite and never ``true``/``false``, integers
+are integers, no unknown fields. Arrays are only checked to be a JSON list or an encoded-array
+object here; their elements, and the values (sorted finite times, windows, unit ids, limits),
+are checked by :mod:`nh_serve.client.wire`, :mod:`service.handlers` and the Predictor, which
+answer 4xx with one message naming the field (never one problem per array element).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, Strict, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from nh_serve.client.wire import DTYPES
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "Input should be a number, not true/false")
+    return value
+
+
+#: A finite number (JSON integers are fine), never true/false.
+Number = Annotated[float, BeforeValidator(_no_bool)]
+#: An integer, never true/false or 2.0.
+Integer = Annotated[int, Strict()]
+#: Request models: unknown fields refused, NaN and infinity refused.
+_STRICT = dict(extra="forbid", allow_inf_nan=False)
 
 # ----------------------------------------------------------------------------- arrays
 
@@ -25,7 +42,7 @@ class EncodedArray(BaseModel):
     """An array in compact form: raw little-endian values in base64 (``b64`` + ``dtype``
     [+ ``shape``]) or a base64 ``.npy`` file (``npy``). Exactly one of ``b64`` / ``npy``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_STRICT)
 
     b64: str | None = Field(
         None, description="Base64 (standard alphabet, padded) of the raw little-endian values, C order."
@@ -33,23 +50,50 @@ class EncodedArray(BaseModel):
     dtype: Literal[tuple(DTYPES)] | None = Field(  # type: ignore[valid-type]
         None, description="Type of the values in b64: float64, float32, int32 or int64 (little-endian)."
     )
-    shape: list[int] | None = Field(None, description="Array shape for b64 (default: 1-D).")
+    shape: list[Integer] | None = Field(None, description="Array shape for b64 (default: 1-D).")
     npy: str | None = Field(
         None,
         description="Base64 of a .npy file (numpy.save, allow_pickle=False): numbers or fixed-width strings.",
     )
 
 
-class Float64Array(RootModel[list[float] | EncodedArray]):
+def _wire_array(value: Any, handler) -> Any:
+    """A JSON list (passed on as it is: its elements are checked when it is decoded) or an EncodedArray."""
+    if isinstance(value, (list, EncodedArray)):
+        return value
+    if isinstance(value, dict):
+        return EncodedArray.model_validate(value)
+    raise PydanticCustomError("wire_array", "Input should be a JSON list or an encoded array object")
+
+
+def _unit_id_list(value: Any, handler) -> Any:
+    """A JSON list of unit ids: all strings or integers (a mix is read as strings), no true/false or numbers."""
+    if not isinstance(value, list):
+        raise PydanticCustomError("list_type", "Input should be a list of unit ids")
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, (str, int)):
+            raise PydanticCustomError(
+                "unit_id_type",
+                "unit ids must be strings or integers; item {index} is {kind}",
+                {"index": i, "kind": type(x).__name__ if x is not None else "null"},
+            )
+    return value
+
+
+#: Unit ids as a JSON list (schema: strings or integers), checked in one pass.
+UnitIdList = Annotated[list[str | int], WrapValidator(_unit_id_list)]
+
+
+class Float64Array(RootModel[Annotated[list[float] | EncodedArray, WrapValidator(_wire_array)]]):
     """1-D numbers: a JSON list, or an EncodedArray (float64 recommended)."""
 
 
-class IdArray(RootModel[list[str | int] | EncodedArray]):
+class IdArray(RootModel[Annotated[list[str | int] | EncodedArray, WrapValidator(_wire_array)]]):
     """1-D unit ids (strings or integers), or 0-based integer indices into ``unit_table``:
     a JSON list, or an EncodedArray (int32/int64 indices, or an .npy of strings)."""
 
 
-class FloatMatrix(RootModel[list[list[float]] | EncodedArray]):
+class FloatMatrix(RootModel[Annotated[list[list[float]] | EncodedArray, WrapValidator(_wire_array)]]):
     """2-D numbers: a JSON list of equal-length rows, or an EncodedArray with ``shape``."""
 
 
@@ -63,22 +107,22 @@ class FloatTensor(RootModel[list[list[list[float]]] | EncodedArray]):
 class SpikeTrain(BaseModel):
     """Spikes as two parallel arrays: the time and the unit of every spike."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_STRICT)
 
     times: Float64Array = Field(
         description="Spike times in seconds (float64), sorted ascending, finite and >= 0, one per spike."
     )
     unit_ids: IdArray = Field(
         description=(
-            "The unit of each spike (same length as times): its unit id (string or integer; "
-            "integers are compared as strings), or, when unit_table is given, its 0-based index into unit_table."
+            "The unit of each spike (same length as times): its unit id (string or integer; integer ids "
+            "stay integers, sorted numerically), or, when unit_table is given, its 0-based index into unit_table."
         )
     )
-    unit_table: list[str | int] | None = Field(
+    unit_table: UnitIdList | None = Field(
         None,
         description=(
-            "Optional list of distinct unit ids; when present, unit_ids holds integer indices into it "
-            "(the compact form the Python client sends)."
+            "Optional list of distinct unit ids (each once); when present, unit_ids holds integer "
+            "indices into it (the compact form the Python client sends)."
         ),
     )
 
@@ -87,7 +131,7 @@ class Events(BaseModel):
     """Timed samples of one extra input modality: behaviour inside the context window, image onsets
     inside the context or the forecast window."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_STRICT)
 
     times: Float64Array = Field(
         description=(
@@ -113,7 +157,7 @@ class RegisterRequest(BaseModel):
     """Register a recording's units from its reference spikes; the answer carries a session token."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        **_STRICT,
         json_schema_extra={
             "example": {
                 "reference": {
@@ -127,24 +171,24 @@ class RegisterRequest(BaseModel):
     )
 
     reference: SpikeTrain = Field(description="All spikes of the reference window (seconds).")
-    reference_start: float | None = Field(
+    reference_start: Number | None = Field(
         None, description="Start of the reference window, seconds (default: the first spike's time)."
     )
-    reference_end: float | None = Field(
+    reference_end: Number | None = Field(
         None,
         description=(
             "End of the reference window, seconds, exclusive (default: just after the last spike). "
-            "The window must be at least 10 s long; 60 s is recommended."
+            "The window must be at least 10 s long (at most the server's max_reference_s); 60 s is recommended."
         ),
     )
-    units: list[str | int] | None = Field(
+    units: UnitIdList | None = Field(
         None,
         description=(
             "Unit ids in the order predictions should use, including units silent in the reference "
-            "(default: the sorted distinct ids of the reference spikes)."
+            "(default: the distinct ids of the reference spikes, integers sorted numerically, strings as text)."
         ),
     )
-    adapt_steps: int = Field(
+    adapt_steps: Integer = Field(
         0,
         ge=0,
         description=(
@@ -157,8 +201,12 @@ class RegisterRequest(BaseModel):
 class RegisterResponse(BaseModel):
     """A registered session."""
 
-    token: str = Field(description="Session token for /predict and /predict_batch.")
-    unit_ids: list[str] = Field(description="The session's units, in the order of every prediction's rows.")
+    token: str = Field(
+        description="Session token for /predict and /predict_batch: a bearer token, anyone who has it can use the session."
+    )
+    unit_ids: list[str | int] = Field(
+        description="The session's units (in the type they were sent), in the order of every prediction's rows."
+    )
     n_units: int = Field(description="Number of units.")
     reference_start: float = Field(description="Start of the reference window used, seconds.")
     reference_end: float = Field(description="End of the reference window used, seconds (exclusive).")
@@ -173,12 +221,12 @@ class RegisterResponse(BaseModel):
 class WindowInputs(BaseModel):
     """One context window: the spikes of the second before the prediction time."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_STRICT)
 
     context: SpikeTrain = Field(
         description="Spikes inside [context_start, context_start + 1 s), seconds; units must be registered."
     )
-    context_start: float = Field(
+    context_start: Number = Field(
         description="Start of the context window, seconds; predictions start 1 s later."
     )
     behavior: Events | None = Field(
@@ -192,7 +240,7 @@ class WindowInputs(BaseModel):
             "(images shown, and images scheduled to be shown next); only for models trained with images."
         ),
     )
-    image_schedule_s: float | None = Field(
+    image_schedule_s: Number | None = Field(
         None,
         description=(
             "Seconds after the context end up to which `images` lists every image (0 to the horizon): "
@@ -207,7 +255,7 @@ class WindowInputs(BaseModel):
             "(default: the reference rate stands in)."
         ),
     )
-    history_duration_s: float | None = Field(
+    history_duration_s: Number | None = Field(
         None, description="Seconds covered by history_counts (default 30 s; less near the recording start)."
     )
 
@@ -216,7 +264,7 @@ class PredictRequest(WindowInputs):
     """Predict every unit's firing rate (Hz) in the bins after one context window."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        **_STRICT,
         json_schema_extra={
             "example": {
                 "reference": {
@@ -242,17 +290,17 @@ class PredictRequest(WindowInputs):
             "Send either token or reference."
         ),
     )
-    reference_start: float | None = Field(
+    reference_start: Number | None = Field(
         None, description="With reference: start of the reference window, seconds."
     )
-    reference_end: float | None = Field(
+    reference_end: Number | None = Field(
         None,
         description="With reference: end of the reference window, seconds (at least 10 s after its start).",
     )
-    units: list[str | int] | None = Field(
+    units: UnitIdList | None = Field(
         None, description="With reference: unit ids in the order of the returned rows."
     )
-    horizon_s: float | None = Field(
+    horizon_s: Number | None = Field(
         None,
         description="Predict only the first horizon_s seconds (a multiple of the 20 ms bin; default the model's 1 s).",
     )
@@ -266,7 +314,7 @@ class Prediction(BaseModel):
     bin_edges: Float64Array = Field(
         description="Bin edges in seconds, (bins + 1,), starting at context_start + 1 s."
     )
-    unit_ids: list[str] = Field(description="Unit ids of the rows, in the session's order.")
+    unit_ids: list[str | int] = Field(description="Unit ids of the rows, in the session's order.")
     model: str = Field(description="Name of the model configuration.")
     model_hash: str = Field(description="Short content hash of the checkpoint's weights.")
     token: str | None = Field(None, description="Session token, when this request registered the session.")
@@ -276,7 +324,7 @@ class PredictBatchRequest(BaseModel):
     """Predict many context windows of one session at once."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        **_STRICT,
         json_schema_extra={
             "example": {
                 "reference": {
@@ -301,17 +349,17 @@ class PredictBatchRequest(BaseModel):
         None,
         description="A new session's reference spikes (seconds); registers it first. Send either token or reference.",
     )
-    reference_start: float | None = Field(
+    reference_start: Number | None = Field(
         None, description="With reference: start of the reference window, seconds."
     )
-    reference_end: float | None = Field(
+    reference_end: Number | None = Field(
         None, description="With reference: end of the reference window, seconds."
     )
-    units: list[str | int] | None = Field(None, description="With reference: unit ids in row order.")
+    units: UnitIdList | None = Field(None, description="With reference: unit ids in row order.")
     windows: list[WindowInputs] = Field(
         description="The context windows, each with its own context_start (seconds)."
     )
-    horizon_s: float | None = Field(
+    horizon_s: Number | None = Field(
         None, description="Predict only the first horizon_s seconds (a multiple of the 20 ms bin)."
     )
     encoding: Literal["json", "base64"] = _ENCODING
@@ -322,7 +370,27 @@ class BatchPrediction(BaseModel):
 
     rates_hz: FloatTensor = Field(description="Firing rate in Hz, (windows, units, bins).")
     bin_edges: FloatMatrix = Field(description="Bin edges in seconds, (windows, bins + 1).")
-    unit_ids: list[str] = Field(description="Unit ids of the rows, in the session's order.")
+    unit_ids: list[str | int] = Field(description="Unit ids of the rows, in the session's order.")
     model: str = Field(description="Name of the model configuration.")
     model_hash: str = Field(description="Short content hash of the checkpoint's weights.")
     token: str | None = Field(None, description="Session token, when this request registered the session.")
+
+
+class ModelInfo(BaseModel):
+    """``GET /model``: the served model and this server's limits (no paths, no command lines)."""
+
+    name: str = Field(description="Name of the model configuration.")
+    hash: str = Field(description="Short content hash of the checkpoint's weights.")
+    backend: str = Field(description="Inference backend computing the predictions.")
+    backend_details: dict = Field(description="The backend's settings (device, threads, artifact file name).")
+    config: dict = Field(description="The model configuration (sizes; times in seconds).")
+    training: dict = Field(description="The checkpoint's training summary.")
+    metrics: dict = Field(description="The checkpoint's evaluation metrics.")
+    provenance: dict = Field(description="Versions and date the checkpoint was written with.")
+    limits: dict = Field(
+        description=(
+            "What one request may ask and how the server shares itself out (units, spikes, seconds, "
+            "bytes; see docs/service.md), and whether an API key is required."
+        )
+    )
+    sessions: dict = Field(description="Session cache: active sessions, hits, misses, evictions.")

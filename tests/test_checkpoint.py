@@ -662,3 +662,66 @@ def test_check_state_dict_lists_only_the_first_few():
     assert "layer6.w" not in str(exc.value)
     with pytest.raises(InputError, match="must be \\(shape, dtype\\)"):
         check_state_dict({"w": 3}, {"w": torch.ones(1)})
+
+
+# ----------------------------------------------------------------------------- sizes before building
+
+
+def _model_checkpoint_with_config(tmp_path, name, **changes):
+    """A real nh-tiny checkpoint whose stored config is edited (metadata hash recomputed, as an attacker would)."""
+    from nh_serve.core.config import get_config
+    from nh_serve.core.model import NeuroHorizon
+    from nh_serve.data.features import FeatureNorm
+    from nh_serve.inference.checkpoint_header import metadata_hash
+    from nh_serve.inference.model_io import save_model
+
+    torch.manual_seed(0)
+    src = tmp_path / "tiny.safetensors"
+    save_model(src, NeuroHorizon(get_config("nh-tiny")), feature_norm=FeatureNorm.identity())
+
+    def edit(doc):
+        doc["config"].update(changes)
+        doc.pop("metadata_hash", None)
+        doc["metadata_hash"] = metadata_hash(doc)
+
+    dst = tmp_path / name
+    _rewrite_doc(src, dst, edit)
+    return dst
+
+
+def test_huge_config_is_refused_before_any_model_is_built(tmp_path, monkeypatch):
+    from nh_serve.inference import model_io
+
+    built = []
+    real = model_io.NeuroHorizon
+
+    def spy(cfg):
+        built.append(str(torch.get_default_device()))
+        return real(cfg)
+
+    monkeypatch.setattr(model_io, "NeuroHorizon", spy)
+    huge = _model_checkpoint_with_config(tmp_path, "huge.safetensors", dim=65536, depth=64, dim_head=64)
+    with pytest.raises(CheckpointError, match=r"dim = 65536 \(at most 4096\)"):
+        model_io.load_model(huge)
+    assert built == []  # refused from the config alone
+    # Within the bounds but not what the weights are: found on the storage-less meta device.
+    wrong = _model_checkpoint_with_config(tmp_path, "wrong.safetensors", dim=256, depth=8, dim_head=64)
+    with pytest.raises(CheckpointError, match="weights do not fit the model"):
+        model_io.load_model(wrong)
+    assert built == ["meta"]
+    built.clear()
+    model, _, _ = model_io.load_model(tmp_path / "tiny.safetensors")  # the untouched file loads
+    assert built == ["meta", "cpu"] and model.cfg.dim == 32
+
+
+def test_expected_weights_match_a_built_model_and_count_parameters():
+    from nh_serve.core.config import get_config
+    from nh_serve.core.model import NeuroHorizon
+    from nh_serve.inference.model_io import MAX_PARAMETERS, expected_weights
+
+    cfg = get_config("nh-small", behavior_dim=3, image_dim=16)
+    real = {k: (tuple(v.shape), v.dtype) for k, v in NeuroHorizon(cfg).state_dict().items()}
+    assert expected_weights(cfg) == real
+    big = get_config("nh-small").replace(dim=4096, depth=64, dim_head=64, heads=64)
+    with pytest.raises(CheckpointError, match=f"more than the {MAX_PARAMETERS:,}"):
+        expected_weights(big)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from nh_serve.client.wire import TooLarge, decode_array, decode_spikes, encode_a
 from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
 from nh_serve.inference.predictor import Prediction, Predictor
+from nh_serve.prediction import IndexedIds
 
 # ----------------------------------------------------------------------------- wire encodings
 
@@ -92,21 +94,50 @@ def test_limits_raise_too_large_before_decoding():
         )
 
 
-def test_encode_spikes_is_compact_and_decodes_to_the_ids():
+def test_encode_spikes_is_compact_and_decodes_to_the_ids_in_their_type():
     t = np.array([0.1, 0.2, 0.3, 0.4])
     ids = np.array([7, 3, 7, 12])
     w = encode_spikes(t, ids)
-    assert w["unit_table"] == ["3", "7", "12"]
+    assert w["unit_table"] == [3, 7, 12]  # integers stay integers, in numeric order
     assert w["unit_ids"]["dtype"] == "int32"
     times, got = decode_spikes(w, name="s")
     np.testing.assert_array_equal(times, t)
-    assert got.tolist() == ["7", "3", "7", "12"]
+    assert got.dtype == np.int64 and got.tolist() == [7, 3, 7, 12]
     times, got = decode_spikes(encode_spikes(t, ids.astype(str), binary=False), name="s")
     assert got.tolist() == ["7", "3", "7", "12"]
+    _, compact = decode_spikes(w, name="s", compact=True)
+    assert isinstance(compact, IndexedIds) and compact.table.tolist() == [3, 7, 12]
+    assert compact.table[compact.index].tolist() == [7, 3, 7, 12]
+    _, plain = decode_spikes({"times": [1.0, 2.0], "unit_ids": [5, 2]}, name="s")
+    assert plain.dtype == np.int64
     with pytest.raises(InputError, match="outside unit_table"):
         decode_spikes({"times": [1.0], "unit_ids": [5], "unit_table": ["a"]}, name="s")
     with pytest.raises(InputError, match="2 spike times but 1"):
         decode_spikes({"times": [1.0, 2.0], "unit_ids": ["a"]}, name="s")
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        ({"times": [1.0, 2.0], "unit_ids": [0, 1], "unit_table": ["a", "a"]}, "'a' appears more than once"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": [7, 7]}, "appears more than once"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": ["x" * 200, "a"]}, "200 characters"),
+        ({"times": [1.0], "unit_ids": ["x" * 200]}, "200 characters"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": [True]}, "list of unit ids"),
+        ({"times": [1.0], "unit_ids": [0], "unit_table": [2**70]}, "64 bits"),
+        ({"times": [True, False], "unit_ids": ["a", "b"]}, "true/false"),
+        ({"times": [1.0], "unit_ids": [1.5]}, "integers or strings"),
+    ],
+)
+def test_bad_unit_tables_and_ids_name_the_field(train, match):
+    with pytest.raises(InputError, match=match) as e:
+        decode_spikes(train, name="reference", max_id_chars=128)
+    assert str(e.value).startswith("reference")
+
+
+def test_nested_true_false_is_refused():
+    with pytest.raises(InputError, match="true/false"):
+        decode_array([[1.0, True]], name="behavior.values", kinds="f", ndim=2)
 
 
 # ----------------------------------------------------------------------------- against the server
@@ -291,3 +322,113 @@ def test_stream_predictions_example_runs(server, tmp_path):
     ]
     assert mod.main(argv) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- unit ids 0..20 end to end
+
+
+def _integer_units(n_units: int = 21, seed: int = 11):
+    """Units 0..n-1 whose rates differ (unit i at 1 + 1.5 i Hz) over 70 s."""
+    rng = np.random.default_rng(seed)
+    trains = [np.sort(rng.uniform(0, 70, rng.poisson((1 + 1.5 * i) * 70))) for i in range(n_units)]
+    t = np.concatenate(trains)
+    u = np.concatenate([np.full(x.size, i, dtype=np.int64) for i, x in enumerate(trains)])
+    o = np.argsort(t, kind="stable")
+    return t[o], u[o]
+
+
+@pytest.mark.service
+@pytest.mark.slow
+@pytest.mark.parametrize("encoding", ["base64", "json"])
+def test_integer_unit_ids_round_trip_in_numeric_order(server, local, encoding):
+    """Row i is unit i through the Predictor, the client and the running service.
+
+    The reference for "unit i" is a local registration with string ids 'u00'..'u20', whose text
+    order is the numeric one; with ids sorted as text ('0', '1', '10', ...) row 2 would be unit 10.
+    """
+    t, u = _integer_units()
+    ref, ctx = t < 60, (t >= 62) & (t < 63)
+    names = np.array([f"u{i:02d}" for i in range(21)])
+    truth = local.predict(
+        local.register(t[ref], names[u[ref]], reference_window=(0, 60)), t[ctx], names[u[ctx]], context_start=62.0
+    ).rates_hz
+    assert len({tuple(np.round(r, 4)) for r in truth}) == 21  # every row is a different unit
+    lpred = local.predict(local.register(t[ref], u[ref], reference_window=(0, 60)), t[ctx], u[ctx], context_start=62.0)
+    with Client(server.url, encoding=encoding) as c:
+        tok = c.register(t[ref], u[ref], reference_window=(0, 60))
+        assert c.unit_ids(tok).dtype == np.int64 and c.unit_ids(tok).tolist() == list(range(21))
+        rpred = c.predict(tok, t[ctx], u[ctx], context_start=62.0)
+        rbatch = c.predict_batch(tok, [dict(spike_times=t[ctx], unit_ids=u[ctx], context_start=62.0)])[0]
+        shuffled = np.random.default_rng(0).permutation(21)
+        stok = c.register(t[ref], u[ref], reference_window=(0, 60), units=shuffled)
+        spred = c.predict(stok, t[ctx], u[ctx], context_start=62.0)
+    for p in (lpred, rpred, rbatch):
+        assert p.unit_ids.dtype == np.int64 and p.unit_ids.tolist() == list(range(21))
+        np.testing.assert_allclose(p.rates_hz, truth, rtol=1e-5, atol=1e-6)
+        for i in range(21):  # row i is unit i
+            np.testing.assert_allclose(p.rates_hz[list(p.unit_ids).index(i)], truth[i], rtol=1e-5, atol=1e-6)
+    assert spred.unit_ids.tolist() == shuffled.tolist()  # units= gives the order
+    for row, uid in enumerate(spred.unit_ids):
+        np.testing.assert_allclose(spred.rates_hz[row], truth[uid], rtol=1e-5, atol=1e-6)
+    # The service's own JSON carries numbers, not strings.
+    body = {"reference": {"times": t[ref].tolist(), "unit_ids": u[ref].tolist()}, "reference_start": 0.0,
+            "reference_end": 60.0}
+    got = httpx.post(f"{server.url}/register", json=body, timeout=30).json()
+    assert got["unit_ids"] == list(range(21))
+
+
+# ----------------------------------------------------------------------------- registering again
+
+
+def test_predict_registers_again_once_when_the_session_is_gone():
+    """A 404 for a session this client registered: the kept reference is sent again, once, and the
+    prediction comes back; the old token keeps working through the client. reregister=False raises."""
+    tokens = (f"tok{i}" for i in range(1, 100))
+    live: set = set()
+    seen = []
+
+    def server(request, n):
+        body = json.loads(request.content)
+        seen.append((request.url.path, body.get("token")))
+        if request.url.path == "/register":
+            tok = next(tokens)
+            live.add(tok)
+            return httpx.Response(200, json={"token": tok, "unit_ids": [0, 1], "n_units": 2})
+        if body["token"] not in live:
+            return httpx.Response(404, json={"error": "token: unknown or expired"})
+        batch = request.url.path == "/predict_batch"
+        return httpx.Response(200, json={"rates_hz": [[[1.0], [2.0]]] if batch else [[1.0], [2.0]],
+                                         "bin_edges": [[1.0, 1.02]] if batch else [1.0, 1.02], "unit_ids": [0, 1],
+                                         "model": "m", "model_hash": "h"})
+
+    c, _ = _mock_client(server)
+    tok = c.register(np.array([1.0, 2.0]), np.array([0, 1]), reference_window=(0.0, 30.0))
+    assert c.predict(tok, [], [], context_start=10.0).unit_ids.tolist() == [0, 1]
+    live.clear()  # the server restarted
+    p = c.predict(tok, [], [], context_start=10.0)
+    assert p.rates_hz.shape == (2, 1) and c.current_token(tok) == "tok2"
+    assert [s[0] for s in seen] == ["/register", "/predict", "/predict", "/register", "/predict"]
+    assert c.predict(tok, [], [], context_start=11.0) is not None and seen[-1] == ("/predict", "tok2")
+    live.clear()
+    c.predict_batch(tok, [dict(spike_times=[], unit_ids=[], context_start=12.0)])  # batches too
+    assert c.current_token(tok) == "tok3"
+
+    off, _ = _mock_client(server, reregister=False)
+    t2 = off.register(np.array([1.0]), np.array([0]), reference_window=(0.0, 30.0))
+    live.clear()
+    with pytest.raises(SessionNotFound):
+        off.predict(t2, [], [], context_start=10.0)
+
+
+def test_429_is_retried_after_its_retry_after():
+    def busy(request, n):
+        if n == 1:
+            return httpx.Response(429, json={"error": "busy"}, headers={"retry-after": "0"})
+        return httpx.Response(200, json={"name": "ok"})
+
+    c, calls = _mock_client(busy, retries=2)
+    assert c.info() == {"name": "ok"} and len(calls) == 2
+    assert calls[0].headers["x-client-id"] == c.client_id and "authorization" not in calls[0].headers
+    k, calls = _mock_client(busy, api_key="k3y")
+    k.info()
+    assert calls[0].headers["authorization"] == "Bearer k3y"

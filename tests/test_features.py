@@ -257,3 +257,54 @@ def test_real_recording_features_are_finite():
     assert np.median(f[busy, 22]) < 0
     norm = FeatureNorm.fit([f])
     assert np.all(np.isfinite(norm.apply(f)))
+
+
+def _dense_fano(t, u, *, n_units, start, end):
+    """The Fano factor as a dense units x 1 s windows count array gives it (the definition)."""
+    from nh_serve.data.spikes import bin_counts
+
+    n_win = int(math.floor((end - start) + 1e-9))
+    counts = bin_counts(t, u, n_units=n_units, start=start, bin_size=1.0, n_bins=n_win).astype(np.float64)
+    mean, var = counts.mean(axis=1), counts.var(axis=1, ddof=1)
+    fano = np.where(mean > 0, var / np.where(mean > 0, mean, 1.0), 1.0)
+    fano[np.bincount(u, minlength=n_units) < 3] = 1.0  # SILENT_DEFAULTS
+    return fano.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fano_without_dense_counts_equals_the_dense_definition(seed):
+    """Regular, Poisson, bursty and silent units; windows not starting at 0 and not whole seconds."""
+    rng = np.random.default_rng(seed)
+    start = float(rng.uniform(0, 50))
+    end = start + float(rng.uniform(10, 200))
+    trains = [(poisson_train(rng, rng.uniform(0.05, 40), start, end), k) for k in range(12)]
+    trains.append((np.arange(start, end, 0.25), 12))  # clock-like: var near 0, cancellation-prone
+    bursts = poisson_train(rng, 0.5, start, end - 0.01)
+    trains.append(((bursts[:, None] + np.array([0.0, 2e-3, 4e-3])[None, :]).ravel(), 13))  # bursty
+    trains.append((np.array([start + 0.5]), 14))  # near-silent
+    t, u = merge(*[(np.sort(x), k) for x, k in trains if len(x)])
+    n_units = 16  # unit 15 is silent
+    got = reference_features(t, u, n_units=n_units, start=start, end=end)[:, FANO]
+    want = _dense_fano(t, u, n_units=n_units, start=start, end=end)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_long_reference_window_costs_no_dense_array():
+    """A 1e7 s window with a few thousand spikes: no units x seconds array (that would be 800 MB here)."""
+    import time
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 1e7, 6000))
+    u = rng.integers(0, 20, 6000)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    f = reference_features(t, u, n_units=20, start=0.0, end=1e7)
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.all(np.isfinite(f)) and peak < 20 * 2**20 and seconds < 2.0, (peak, seconds)
+    # Near-Poisson units over 1e7 one-second windows with ~0.03 spikes each: Fano near 1.
+    assert np.all(np.abs(f[:, FANO] - 1.0) < 0.2)
+    for end in (1e12, 1e300):  # finite, however absurd: no overflow, no allocation
+        assert np.all(np.isfinite(reference_features(t, u, n_units=20, start=0.0, end=end)))

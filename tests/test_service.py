@@ -33,6 +33,7 @@ from nh_serve.client.wire import encode_array
 from nh_serve.data.synth import make_session
 from nh_serve.errors import InputError
 from nh_serve.inference.backends import choose_backend
+from nh_serve.inference.limits import Limits
 from nh_serve.inference.predictor import Predictor
 from service import schemas
 from service.handlers import ApiError, Handlers, api_field_names
@@ -262,8 +263,12 @@ def test_model_info(http, server):
 def test_health_and_docs_endpoints(http):
     assert http.get("/livez").status_code == 200
     assert http.get("/readyz").status_code == 200
-    docs = http.get("/docs", follow_redirects=True)
+    docs = http.get("/docs")  # the page itself, not a redirect
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert docs.headers["content-type"].startswith("text/html") and "googletagmanager" not in docs.text
+    spec = http.get("/docs.json").json()
+    assert "/model" in spec["paths"] and "get" in spec["paths"]["/model"]
+    assert "ModelInfo" in spec["components"]["schemas"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -585,9 +590,13 @@ def test_chunked_body_over_the_limit_gets_413(http):
 
 @pytest.mark.service
 @pytest.mark.slow
-def test_any_content_type_is_read_as_json(http, rec):
+def test_only_json_bodies_are_accepted(http, rec):
+    """A browser's cross-origin 'simple' POST (text/plain, form types) is refused before anything runs."""
     body = json.dumps(_register_body(rec)).encode()
-    for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x", ""):
+        r = http.post("/register", content=body, headers={"content-type": ctype})
+        assert r.status_code == 415 and "application/json" in r.json()["error"], (ctype, r.text)
+    for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
         r = http.post("/register", content=body, headers={"content-type": ctype})
         assert r.status_code == 200, (ctype, r.text)
 
@@ -842,8 +851,9 @@ def test_bentoml_build_works_offline_and_the_bento_serves(tmp_path, server):
 @pytest.fixture(scope="module")
 def handlers(tmp_path_factory):
     ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors")
-    p = Predictor.load(str(ckpt), max_sessions=4, session_ttl_s=0.2)
-    return Handlers(p, settings=Settings(max_units=10, max_spikes=1000, max_windows=2, max_adapt_steps=1))
+    limits = Limits(max_units=10, max_spikes=1000, max_windows=2, max_adapt_steps=1)
+    p = Predictor.load(str(ckpt), max_sessions=4, session_ttl_s=0.2, limits=limits)
+    return Handlers(p, settings=Settings(limits=limits))
 
 
 def test_handlers_limits_and_expired_token(handlers, rec):
@@ -907,6 +917,27 @@ def test_handlers_pass_behaviour_images_and_schedule_to_the_predictor(tmp_path):
     assert e.value.status == 400 and "images" in e.value.message and "image_schedule_s" in e.value.message
 
 
+def test_handlers_split_batches_by_tokens_and_name_windows_by_their_place(tmp_path, rec):
+    ckpt = make_tiny_checkpoint(tmp_path / "m.safetensors")
+    limits = Limits(max_context_spikes=300)
+    p = Predictor.load(str(ckpt), backend="torch", limits=limits)
+    h = Handlers(p, settings=Settings(limits=limits))
+    reg = h.register(schemas.RegisterRequest.model_validate(_register_body(rec)))
+    starts = [60.0, 61.0, 62.0, 63.0, 64.0]
+    windows = [{"context": _train(*_ctx(rec, s)), "context_start": s} for s in starts]
+    n = [len(w["context"]["times"]) for w in windows]
+    assert max(n) <= 300 < sum(n)  # so the batch runs in several groups
+    got = h.predict_batch(schemas.PredictBatchRequest.model_validate({"token": reg.token, "windows": windows}))
+    ltok = p.register(*_ref(rec), reference_window=(0.0, 60.0))
+    for i, s in enumerate(starts):
+        want = p.predict(ltok, *_ctx(rec, s), context_start=s).rates_hz
+        np.testing.assert_allclose(np.asarray(got.rates_hz.root)[i], want, rtol=1e-5, atol=1e-6)
+    bad = [*windows[:4], {"context": _train(*_ctx(rec, 64.0)), "context_start": 66.0}]  # spikes outside its window
+    with pytest.raises(ApiError) as e:
+        h.predict_batch(schemas.PredictBatchRequest.model_validate({"token": reg.token, "windows": bad}))
+    assert e.value.status == 400 and e.value.message.startswith("windows[4]"), e.value.message
+
+
 def test_handlers_warm_up_leaves_no_session(handlers):
     n = len(handlers.predictor.sessions)
     assert handlers.warm_up(n_units=20, seconds=20.0, repeats=1) > 0
@@ -941,8 +972,16 @@ def test_api_field_names_and_validation_messages():
 def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("NH_SERVE_MAX_BODY_MB", "0.5")
     monkeypatch.setenv("NH_SERVE_MAX_SESSIONS", "7")
+    monkeypatch.setenv("NH_SERVE_MAX_REFERENCE_S", "120")
+    monkeypatch.setenv("NH_SERVE_ALLOWED_HOSTS", "Example.org, 10.0.0.5")
     s = Settings.from_env()
-    assert s.max_body_bytes == 2**19 and s.max_sessions == 7
+    assert s.max_body_bytes == 2**19 and s.max_sessions == 7 and s.limits.max_reference_s == 120.0
+    assert s.max_sessions_per_client == 1  # a quarter of the sessions by default
+    assert s.allowed_hosts == ("example.org", "10.0.0.5") and s.api_key == ""
+    monkeypatch.setenv("NH_SERVE_API_KEY", "s3cret")
+    s = Settings.from_env()
+    assert s.api_key == "s3cret" and "s3cret" not in repr(s) and "s3cret" not in json.dumps(s.public())
+    assert s.public()["api_key_required"] is True
     monkeypatch.setenv("NH_SERVE_MAX_UNITS", "many")
     with pytest.raises(InputError, match="NH_SERVE_MAX_UNITS"):
         Settings.from_env()
@@ -952,3 +991,63 @@ def test_serve_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", str(REPO / "scripts" / "serve.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert os.access(REPO / "scripts" / "serve.sh", os.X_OK)
+
+
+# ----------------------------------------------------------------------------- abandoned work stops
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_abandoned_registrations_stop_and_keep_nothing(tmp_path, rec):
+    """A registration over the request time limit answers 503 and stops between its steps; so does one
+    whose client went away. Either way no session is kept and the fit thread is free at once."""
+    ckpt = make_tiny_checkpoint(tmp_path / "m.safetensors")
+    env = bentoml_env(
+        tmp_path / "bentoml", NH_SERVE_CHECKPOINT=str(ckpt), NH_SERVE_BACKEND="torch",
+        NH_SERVE_REQUEST_TIMEOUT_S="3", NH_SERVE_ADAPT_BUDGET_S="60", NH_SERVE_MAX_ADAPT_STEPS="1000000",
+    )
+    proc = ServeProcess(env=env, log_path=tmp_path / "log")
+    try:
+        proc.wait_ready(90)
+        with httpx.Client(base_url=proc.url, timeout=30) as h:
+            long_fit = _register_body(rec, adapt_steps=1_000_000)  # would adapt for the 60 s budget
+            t0 = time.monotonic()
+            r = h.post("/register", json=long_fit)
+            assert r.status_code == 503 and "NH_SERVE_REQUEST_TIMEOUT_S" in r.json()["error"], r.text
+            assert r.headers["retry-after"] == "1" and 3 <= time.monotonic() - t0 < 7
+            # The client gives up (disconnects) after 0.5 s, well before the 3 s limit: the work stops too,
+            # so the fit thread is free for a short fit at once instead of after the limit.
+            t0 = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{proc.url}/register", json=long_fit, timeout=0.5)
+            r = h.post("/register", json=_register_body(rec, adapt_steps=1))
+            took = time.monotonic() - t0
+            assert r.status_code == 200 and took < 2.0, (r.text, took)
+            assert h.get("/model").json()["sessions"]["active"] == 1  # only the last one was kept
+    finally:
+        proc.stop()
+    log = proc.log(50000)
+    assert "refused 503 POST /register" in log and "refused 499 POST /register" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_serve_without_host_binds_the_loopback_interface(tmp_path):
+    """`bentoml serve service.service:NHServe` with no --host listens on 127.0.0.1 only."""
+    import psutil
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m.safetensors")
+    env = bentoml_env(tmp_path / "bentoml", NH_SERVE_CHECKPOINT=str(ckpt), NH_SERVE_BACKEND="torch")
+    proc = ServeProcess(env=env, log_path=tmp_path / "log", host=None)
+    try:
+        proc.wait_ready(90)
+        listening = {
+            c.laddr.ip
+            for p in proc.processes()
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == proc.port
+        }
+        assert listening == {"127.0.0.1"}, listening
+    finally:
+        proc.stop()

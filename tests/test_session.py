@@ -532,3 +532,43 @@ def test_nwb_file_is_not_a_session_file():
     with pytest.raises(SessionFileError) as ei:
         open_session(nwb)
     assert str(nwb) in str(ei.value) and "not a session file" in str(ei.value)
+
+
+def test_links_to_other_files_are_not_followed(tmp_path):
+    """An external link (or an external / virtual dataset) is refused at open, before anything is read."""
+    good = tmp_path / "good.h5"
+    _write(good)
+    # spikes/timestamps replaced by an external link into another session file
+    linked = tmp_path / "linked.h5"
+    _write(linked)
+    with h5py.File(linked, "a") as f:
+        del f["spikes/timestamps"]
+        f["spikes/timestamps"] = h5py.ExternalLink(str(good), "/spikes/timestamps")
+    _assert_session_error(linked, "spikes/timestamps", "external link")
+    # a whole group linked out
+    group = tmp_path / "group.h5"
+    _write(group)
+    with h5py.File(group, "a") as f:
+        del f["spikes"]
+        f["spikes"] = h5py.ExternalLink(str(good), "/spikes")
+    _assert_session_error(group, "spikes", "external link")
+    # a dataset whose raw bytes live in another file
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(np.arange(3, dtype="<f8").tobytes())
+    ext = tmp_path / "external.h5"
+    _write(ext)
+    with h5py.File(ext, "a") as f:
+        f.create_dataset("extra", shape=(3,), dtype="<f8", external=[(str(raw), 0, 24)])
+    _assert_session_error(ext, "extra", "other files")
+    # a virtual dataset mapping another file's spikes
+    virt = tmp_path / "virtual.h5"
+    _write(virt)
+    with h5py.File(good, "r") as g:
+        n = g["spikes/timestamps"].shape[0]
+    layout = h5py.VirtualLayout(shape=(n,), dtype="<f8")
+    layout[:] = h5py.VirtualSource(str(good), "spikes/timestamps", shape=(n,))
+    with h5py.File(virt, "a") as f:
+        del f["spikes/timestamps"]
+        f.create_virtual_dataset("spikes/timestamps", layout)
+    _assert_session_error(virt, "spikes/timestamps", "other files")
+    assert open_session(good).n_spikes == 5000  # the file itself is fine

@@ -9,18 +9,34 @@ Switch between local and remote inference with one line::
     pred.rates_hz   # (U, 50) Hz, the same Prediction dataclass the Predictor returns
 
 Arrays go out and come back in the compact base64 form of :mod:`nh_serve.client.wire`
-by default (``encoding="json"`` sends and asks for JSON lists instead). The
-client keeps one keep-alive connection, retries connection failures, timeouts
-and 503 answers with exponential backoff (never a 4xx), and raises:
+by default (``encoding="json"`` sends and asks for JSON lists instead). Unit ids keep their
+type: integer ids come back as integers (see :mod:`nh_serve.prediction`). The client keeps one
+keep-alive connection, retries connection failures, timeouts, 429 (busy; after its
+``Retry-After``) and 502/503/504 answers with exponential backoff (never another 4xx), and raises:
 
 * :class:`RequestRejected` (an :class:`~nh_serve.errors.InputError`) on 4xx, carrying the
   server's message and status; :class:`SessionNotFound` (a subclass) for an unknown or expired token;
 * :class:`ServerError` on 5xx or when the server cannot be reached after the retries.
+
+Sessions survive a server restart or an eviction: the client keeps the encoded reference of the
+sessions it registered (the last ``keep_references`` of them), and when ``predict`` or
+``predict_batch`` gets :class:`SessionNotFound` for one of them it registers that reference again,
+once, and repeats the request under the new token (``client.current_token(old)`` tells which;
+the old token keeps working through this client). ``Client(..., reregister=False)`` turns this
+off and raises :class:`SessionNotFound` instead.
+
+Every request carries an ``X-Client-Id`` header (random per Client unless ``client_id`` is given):
+the server counts sessions per client, so one busy client cannot evict another's sessions. With
+``api_key`` (default: the ``NH_SERVE_API_KEY`` environment variable) it sends
+``Authorization: Bearer <key>``.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +45,7 @@ import numpy as np
 
 from nh_serve.client.wire import decode_array, encode_array, encode_spikes
 from nh_serve.errors import InputError
-from nh_serve.prediction import Prediction
+from nh_serve.prediction import Prediction, unit_id_array, unit_id_list
 
 __all__ = ["Client", "RequestRejected", "SessionNotFound", "ServerError"]
 
@@ -56,7 +72,8 @@ class ServerError(RuntimeError):
         super().__init__(message)
 
 
-_RETRY_STATUS = {502, 503, 504}
+_RETRY_STATUS = {429, 502, 503, 504}
+_MAX_RETRY_AFTER_S = 5.0
 
 
 class Client:
@@ -69,6 +86,12 @@ class Client:
         backoff_s: first retry delay in seconds, doubled after every attempt (capped at 5 s).
         encoding: ``"base64"`` (default, compact) or ``"json"`` for arrays in both directions.
         transport: an ``httpx`` transport to send requests through (default: plain HTTP).
+        api_key: the server's key (``NH_SERVE_API_KEY`` on the server); default: this process's
+            ``NH_SERVE_API_KEY`` environment variable, if set.
+        client_id: this client's name in the server's per-client session quota (default: random).
+        reregister: register a session's reference again, once, when the server no longer knows
+            its token (see the module docstring); False raises :class:`SessionNotFound`.
+        keep_references: how many of the latest sessions' encoded references are kept for that.
     """
 
     def __init__(
@@ -80,18 +103,33 @@ class Client:
         backoff_s: float = 0.1,
         encoding: str = "base64",
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
+        client_id: str | None = None,
+        reregister: bool = True,
+        keep_references: int = 32,
     ):
         if encoding not in ("base64", "json"):
             raise InputError(f"encoding: must be 'base64' or 'json', got {encoding!r}")
         if int(retries) < 0:
             raise InputError(f"retries: must be >= 0, got {retries}")
+        if int(keep_references) < 0:
+            raise InputError(f"keep_references: must be >= 0, got {keep_references}")
         self.url = str(url).rstrip("/")
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
         self.encoding = encoding
-        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport)
+        self.reregister = bool(reregister)
+        self.keep_references = int(keep_references)
+        self.client_id = client_id or secrets.token_hex(8)
+        headers = {"X-Client-Id": self.client_id}
+        key = api_key if api_key is not None else os.environ.get("NH_SERVE_API_KEY") or None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport, headers=headers)
         self._units: dict[str, np.ndarray] = {}  # token -> unit ids, from /register
+        self._references: OrderedDict[str, dict] = OrderedDict()  # token -> its /register body (latest last)
+        self._renamed: dict[str, str] = {}  # token the caller holds -> the token it was registered again under
 
     # ------------------------------------------------------------------ Predictor API
     def register(
@@ -116,10 +154,41 @@ class Client:
         if reference_window is not None:
             body["reference_start"], body["reference_end"] = (float(x) for x in reference_window)
         if units is not None:
-            body["units"] = [str(u) for u in np.asarray(units).tolist()]
+            body["units"] = unit_id_list(unit_id_array(units, name="units"))
+        return self._register_body(body)
+
+    def _register_body(self, body: dict) -> str:
         out = self._post("/register", body)
-        self._units[out["token"]] = np.asarray(out["unit_ids"], dtype=str)
-        return out["token"]
+        token = out["token"]
+        self._units[token] = np.asarray(out["unit_ids"])
+        if self.reregister and self.keep_references:
+            self._references[token] = body
+            while len(self._references) > self.keep_references:
+                old, _ = self._references.popitem(last=False)
+                self._units.pop(old, None)
+        return token
+
+    def current_token(self, session: str) -> str:
+        """The token ``session`` is served under now: itself, or the one it was registered again under."""
+        return self._renamed.get(session, session)
+
+    def _post_session(self, path: str, session: str, body: dict) -> dict:
+        """POST a request about a session; on SessionNotFound register its kept reference again, once."""
+        token = self.current_token(session)
+        try:
+            return self._post(path, {**body, "token": token})
+        except SessionNotFound:
+            ref = self._references.get(token)
+            if not self.reregister or ref is None:
+                raise
+        new = self._register_body(ref)
+        self._references.pop(token, None)
+        self._units[session] = self._units[new]
+        self._renamed[session] = new
+        for k, v in self._renamed.items():  # tokens renamed before point at the newest one
+            if v == token:
+                self._renamed[k] = new
+        return self._post(path, {**body, "token": new})
 
     def predict(
         self,
@@ -141,7 +210,6 @@ class Client:
         complete, also when none is coming; by default a list without a coming image means "unknown".
         """
         body = {
-            "token": session,
             **self._window(
                 spike_times, unit_ids, context_start, behavior, images, history_counts, history_duration_s,
                 image_schedule_s,
@@ -150,11 +218,11 @@ class Client:
         }
         if horizon_s is not None:
             body["horizon_s"] = float(horizon_s)
-        out = self._post("/predict", body)
+        out = self._post_session("/predict", session, body)
         return Prediction(
             rates_hz=decode_array(out["rates_hz"], name="rates_hz", kinds="f", ndim=2).astype(np.float32),
             bin_edges=decode_array(out["bin_edges"], name="bin_edges", kinds="f"),
-            unit_ids=np.asarray(out["unit_ids"], dtype=str),
+            unit_ids=np.asarray(out["unit_ids"]),
             model=out["model"],
             model_hash=out["model_hash"],
         )
@@ -197,15 +265,15 @@ class Client:
                     w.get("image_schedule_s"),
                 )
             )
-        body: dict[str, Any] = {"token": session, "windows": items, "encoding": self.encoding}
+        body: dict[str, Any] = {"windows": items, "encoding": self.encoding}
         if horizon_s is not None:
             body["horizon_s"] = float(horizon_s)
-        out = self._post("/predict_batch", body)
+        out = self._post_session("/predict_batch", session, body)
         rates = decode_array(out["rates_hz"], name="rates_hz", kinds="f", ndim=3).astype(
             np.float32
         )  # (W, U, T)
         edges = decode_array(out["bin_edges"], name="bin_edges", kinds="f", ndim=2)  # (W, T + 1)
-        ids = np.asarray(out["unit_ids"], dtype=str)
+        ids = np.asarray(out["unit_ids"])
         return [
             Prediction(
                 rates_hz=r, bin_edges=e, unit_ids=ids, model=out["model"], model_hash=out["model_hash"]
@@ -216,7 +284,7 @@ class Client:
     def unit_ids(self, session: str) -> np.ndarray:
         """The unit ids of a session this client registered (the row order of its predictions)."""
         if session not in self._units:
-            raise InputError(f"session: {session!r} was not registered by this client")
+            raise InputError(f"session: {session!r} was not registered by this client (or is no longer kept)")
         return self._units[session]
 
     # ------------------------------------------------------------------ server
@@ -281,10 +349,11 @@ class Client:
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         delay = self.backoff_s
+        wait = 0.0
         last: str = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(delay)
+                time.sleep(max(delay, wait))
                 delay = min(delay * 2, 5.0)
             try:
                 resp = self._http.request(method, path, json=body)
@@ -293,6 +362,7 @@ class Client:
                 continue
             if resp.status_code in _RETRY_STATUS:
                 last = f"HTTP {resp.status_code}: {_message(resp)}"
+                wait = _retry_after(resp)
                 continue
             if 400 <= resp.status_code < 500:
                 cls = SessionNotFound if resp.status_code == 404 and path != "/model" else RequestRejected
@@ -307,6 +377,14 @@ class Client:
             except ValueError:
                 raise ServerError(f"{path}: the answer is not JSON (HTTP {resp.status_code})") from None
         raise ServerError(f"{method} {self.url}{path} failed after {self.retries + 1} attempt(s): {last}")
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """Seconds the server asks to wait (``Retry-After``), capped; 0 without one."""
+    try:
+        return min(max(float(resp.headers.get("retry-after", 0)), 0.0), _MAX_RETRY_AFTER_S)
+    except ValueError:
+        return 0.0
 
 
 def _message(resp: httpx.Response) -> str:

@@ -13,6 +13,8 @@ Spike trains are two parallel arrays: ``times`` (float64 seconds) and
 themselves (strings or integers) or, with ``unit_table``, 0-based int32/int64
 indices into ``unit_table`` (the compact form the client sends: a 60 s, 300-unit
 reference of 180 000 spikes is 2.9 MB of base64 instead of about 5 MB of JSON).
+Unit ids keep their type: integers stay integers, strings stay strings (a table or
+list mixing both is read as strings); ``unit_table`` lists each id once.
 
 Every decoding problem raises :class:`~nh_serve.errors.InputError` naming the field
 (:class:`TooLarge`, a subclass, for arrays over the limit they are decoded with).
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from nh_serve.errors import InputError
+from nh_serve.prediction import IndexedIds, unit_id_array
 
 DTYPES: dict[str, str] = {"float64": "<f8", "float32": "<f4", "int32": "<i4", "int64": "<i8"}
 """dtype names accepted in ``{"b64": ..., "dtype": ...}`` -> the little-endian numpy dtype."""
@@ -129,8 +132,9 @@ def decode_array(
 def encode_spikes(times, unit_ids, *, binary: bool = True) -> dict:
     """A spike train as its wire object ``{"times", "unit_ids", "unit_table"}``.
 
-    ``unit_table`` lists each distinct id once (as strings) and ``unit_ids`` holds
-    int32 indices into it; ``binary`` sends both arrays as base64 instead of JSON lists.
+    ``unit_table`` lists each distinct id once (integers as integers, strings as strings) and
+    ``unit_ids`` holds int32 indices into it; ``binary`` sends both arrays as base64 instead of
+    JSON lists.
     """
     t = np.asarray(times, dtype=np.float64)
     ids = np.asarray(unit_ids)
@@ -138,11 +142,12 @@ def encode_spikes(times, unit_ids, *, binary: bool = True) -> dict:
         raise InputError(
             f"spikes: pass 1-D spike times and one unit id per spike, got shapes {t.shape} and {ids.shape}"
         )
+    ids = unit_id_array(ids, name="unit_ids")
     if ids.size:
         table, index = np.unique(ids, return_inverse=True)
     else:
         table, index = np.zeros(0, dtype=str), np.zeros(0, dtype=np.int64)
-    table = table.astype(str).tolist()
+    table = table.tolist()
     index = index.astype(np.int32 if len(table) < 2**31 else np.int64)
     if binary:
         return {
@@ -153,11 +158,23 @@ def encode_spikes(times, unit_ids, *, binary: bool = True) -> dict:
     return {"times": t.tolist(), "unit_ids": index.tolist(), "unit_table": table}
 
 
-def decode_spikes(obj: Any, *, name: str, max_spikes: int | None = None, max_units: int | None = None):
-    """Decode a wire spike train into ``(times float64 (N,), unit ids str (N,))``.
+def decode_spikes(
+    obj: Any,
+    *,
+    name: str,
+    max_spikes: int | None = None,
+    max_units: int | None = None,
+    max_id_chars: int | None = None,
+    compact: bool = False,
+):
+    """Decode a wire spike train into ``(times float64 (N,), unit ids (N,))``.
 
-    Validation of the times themselves (finite, sorted, inside the window) is
-    left to :func:`nh_serve.data.spikes.check_spikes` downstream.
+    The unit ids are int64 or str (the type they were sent in); with ``compact`` and a
+    ``unit_table``, an :class:`~nh_serve.prediction.IndexedIds` (the table and the
+    indices) instead of one id per spike. ``max_spikes``, ``max_units`` (table entries)
+    and ``max_id_chars`` (characters of a string id) are checked before anything large is
+    built. Validation of the times themselves (finite, sorted, inside the window) is left
+    to :func:`nh_serve.data.spikes.check_spikes` downstream.
     """
     if hasattr(obj, "model_dump"):
         obj = {k: getattr(obj, k) for k in type(obj).model_fields}
@@ -167,18 +184,15 @@ def decode_spikes(obj: Any, *, name: str, max_spikes: int | None = None, max_uni
         raise InputError(f"{name}.times: missing; send the spike times in seconds")
     if "unit_ids" not in obj or obj["unit_ids"] is None:
         raise InputError(f"{name}.unit_ids: missing; send one unit id (or unit_table index) per spike")
-    times = decode_array(obj["times"], name=f"{name}.times", kinds="f", max_items=max_spikes)
     table = obj.get("unit_table")
+    if table is not None:  # small: checked before the (large) arrays are decoded
+        table_ids = _unit_table(table, name=f"{name}.unit_table", max_units=max_units, max_chars=max_id_chars)
+    times = decode_array(obj["times"], name=f"{name}.times", kinds="f", max_items=max_spikes)
     if table is None:
-        ids = decode_array(obj["unit_ids"], name=f"{name}.unit_ids", kinds="iU", max_items=max_spikes)
-        ids = ids.astype(str)
+        raw = decode_array(obj["unit_ids"], name=f"{name}.unit_ids", kinds="iU", max_items=max_spikes)
+        ids = unit_id_array(raw, name=f"{name}.unit_ids", max_chars=max_id_chars)
+        n_ids = ids.shape[0]
     else:
-        if not isinstance(table, (list, tuple)) or not all(
-            isinstance(x, (str, int)) and not isinstance(x, bool) for x in table
-        ):
-            raise InputError(f"{name}.unit_table: must be a list of unit ids (strings or integers)")
-        if max_units is not None and len(table) > max_units:
-            raise TooLarge(f"{name}.unit_table: {len(table)} units is more than the limit of {max_units}")
         index = decode_array(obj["unit_ids"], name=f"{name}.unit_ids", kinds="i", max_items=max_spikes)
         if index.size:
             lo, hi = int(index.min()), int(index.max())
@@ -187,12 +201,47 @@ def decode_spikes(obj: Any, *, name: str, max_spikes: int | None = None, max_uni
                     f"{name}.unit_ids: index {lo if lo < 0 else hi} is outside unit_table (0..{len(table) - 1}); "
                     "with unit_table, unit_ids are 0-based indices into it"
                 )
-        ids = np.asarray([str(x) for x in table], dtype=str)[index] if index.size else np.zeros(0, dtype=str)
-    if times.shape[0] != ids.shape[0]:
+        n_ids = index.shape[0]
+        if compact:
+            ids = IndexedIds(table_ids, index.astype(np.int64, copy=False))
+        else:
+            ids = table_ids[index] if index.size else table_ids[:0]
+    if times.shape[0] != n_ids:
         raise InputError(
-            f"{name}: {times.shape[0]} spike times but {ids.shape[0]} unit_ids; send one unit per spike"
+            f"{name}: {times.shape[0]} spike times but {n_ids} unit_ids; send one unit per spike"
         )
     return times, ids
+
+
+def _unit_table(table: Any, *, name: str, max_units: int | None, max_chars: int | None) -> np.ndarray:
+    """A ``unit_table`` as int64 or str ids: each id once, within the limits (checked before conversion)."""
+    if not isinstance(table, (list, tuple)) or not all(
+        isinstance(x, (str, int)) and not isinstance(x, bool) for x in table
+    ):
+        raise InputError(f"{name}: must be a list of unit ids (strings or integers)")
+    if max_units is not None and len(table) > max_units:
+        raise TooLarge(f"{name}: {len(table)} units is more than the limit of {max_units}")
+    if max_chars is not None:
+        longest = max((len(x) for x in table if isinstance(x, str)), default=0)
+        if longest > max_chars:
+            raise InputError(
+                f"{name}: a unit id of {longest} characters is longer than the limit of {max_chars}; use shorter ids"
+            )
+    if any(isinstance(x, int) and not -(2**63) <= x < 2**63 for x in table):
+        raise InputError(f"{name}: integer unit ids must fit in 64 bits")
+    if all(isinstance(x, int) for x in table):
+        ids = np.asarray(table, dtype=np.int64)
+    else:
+        ids = np.asarray([str(x) for x in table], dtype=str)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if uniq.size != ids.size:
+        dup = uniq[counts > 1][0].item()
+        where = np.flatnonzero(ids == dup)[:2].tolist()
+        raise InputError(
+            f"{name}: {dup!r} appears more than once (entries {where[0]} and {where[1]}); list each unit once "
+            "(spikes of one unit share its index)"
+        )
+    return ids
 
 
 # ----------------------------------------------------------------------------- internals
@@ -281,9 +330,8 @@ def _from_list(values: list | tuple, *, name: str, strings: bool) -> np.ndarray:
         lens = {len(v) if isinstance(v, (list, tuple)) else -1 for v in values}
         if len(lens) != 1 or -1 in lens:
             raise InputError(f"{name}: rows must all be lists of the same length")
-    if any(
-        isinstance(v, bool) for v in (values if values and not isinstance(values[0], (list, tuple)) else [])
-    ):
+    nested = bool(values) and isinstance(values[0], (list, tuple))
+    if any(isinstance(v, bool) for row in (values if nested else [values]) for v in row):
         raise InputError(f"{name}: must hold numbers or strings, got true/false")
     try:
         arr = np.asarray(values)

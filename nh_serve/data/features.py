@@ -52,7 +52,8 @@ Everything is vectorised over units: spikes are stably sorted by unit once,
 ISIs come from one ``np.diff``, histograms and sums from ``np.bincount`` on
 flattened ``unit * n_bins + bin`` indices, and the autocorrelogram from a loop
 over the ``k``-th next spike (a few iterations: it stops once no unit has
-``k`` spikes within 100 ms of a spike), never over units.
+``k`` spikes within 100 ms of a spike), never over units. The Fano factor counts only the
+(unit, 1 s window) pairs that hold a spike, so a long window costs no units x seconds array.
 
 :class:`FeatureNorm` z-scores features with statistics of training sessions and
 travels inside checkpoints.
@@ -65,7 +66,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nh_serve.data.spikes import bin_counts, check_spikes
+from nh_serve.data.spikes import check_spikes
 from nh_serve.errors import InputError
 
 MIN_REFERENCE_S = 10.0  # shortest reference window accepted, seconds
@@ -209,17 +210,35 @@ def reference_features(times, unit_index, *, n_units: int, start: float, end: fl
     out[:, SL_ACORR] = np.log((pair_counts.reshape(n_units, nl) + 1.0) / (expected + 1.0))
 
     # Fano factor of counts in 1 s windows.
-    n_win = int(math.floor(T / FANO_WINDOW_S + 1e-9))
-    counts = bin_counts(t, u, n_units=n_units, start=s, bin_size=FANO_WINDOW_S, n_bins=n_win).astype(
-        np.float64
-    )
-    c_mean = counts.mean(axis=1)
-    c_var = counts.var(axis=1, ddof=1)
-    out[:, 32] = np.where(c_mean > 0, c_var / np.where(c_mean > 0, c_mean, 1.0), 1.0)
+    out[:, 32] = _fano(ts, us, n_units=n_units, start=s, n_win=int(math.floor(T / FANO_WINDOW_S + 1e-9)))
 
     few = n < MIN_SPIKES
     out[few, 1:] = SILENT_DEFAULTS[1:]
     return out.astype(np.float32)
+
+
+def _fano(ts: np.ndarray, us: np.ndarray, *, n_units: int, start: float, n_win: int) -> np.ndarray:
+    """``var(counts, ddof=1) / mean(counts)`` per unit over ``n_win`` windows of FANO_WINDOW_S from ``start``.
+
+    ``ts`` / ``us``: spikes sorted by unit, in time order inside each unit. Only the (unit, window)
+    pairs that hold a spike are counted: O(N) time and memory whatever the window length (a dense
+    units x windows array of a 1e7 s window would take gigabytes). The sum of squared deviations
+    is the dense two-pass one: occupied windows contribute ``(c - mean)^2``, each empty window ``mean^2``.
+    Returns ``(n_units,)`` float64; 1 for units with no spike in the full windows.
+    """
+    kf = np.floor((ts - start) / FANO_WINDOW_S)  # (N,) window of each spike, float: no int overflow
+    keep = kf < n_win  # the incomplete tail window is dropped
+    kf, uk = kf[keep], us[keep]
+    if kf.size == 0:
+        return np.ones(n_units, dtype=np.float64)
+    run_start = np.flatnonzero(np.concatenate(([True], (uk[1:] != uk[:-1]) | (kf[1:] != kf[:-1]))))
+    c = np.diff(np.append(run_start, kf.size)).astype(np.float64)  # (R,) spikes in each occupied window
+    run_u = uk[run_start]  # (R,) its unit
+    mean = np.bincount(run_u, weights=c, minlength=n_units) / n_win  # (U,)
+    occupied = np.bincount(run_u, minlength=n_units).astype(np.float64)  # (U,)
+    ss = np.bincount(run_u, weights=(c - mean[run_u]) ** 2, minlength=n_units) + (n_win - occupied) * mean**2
+    var = ss / (n_win - 1) if n_win > 1 else np.full(n_units, np.nan)
+    return np.where(mean > 0, var / np.where(mean > 0, mean, 1.0), 1.0)
 
 
 @dataclass(eq=False)

@@ -11,6 +11,7 @@ their training summary, get that switch in their config. The file format itself
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,56 @@ def resolve_checkpoint(spec: str | os.PathLike | None) -> Path:
             )
         return path
     return Path(spec)
+
+
+#: Largest value of each size in a model config that a checkpoint may carry (the shipped configs use
+#: a small fraction of each), and the most parameters a checkpoint's model may have.
+MAX_CONFIG_SIZES = {
+    "dim": 4096,
+    "depth": 64,
+    "heads": 64,
+    "dim_head": 1024,
+    "cross_heads": 64,
+    "n_latents_per_step": 256,
+    "n_bins": 10_000,
+    "ffn_mult": 16,
+    "n_features": 1024,
+    "head_hidden": 4096,
+    "head_layers": 16,
+    "behavior_dim": 8192,
+    "image_dim": 8192,
+}
+MAX_PARAMETERS = 1_000_000_000
+
+
+def check_config_size(cfg: ModelConfig, *, source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` if a config's sizes exceed :data:`MAX_CONFIG_SIZES` (nothing is built)."""
+    over = [
+        f"{key} = {getattr(cfg, key)} (at most {limit})"
+        for key, limit in MAX_CONFIG_SIZES.items()
+        if getattr(cfg, key) > limit
+    ]
+    if len(cfg.activity_scales) > 16:
+        over.append(f"{len(cfg.activity_scales)} activity_scales (at most 16)")
+    if over:
+        raise CheckpointError(
+            f"{source}: its model config asks for a model larger than nh-serve builds: {'; '.join(over)}. "
+            "The config is damaged or not meant for this version; use the checkpoint the model was trained into"
+        )
+
+
+def expected_weights(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{name: (shape, dtype)}`` of a model built from ``cfg``, found without allocating its weights
+    (the model is built on torch's storage-less ``meta`` device); at most :data:`MAX_PARAMETERS` values."""
+    with torch.device("meta"):
+        model = NeuroHorizon(cfg)
+    spec = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    n = sum(math.prod(shape) for shape, _ in spec.values())
+    if n > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"model config {cfg.name!r} has {n:,} parameters, more than the {MAX_PARAMETERS:,} nh-serve builds"
+        )
+    return spec
 
 
 def build_model(cfg: ModelConfig, *, head_ablation: str = "none") -> NeuroHorizon:
@@ -159,8 +210,11 @@ def load_model(path: str | os.PathLike | None, *, map_location: str | torch.devi
     if ablation == "no_activity" and cfg.head_activity:
         # checkpoints from before ``head_activity`` existed record the ablation in their training summary only
         cfg = cfg.replace(baseline_offset=False, head_activity=False)
+    # Sizes first, then the weights' shapes against a model with no storage: a config that claims a
+    # huge model is refused before anything is allocated for it.
+    check_config_size(cfg, source=where)
+    check_state_dict(expected_weights(cfg), ckpt.state_dict, source=where)
     model = NeuroHorizon(cfg)
-    check_state_dict(model.state_dict(), ckpt.state_dict, source=where)
     model.load_state_dict(ckpt.state_dict, strict=True)
     model.to(map_location).eval()
     try:

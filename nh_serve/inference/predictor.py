@@ -41,7 +41,7 @@ import operator
 import secrets
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ from nh_serve.core.model import poisson_loss
 from nh_serve.data.coupling import unit_descriptors
 from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_rate_hz
 from nh_serve.data.history import EmaState
-from nh_serve.data.spikes import check_spikes, units_to_index
+from nh_serve.data.spikes import check_spikes
 from nh_serve.data.windows import (
     WINDOW_INPUTS,
     Window,
@@ -62,9 +62,11 @@ from nh_serve.data.windows import (
 )
 from nh_serve.errors import InputError
 from nh_serve.inference.backends import Backend, make_backend, open_artifact_model
+from nh_serve.inference.limits import ADAPT_STRIDE_S, Limits, n_adapt_windows, stopper
 from nh_serve.inference.model_io import load_model
 from nh_serve.inference.reference_fit import fit_readout
 from nh_serve.inference.sessions import RegisteredSession, SessionCache
+from nh_serve.inference.unit_ids import as_unit_ids, n_ids, unit_order, unit_rows
 from nh_serve.prediction import Prediction
 
 #: Most windows x units that predict_batch runs at once (memory: ~50 bins x head width floats each).
@@ -75,15 +77,6 @@ FIT_MODES = ("reference", "none")
 HISTORY_GAP_S = 0.5
 #: States a session keeps of its history stream (one per context end), for windows asked again.
 HISTORY_STATES = 256
-
-
-def _as_unit_ids(ids: Any, name: str) -> np.ndarray:
-    a = np.asarray(ids)
-    if a.ndim != 1:
-        raise InputError(f"{name}: must be a 1-D list of unit ids (one per spike), got shape {a.shape}")
-    if a.size and a.dtype.kind not in "iuUSO":
-        raise InputError(f"{name}: unit ids must be integers or strings, got dtype {a.dtype}")
-    return a.astype(str)
 
 
 class Predictor:
@@ -100,17 +93,24 @@ class Predictor:
         session_ttl_s: float = 3600.0,
         threads: int | None = None,
         cache_dir=None,
+        limits: Limits | None = None,
+        max_sessions_per_owner: int | None = None,
     ):
         """``backend``: a name of :data:`nh_serve.inference.backends.BACKENDS`, ``"auto"`` or a built
         :class:`~nh_serve.inference.backends.Backend`; ``threads``: intra-op threads (onnxruntime sessions;
         for torch backends ``torch.set_num_threads``, process-wide, only when given); ``cache_dir``:
-        where on-the-fly exports are cached (see :func:`nh_serve.inference.backends.cache_dir`)."""
+        where on-the-fly exports are cached (see :func:`nh_serve.inference.backends.cache_dir`);
+        ``limits``: what one call may ask (:class:`~nh_serve.inference.limits.Limits`; None: sizes
+        unbounded); ``max_sessions_per_owner``: sessions one ``owner`` keeps (see ``register``)."""
         self.model = model.eval()
         self.cfg = model.cfg
         self.feature_norm = feature_norm
         self.checkpoint = checkpoint
         self.model_hash = checkpoint.short_hash if checkpoint is not None else "unsaved"
-        self.sessions = SessionCache(max_sessions=max_sessions, ttl_s=session_ttl_s)
+        self.limits = limits
+        self.sessions = SessionCache(
+            max_sessions=max_sessions, ttl_s=session_ttl_s, max_per_owner=max_sessions_per_owner
+        )
         self._backend = make_backend(
             backend, model=model, checkpoint=checkpoint, feature_norm=feature_norm, threads=threads, cache_dir=cache_dir
         )
@@ -149,42 +149,50 @@ class Predictor:
         adapt_time_budget_s: float = 10.0,
         seed: int = 0,
         fit: str = "reference",
+        owner: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> str:
         """Register a recording's units from its reference spikes; returns a session token.
 
         Args:
             spike_times: ``(N,)`` sorted spike times in seconds over the reference window.
-            unit_ids: ``(N,)`` unit id (int or str) of each spike.
+            unit_ids: ``(N,)`` unit id (int or str) of each spike, or an
+                :class:`~nh_serve.prediction.IndexedIds` (a table of ids and each spike's row in it).
             reference_window: ``(start, end)`` seconds; default ``(first spike, last spike)``.
                 At least ``MIN_REFERENCE_S`` (10 s) long.
             units: the unit ids in the order predictions should use, which may include
-                units that were silent in the reference; default: sorted unique ids of the spikes.
+                units that were silent in the reference; default: the distinct ids of the spikes,
+                sorted (integer ids numerically, string ids as text). Ids keep their type:
+                integers stay integers in ``Prediction.unit_ids``.
             adapt_steps: gradient steps of test-time unit adaptation (0 = zero-shot embeddings).
-            adapt_time_budget_s: stop adapting after this many seconds.
+            adapt_time_budget_s: wall-clock budget of the whole registration, counted from this
+                call's start; adaptation stops stepping when it is spent.
             fit: ``"reference"`` (default): fit each unit's population read-out on the reference
                 window (models with a read-out; deterministic, a second or two per 100 units),
                 keeping it only for units whose last 20% of the reference it predicts better;
                 ``"none"``: zero-shot, from the unit descriptors alone.
+            owner: who registers (e.g. a client of the service): an owner keeps at most
+                ``max_sessions_per_owner`` sessions, its least recently used one goes first.
+            should_stop: called between the steps; when it returns True the registration stops
+                with :class:`~nh_serve.inference.limits.Cancelled` and keeps nothing.
         """
         if fit not in FIT_MODES:
             raise InputError(f"fit: must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-        ids = _as_unit_ids(unit_ids, "reference unit_ids")
+        t_start = time.monotonic()
+        stop = stopper(should_stop)
+        lim = self.limits
+        ids = as_unit_ids(unit_ids, "reference unit_ids", lim)
         t = np.asarray(spike_times)
-        if t.ndim != 1 or t.shape[0] != ids.shape[0]:
+        if t.ndim != 1 or t.shape[0] != n_ids(ids):
             raise InputError(
-                f"reference spikes: {t.shape} spike times but {ids.shape[0]} unit ids; pass one unit id per spike"
+                f"reference spikes: {t.shape} spike times but {n_ids(ids)} unit ids; pass one unit id per spike"
             )
         if t.size == 0:
             raise InputError("reference spikes: no spikes; send the spikes of the reference window")
-        if units is None:
-            order = np.unique(ids)
-        else:
-            order = _as_unit_ids(units, "units")
-            if order.size == 0:
-                raise InputError("units: there are zero units; pass at least one unit id")
-            if np.unique(order).size != order.size:
-                raise InputError("units: unit ids must be unique")
-        uidx = units_to_index(ids, order, name="reference unit_ids")
+        if lim is not None:
+            lim.check_count(t.size, "max_spikes", "spikes", "reference spikes")
+        order = unit_order(ids, units, lim)
+        uidx = unit_rows(ids, order, "reference unit_ids")
         if reference_window is None:
             tf = t.astype(np.float64)
             if not np.all(np.isfinite(tf)):
@@ -198,14 +206,22 @@ class Predictor:
                 f"reference_window: [{r0:g}, {r1:g}) s is {r1 - r0:.3g} s long; send at least "
                 f"{MIN_REFERENCE_S:g} s of reference spikes (60 s recommended)"
             )
+        if lim is not None:
+            lim.check_reference(r0, r1)
+            lim.check_spike_times(t, "reference spikes")
+            lim.check_close_pairs(t, uidx, "reference spikes")
+            span = self.cfg.context_s + self.cfg.horizon_s
+            lim.check_adaptation(int(adapt_steps), n_windows=n_adapt_windows(self.cfg, r0, r1), n_units=order.size, span_s=span)
         ref_rate = reference_rate_hz(t, uidx, n_units=order.size, start=r0, end=r1)  # (U,)
         feats = unit_descriptors(
             t, uidx, n_units=order.size, start=r0, end=r1, ref_rate_hz=ref_rate,
             components=self.cfg.coupling_components,
         )  # (U, n_features): 33 statistics (+ population coupling)
+        stop()
         with torch.inference_mode():
             x = torch.from_numpy(self.feature_norm.apply(feats)).unsqueeze(0)  # (1, U, F)
             emb = self.model.embed_units(x)[0].clone()  # (U, D)
+        stop()
         session = RegisteredSession(
             token=secrets.token_urlsafe(12),
             unit_ids=order,
@@ -213,11 +229,14 @@ class Predictor:
             features=feats,
             ref_rate_hz=ref_rate.astype(np.float32),
             embeddings=emb,
+            owner=owner,
         )
         if adapt_steps > 0:
             session.embeddings, session.adaptation = self._adapt(
-                session, t, uidx, steps=int(adapt_steps), budget_s=float(adapt_time_budget_s), seed=seed
+                session, t, uidx, steps=int(adapt_steps), deadline=t_start + float(adapt_time_budget_s),
+                seed=seed, stop=stop,
             )
+        stop()
         if self.cfg.has_history:
             o = np.argsort(np.asarray(t, dtype=np.float64), kind="stable")
             ts, us = np.asarray(t, dtype=np.float64)[o], uidx[o]
@@ -230,9 +249,10 @@ class Predictor:
                     session.readout, session.fit = fit_readout(
                         self._fit_model(), times=ts, units=us, reference=(r0, r1),
                         unit_features=session.features, ref_rate_hz=session.ref_rate_hz,
-                        embeddings=session.embeddings,
+                        embeddings=session.embeddings, should_stop=stop,
                     )
             session.fit = {"mode": fit, **(session.fit or {})}
+            stop()
         self.sessions.put(session)
         return session.token
 
@@ -343,16 +363,18 @@ class Predictor:
             info["history_warned"] = True
             s.fit = info
 
-    @staticmethod
-    def _window(s: RegisteredSession, spike_times, unit_ids, *, context_start, **inputs) -> Window:
+    def _window(self, s: RegisteredSession, spike_times, unit_ids, *, context_start, **inputs) -> Window:
         """A caller's window (unit ids) -> a :class:`Window` with rows of the registered unit order."""
-        ids = _as_unit_ids(unit_ids, "context unit_ids")
+        ids = as_unit_ids(unit_ids, "context unit_ids", self.limits)
         t = np.asarray(spike_times)
-        if t.ndim != 1 or t.shape[0] != ids.shape[0]:
+        if t.ndim != 1 or t.shape[0] != n_ids(ids):
             raise InputError(
-                f"context spikes: {t.shape} spike times but {ids.shape[0]} unit ids; pass one unit id per spike"
+                f"context spikes: {t.shape} spike times but {n_ids(ids)} unit ids; pass one unit id per spike"
             )
-        uidx = units_to_index(ids, s.unit_ids, name="context unit_ids")
+        if self.limits is not None:
+            self.limits.check_count(t.size, "max_context_spikes", "spikes", "context spikes")
+            self.limits.check_time(context_start, "ctx_start")
+        uidx = unit_rows(ids, s.unit_ids, "context unit_ids")
         return Window(context_start=context_start, spike_times=t, spike_unit_index=uidx, **inputs)
 
     def _run(self, s: RegisteredSession, items: list[dict[str, torch.Tensor]]) -> np.ndarray:
@@ -369,11 +391,14 @@ class Predictor:
         T = self.cfg.n_bins
         if horizon_s is None:
             return T
-        h = float(horizon_s)
-        n = int(round(h / self.cfg.bin_size_s))
+        try:
+            h = float(horizon_s)
+        except (TypeError, ValueError):
+            raise InputError(f"horizon_s: must be a number of seconds, got {horizon_s!r}") from None
         max_h = T * self.cfg.bin_size_s
-        if not math.isfinite(h) or h <= 0 or h > max_h + 1e-9:
+        if isinstance(horizon_s, (bool, np.bool_)) or not math.isfinite(h) or h <= 0 or h > max_h + 1e-9:
             raise InputError(f"horizon_s: must be in (0, {max_h:g}] s (this model's horizon), got {horizon_s}")
+        n = int(round(h / self.cfg.bin_size_s))
         if abs(n * self.cfg.bin_size_s - h) > 1e-6:
             raise InputError(f"horizon_s: must be a multiple of the {self.cfg.bin_size_s * 1000:g} ms bin, got {h:g} s")
         return n
@@ -451,6 +476,8 @@ class Predictor:
         """
         size = _batch_size(batch_size)
         s = self.session(session)
+        if self.limits is not None:
+            self.limits.check_count(len(windows), "max_windows", "windows", "windows")
         allowed = {"spike_times", "unit_ids", "context_start", *WINDOW_INPUTS}
         cut = []
         for i, w in enumerate(windows):
@@ -489,12 +516,16 @@ class Predictor:
         return out
 
     # ------------------------------------------------------------------ adaptation
-    def _adapt(self, s: RegisteredSession, times: np.ndarray, uidx: np.ndarray, *, steps: int, budget_s: float, seed: int):
-        """Refine the unit embeddings on next-second Poisson loss inside the reference window."""
+    def _adapt(
+        self, s: RegisteredSession, times: np.ndarray, uidx: np.ndarray, *, steps: int, deadline: float, seed: int,
+        stop: Callable[[], None] = lambda: None,
+    ):
+        """Refine the unit embeddings on next-second Poisson loss inside the reference window, stepping
+        until ``deadline`` (``time.monotonic()``); ``stop()`` raises when the result is no longer wanted."""
         cfg = self.cfg
         r0, r1 = s.reference
         span = cfg.context_s + cfg.n_bins * cfg.bin_size_s
-        starts = np.arange(r0, r1 - span + 1e-9, 0.5)
+        starts = np.arange(r0, r1 - span + 1e-9, ADAPT_STRIDE_S)
         if starts.size == 0:
             raise InputError(
                 f"adapt_steps: the reference window ({r1 - r0:g} s) is shorter than one context + horizon ({span:g} s)"
@@ -526,12 +557,14 @@ class Predictor:
                 return float(poisson_loss(lr, counts, bin_size_s=cfg.bin_size_s, unit_mask=batch["unit_mask"]))
 
         t_start = time.monotonic()
+        stop()
         loss_before, done = full_loss(emb0), 0
         for p in self.model.parameters():
             p.requires_grad_(False)
         try:
             for _ in range(steps):
-                if time.monotonic() - t_start > budget_s:
+                stop()
+                if time.monotonic() > deadline:
                     break
                 idx = torch.randperm(W, generator=gen)[:mb]
                 sub = {k: v[idx] for k, v in batch.items()}

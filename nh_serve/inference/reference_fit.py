@@ -81,14 +81,17 @@ def fit_readout(
     ref_rate_hz,
     embeddings: torch.Tensor,
     history_init=None,
+    should_stop=None,
 ) -> tuple[torch.Tensor, dict]:
     """Fit every unit's read-out on the spikes ``times`` / ``units`` (sorted, unit rows) of ``reference``.
 
     Returns ``(readout (U, K + 1) float32, info)``; ``info`` says how many units kept a fit,
     the held-out Poisson NLL per (unit, bin) before and after, the penalties chosen and the
     seconds it took. ``history_init``: the units' smoothed-rate state at ``reference[0]``
-    (default: their reference rates, as at registration).
+    (default: their reference rates, as at registration). ``should_stop``: called between the
+    steps (it raises to abandon the fit).
     """
+    stop = should_stop if should_stop is not None else (lambda: None)
     t_start = time.monotonic()
     cfg = model.cfg
     r0, r1 = (float(x) for x in reference)
@@ -110,6 +113,7 @@ def fit_readout(
         windows = cut_windows(times, units, starts, n_units=U, cfg=cfg, history_start=r0, history_rates=hr)
     eta0, design = _frozen_parts(model, cfg, windows, unit_features=unit_features, ref_rate_hz=ref_rate_hz,
                                  embeddings=embeddings)  # (W, U, T), (W, T, K1)
+    stop()
     y = target_counts(times, units, starts + cfg.context_s, n_units=U, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
     W, T = starts.size, cfg.n_bins
     X = design.reshape(W * T, K1)  # rows: (window, bin), shared by every unit
@@ -126,6 +130,7 @@ def fit_readout(
     base = nll(np.zeros((U, K1)), ho)
     best, best_l2, best_w = base.copy(), np.full(U, np.inf), np.zeros((U, K1))
     for l2 in L2_GRID:
+        stop()
         w = fit_poisson(X[:n_fit], Y[:, :n_fit], offset=off[:, :n_fit], l2=l2, max_iter=MAX_ITER)
         got = nll(w, ho)
         better = got < best - 1e-9

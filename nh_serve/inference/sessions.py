@@ -18,12 +18,13 @@ class RegisteredSession:
     """Everything the model needs about a recording's units, computed once at registration."""
 
     token: str
-    unit_ids: np.ndarray  # (U,) str
+    unit_ids: np.ndarray  # (U,) int64 or str, the caller's ids in row order
     reference: tuple[float, float]  # [start, end) seconds
     features: np.ndarray  # (U, 33) raw reference features
     ref_rate_hz: np.ndarray  # (U,) Hz
     embeddings: torch.Tensor  # (U, D) unit embeddings used for prediction
     adaptation: dict | None = None  # what test-time adaptation did, if it ran
+    owner: str | None = None  # who registered it (a client of the service), for per-owner quotas
     last_used: float = field(default_factory=time.monotonic)
     history: object | None = None  # nh_serve.data.history.EmaState of history models: each unit's smoothed rates
     history_states: object | None = None  # deque of (time, (U, K) rates) at recent context ends
@@ -38,15 +39,23 @@ class RegisteredSession:
 
 
 class SessionCache:
-    """Thread-safe LRU of registered sessions with a time-to-live (seconds since last use)."""
+    """Thread-safe LRU of registered sessions with a time-to-live (seconds since last use).
 
-    def __init__(self, *, max_sessions: int = 64, ttl_s: float = 3600.0):
+    With ``max_per_owner``, an owner (``RegisteredSession.owner``) that registers more sessions
+    than that loses its own least recently used one, so one busy client cannot evict everyone
+    else's sessions; sessions without an owner share the global LRU only.
+    """
+
+    def __init__(self, *, max_sessions: int = 64, ttl_s: float = 3600.0, max_per_owner: int | None = None):
         if int(max_sessions) < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0 seconds, got {ttl_s}")
+        if max_per_owner is not None and int(max_per_owner) < 1:
+            raise ValueError(f"max_per_owner must be >= 1, got {max_per_owner}")
         self.max_sessions = int(max_sessions)
         self.ttl_s = float(ttl_s)
+        self.max_per_owner = None if max_per_owner is None else int(max_per_owner)
         self._items: OrderedDict[str, RegisteredSession] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -58,6 +67,11 @@ class SessionCache:
             self._expire(time.monotonic())
             self._items[s.token] = s
             self._items.move_to_end(s.token)
+            if s.owner is not None and self.max_per_owner is not None:
+                own = [k for k, x in self._items.items() if x.owner == s.owner]  # oldest first
+                for k in own[: max(0, len(own) - self.max_per_owner)]:
+                    del self._items[k]
+                    self.evictions += 1
             while len(self._items) > self.max_sessions:
                 self._items.popitem(last=False)
                 self.evictions += 1

@@ -49,6 +49,32 @@ _CHUNK = 1 << 20
 # --------------------------------------------------------------------------- Session
 
 
+def _refuse_other_files(f: h5py.File, path: Path) -> None:
+    """Raise SessionFileError if the file reaches into other files: an external link, a dataset whose
+    bytes live in external files, or a virtual dataset. The walk visits links without following them."""
+    problems: list[tuple[str, str]] = []
+
+    def visit(name: str) -> None:
+        link = f.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            problems.append((name, f"is an HDF5 external link to {link.filename!r}"))
+        elif isinstance(link, h5py.HardLink):
+            obj = f.get(name)
+            if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual):
+                problems.append((name, "is a dataset whose data lies in other files (external or virtual)"))
+
+    f.visit_links(visit)
+    if problems:
+        name, problem = problems[0]
+        raise SessionFileError(
+            path,
+            name,
+            f"{problem}; session files are read only from themselves (links to other files are not "
+            "followed): rewrite the file with write_session, or copy the data in (h5repack, h5copy)",
+        )
+
+
+
 class Session:
     """A lazily read session file. Use :func:`open_session` to make one.
 
@@ -82,6 +108,7 @@ class Session:
             ) from None
         try:
             try:
+                _refuse_other_files(self._file, p)
                 self._load_structure()
             except (OSError, KeyError) as e:  # h5py-level read failures inside a damaged file
                 raise SessionFileError(
