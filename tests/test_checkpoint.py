@@ -677,7 +677,8 @@ def _model_checkpoint_with_config(tmp_path, name, **changes):
 
     torch.manual_seed(0)
     src = tmp_path / "tiny.safetensors"
-    save_model(src, NeuroHorizon(get_config("nh-tiny")), feature_norm=FeatureNorm.identity())
+    m = NeuroHorizon(get_config("nh-tiny"))
+    save_model(src, m, feature_norm=FeatureNorm.identity(m.cfg.n_features))
 
     def edit(doc):
         doc["config"].update(changes)

@@ -24,7 +24,8 @@ from nh_serve.prediction import IndexedIds, unit_id_array
 def ckpt_path(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
-    save_model(path, NeuroHorizon(get_config("nh-tiny")), feature_norm=FeatureNorm.identity())
+    m = NeuroHorizon(get_config("nh-tiny"))
+    save_model(path, m, feature_norm=FeatureNorm.identity(m.cfg.n_features))
     return path
 
 

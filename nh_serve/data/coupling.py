@@ -41,9 +41,9 @@ def coupling_features(times, units, *, n_units: int, start: float, end: float, r
     components and correlations with the rest of the population (see the module docstring)."""
     U, k = int(n_units), int(components)
     out = np.zeros((U, k + N_COUPLINGS))
-    pos = np.arange(float(start) + 1.0, float(end), STEP_S)
-    if pos.size > MAX_POSITIONS:
-        pos = pos[np.linspace(0, pos.size - 1, MAX_POSITIONS).round().astype(np.int64)]
+    lo, hi = float(start) + 1.0, float(end)
+    n = int(min(np.floor((hi - lo) / STEP_S), MAX_POSITIONS)) if hi > lo else 0  # never a huge array
+    pos = lo + (hi - lo) * np.arange(n) / max(n, 1) if (hi - lo) / STEP_S > MAX_POSITIONS else lo + STEP_S * np.arange(n)
     if pos.size < 10 or U < 2:
         return out
     R = ema_rates(times, units, n_units=U, t_eval=pos, start=float(start), ref_rate_hz=ref_rate_hz, taus=CORR_TAUS)

@@ -253,6 +253,7 @@ class Predictor:
                     )
             session.fit = {"mode": fit, **(session.fit or {})}
             stop()
+        session.last_used = time.monotonic()  # its time limit starts now, not when the work began
         self.sessions.put(session)
         return session.token
 

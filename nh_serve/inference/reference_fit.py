@@ -45,13 +45,16 @@ FORWARD_CHUNK_UNIT_WINDOWS = 16_384  # windows x units per forward pass
 
 
 def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float) -> np.ndarray:
-    """Context starts of the fit inside ``[r0, r1)`` (empty when the window is too short)."""
-    starts = np.arange(r0 + WARMUP_S, r1 - context_s - horizon_s + 1e-9, STEP_S)
-    if starts.size < 5:  # a short reference: start at its beginning instead
-        starts = np.arange(r0, r1 - context_s - horizon_s + 1e-9, STEP_S)
-    if starts.size > MAX_WINDOWS:
-        starts = starts[np.linspace(0, starts.size - 1, MAX_WINDOWS).round().astype(np.int64)]
-    return starts
+    """Context starts of the fit inside ``[r0, r1)``: every :data:`STEP_S` from :data:`WARMUP_S` in (from
+    the start of a short reference), at most :data:`MAX_WINDOWS` evenly spread (empty when too short)."""
+    last = r1 - context_s - horizon_s
+    first = r0 + WARMUP_S if (last - r0 - WARMUP_S) / STEP_S >= 4 else r0
+    if last < first:
+        return np.zeros(0)
+    n = (last - first) / STEP_S + 1  # windows at the full spacing; never built when there are too many
+    if n > MAX_WINDOWS:
+        return np.linspace(first, last, MAX_WINDOWS)
+    return first + STEP_S * np.arange(int(np.floor(n + 1e-9)))
 
 
 @torch.no_grad()
