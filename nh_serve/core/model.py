@@ -1,3 +1,4 @@
+# Over 500 lines: one nn.Module whose methods TorchScript, the ONNX export and the Triton backend all see.
 """NeuroHorizon: predict every unit's firing rate over the next second from 1 s of spikes.
 
 Reference implementation in plain PyTorch. Kernels, exported graphs, the

@@ -40,14 +40,12 @@ import math
 import operator
 import secrets
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from nh_serve.core.model import poisson_loss
 from nh_serve.data.coupling import unit_descriptors
 from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_rate_hz
 from nh_serve.data.history import EmaState
@@ -56,16 +54,16 @@ from nh_serve.data.windows import (
     WINDOW_INPUTS,
     Window,
     collate,
-    cut_windows,
-    target_counts,
     tokenize_window,
 )
 from nh_serve.errors import InputError
+from nh_serve.inference.adaptation import adapt_embeddings
 from nh_serve.inference.backends import Backend, make_backend, open_artifact_model
-from nh_serve.inference.limits import ADAPT_STRIDE_S, Limits, n_adapt_windows, stopper
+from nh_serve.inference.limits import Limits, n_adapt_windows, stopper
 from nh_serve.inference.model_io import load_model
 from nh_serve.inference.reference_fit import fit_readout
 from nh_serve.inference.sessions import RegisteredSession, SessionCache
+from nh_serve.inference.streaming import HISTORY_STATES, stream_history
 from nh_serve.inference.unit_ids import as_unit_ids, n_ids, unit_order, unit_rows
 from nh_serve.prediction import Prediction
 
@@ -73,10 +71,6 @@ from nh_serve.prediction import Prediction
 MAX_UNIT_WINDOWS = 16_384
 #: How a registration fits the units' read-outs: on the reference window, or not at all (zero-shot).
 FIT_MODES = ("reference", "none")
-#: A gap between the data a session has seen and a new context longer than this is "history incomplete".
-HISTORY_GAP_S = 0.5
-#: States a session keeps of its history stream (one per context end), for windows asked again.
-HISTORY_STATES = 256
 
 
 class Predictor:
@@ -318,51 +312,8 @@ class Predictor:
         return tokenize_window(self.cfg, window, unit_features=s.features, ref_rate_hz=s.ref_rate_hz)
 
     def _stream_history(self, s: RegisteredSession, window: Window) -> np.ndarray:
-        """The session's smoothed rates at the context end of ``window``, moving the stream forward.
-
-        The stream keeps its state at the end of each recent context (:data:`HISTORY_STATES` of
-        them), so a window asked again, or one overlapping a recent one, gets the same history.
-        Spikes between the data the session saw and a later context are unknown (the rates relax
-        toward the reference rate there); a context older than the kept states gets the reference
-        rates. Both warn once per session.
-        """
-        t0 = float(window.context_start)
-        t1 = t0 + self.cfg.context_s
-        times, units = check_spikes(
-            window.spike_times, window.spike_unit_index, n_units=s.n_units, name="context spikes", window=(t0, t1)
-        )
-        with s.lock:
-            h = s.history
-            if t1 < h.t - 1e-9:  # an older window: continue from a kept state inside or at its context
-                past = [(ts, st) for ts, st in s.history_states if t0 - 1e-9 <= ts <= t1 + 1e-9]
-                if not past:
-                    self._warn_history(s, f"a context ending at {t1:g} s lies before the data this session has "
-                                          f"kept (from {s.history_states[0][0] if s.history_states else h.t:g} s); "
-                                          "its history is taken as the reference rates")
-                    return np.repeat(h.ref[:, None], h.taus.size, axis=1).astype(np.float32)
-                ts, st = past[-1]
-                old = h.copy()
-                old.rates, old.t = st.copy(), ts
-                old.update(times, units, until=t1)
-                return old.rates.astype(np.float32)
-            if t0 > h.t + HISTORY_GAP_S:
-                self._warn_history(s, f"nothing was sent between {h.t:g} s and the context at {t0:g} s; that "
-                                      "stretch counts as firing at the reference rate (send consecutive contexts, "
-                                      "or pass history_rates)")
-            if t0 > h.t:
-                h.skip_to(t0)
-            h.update(times, units, until=t1)
-            if not s.history_states or s.history_states[-1][0] < h.t:
-                s.history_states.append((h.t, h.rates.copy()))
-            return h.rates.astype(np.float32)
-
-    @staticmethod
-    def _warn_history(s: RegisteredSession, message: str) -> None:
-        info = s.fit if s.fit is not None else {}
-        if not info.get("history_warned"):
-            warnings.warn(f"session {s.token[:6]}...: history incomplete: {message}", stacklevel=4)
-            info["history_warned"] = True
-            s.fit = info
+        """:func:`nh_serve.inference.streaming.stream_history` of ``window`` in session ``s``."""
+        return stream_history(s, window, context_s=self.cfg.context_s)
 
     def _window(self, s: RegisteredSession, spike_times, unit_ids, *, context_start, **inputs) -> Window:
         """A caller's window (unit ids) -> a :class:`Window` with rows of the registered unit order."""
@@ -517,78 +468,9 @@ class Predictor:
         return out
 
     # ------------------------------------------------------------------ adaptation
-    def _adapt(
-        self, s: RegisteredSession, times: np.ndarray, uidx: np.ndarray, *, steps: int, deadline: float, seed: int,
-        stop: Callable[[], None] = lambda: None,
-    ):
-        """Refine the unit embeddings on next-second Poisson loss inside the reference window, stepping
-        until ``deadline`` (``time.monotonic()``); ``stop()`` raises when the result is no longer wanted."""
-        cfg = self.cfg
-        r0, r1 = s.reference
-        span = cfg.context_s + cfg.n_bins * cfg.bin_size_s
-        starts = np.arange(r0, r1 - span + 1e-9, ADAPT_STRIDE_S)
-        if starts.size == 0:
-            raise InputError(
-                f"adapt_steps: the reference window ({r1 - r0:g} s) is shorter than one context + horizon ({span:g} s)"
-            )
-        order = np.argsort(times, kind="stable")
-        t, u = np.asarray(times, np.float64)[order], uidx[order]
-        # The history before each window, as training and predict() see it (a full history_s seconds),
-        # where the reference holds that much before the window; else the reference rate stands in: a
-        # shorter history gives noisier rates than training ever gave the model.
-        windows = cut_windows(
-            t, u, starts, n_units=s.n_units, cfg=cfg, history_start=r0, full_history=True, ref_rate_hz=s.ref_rate_hz
-        )
-        batch = collate([self.tokenize(s, w) for w in windows])
-        batch.pop("unit_features")
-        if s.readout is not None:
-            batch["unit_readout"] = s.readout.unsqueeze(0).expand(len(windows), -1, -1)
-        counts = torch.from_numpy(
-            target_counts(t, u, starts + cfg.context_s, n_units=s.n_units, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
-        )  # (W, U, T)
-        gen = torch.Generator().manual_seed(seed)
-        emb0 = s.embeddings.detach().clone()
-        emb = emb0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([emb], lr=1e-2)
-        W = counts.shape[0]
-        mb = min(16, W)
-        def full_loss(e: torch.Tensor) -> float:
-            with torch.no_grad():
-                lr = self.model.forward_with_embeddings(e.unsqueeze(0).expand(W, -1, -1), **batch)
-                return float(poisson_loss(lr, counts, bin_size_s=cfg.bin_size_s, unit_mask=batch["unit_mask"]))
-
-        t_start = time.monotonic()
-        stop()
-        loss_before, done = full_loss(emb0), 0
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        try:
-            for _ in range(steps):
-                stop()
-                if time.monotonic() > deadline:
-                    break
-                idx = torch.randperm(W, generator=gen)[:mb]
-                sub = {k: v[idx] for k, v in batch.items()}
-                log_rate = self.model.forward_with_embeddings(emb.unsqueeze(0).expand(mb, -1, -1), **sub)
-                loss = poisson_loss(log_rate, counts[idx], bin_size_s=cfg.bin_size_s, unit_mask=sub["unit_mask"])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                done += 1
-        finally:
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-        loss_after = full_loss(emb.detach())
-        if not loss_after <= loss_before:  # never hand back embeddings that fit the reference worse
-            emb = emb0.clone()
-        info = {
-            "steps": done,
-            "seconds": round(time.monotonic() - t_start, 4),
-            "loss_before": loss_before,  # mean Poisson NLL over all reference windows
-            "loss_after": min(loss_after, loss_before),
-            "windows": int(W),
-        }
-        return emb.detach(), info
+    def _adapt(self, s: RegisteredSession, times, uidx, *, steps: int, deadline: float, seed: int, stop=lambda: None):
+        """:func:`nh_serve.inference.adaptation.adapt_embeddings` of this predictor's model."""
+        return adapt_embeddings(self, s, times, uidx, steps=steps, deadline=deadline, seed=seed, stop=stop)
 
     # ------------------------------------------------------------------ introspection
     def info(self) -> dict:
