@@ -29,33 +29,53 @@ from training.data import TrainSession, history_at
 
 
 class Harness(nn.Module):
-    """The model and the read-out tables of the training recordings."""
+    """The model and the read-out tables of the training recordings.
 
-    def __init__(self, model: nn.Module, unit_counts: list[int]):
+    ``head_units``: units forecast per window (a random subset when a window has more; the
+    encoder still reads every unit's spikes): the per-neuron head costs windows x units x bins,
+    so this bounds a step's cost on recordings with hundreds of units. 0 = every unit.
+    """
+
+    def __init__(self, model: nn.Module, unit_counts: list[int], head_units: int = 0):
         super().__init__()
         self.model = model
+        self.head_units = int(head_units)
         k1 = model.cfg.readout_dim + 1
         self.uses_tables = model.readout is not None
         self.tables = nn.ParameterList(
             [nn.Parameter(torch.zeros(n, k1)) for n in unit_counts] if self.uses_tables else []
         )
 
-    def forward(self, batch: dict[str, torch.Tensor], sessions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log_rate with the units' tables, zero-shot log_rate)``, each ``(B, U, T)``."""
+    def pick_units(self, unit_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """``(B, Uh)`` rows of the units to forecast: all (None) or a random subset of the real ones per window."""
+        B, U = unit_mask.shape
+        if not self.head_units or U <= self.head_units:
+            return None
+        score = torch.rand(B, U, generator=generator) + unit_mask.float()  # real units first, in random order
+        return score.topk(self.head_units, dim=1).indices
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], sessions: list[int], head_units: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_rate with the units' tables, zero-shot log_rate)``, each ``(B, U, T)`` (``(B, Uh, T)``
+        for the rows ``head_units``)."""
         batch = dict(batch)
         model = self.model
         emb = model.embed_units(batch.pop("unit_features"))
-        eta, design, _ = model.log_rate_parts(emb, **batch)
-        zero_shot = model.finish_log_rate(eta, batch["unit_mask"])
+        eta, design, _ = model.log_rate_parts(emb, **batch, head_units=head_units)
+        mask = batch["unit_mask"] if head_units is None else batch["unit_mask"].gather(1, head_units)
+        zero_shot = model.finish_log_rate(eta, mask)
         if not self.uses_tables:
             return zero_shot, zero_shot
-        U = eta.shape[1]
+        U = batch["unit_mask"].shape[1]
         rows = []
         for i in sessions:
             t = self.tables[i]
             rows.append(torch.nn.functional.pad(t, (0, 0, 0, U - t.shape[0])))
         readout = torch.stack(rows)  # (B, U, K + 1)
-        fitted = model.finish_log_rate(eta + torch.matmul(readout, design.transpose(1, 2)), batch["unit_mask"])
+        if head_units is not None:
+            readout = readout.gather(1, head_units.unsqueeze(-1).expand(-1, -1, readout.shape[2]))
+        fitted = model.finish_log_rate(eta + torch.matmul(readout, design.transpose(1, 2)), mask)
         return fitted, zero_shot
 
     def table_penalty(self) -> torch.Tensor:
@@ -64,13 +84,19 @@ class Harness(nn.Module):
         return torch.stack([(t * t).mean() for t in self.tables]).mean()
 
 
-def loss(harness: Harness, batch, sessions, y, *, bin_size_s: float, zero_shot_weight: float, readout_l2: float):
-    fitted, zero_shot = harness(batch, sessions)
+def loss(harness, batch, sessions, y, *, bin_size_s: float, zero_shot_weight: float, readout_l2: float, generator=None):
+    """The training loss of one batch (``harness`` may be wrapped in DistributedDataParallel)."""
+    inner = harness.module if hasattr(harness, "module") else harness
+    head_units = inner.pick_units(batch["unit_mask"], generator)
+    fitted, zero_shot = harness(batch, sessions, head_units)
     mask = batch["unit_mask"]
+    if head_units is not None:
+        mask = mask.gather(1, head_units)
+        y = y.gather(1, head_units.unsqueeze(-1).expand(-1, -1, y.shape[2]))
     out = poisson_loss(fitted.float(), y, bin_size_s=bin_size_s, unit_mask=mask)
-    if harness.uses_tables:
+    if inner.uses_tables:
         out = out + zero_shot_weight * poisson_loss(zero_shot.float(), y, bin_size_s=bin_size_s, unit_mask=mask)
-        out = out + readout_l2 * harness.table_penalty()
+        out = out + readout_l2 * inner.table_penalty()
     return out
 
 

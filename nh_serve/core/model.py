@@ -218,8 +218,8 @@ class NeuroHorizon(nn.Module):
         self.pop_path = cfg.pop_path
         self.slow_index = list(cfg.history_taus).index(SLOW_TAU) if K else 0
         self.register_buffer(
-            "rel_index", torch.tensor([i for i in range(K) if i != self.slow_index], dtype=torch.long)
-        )  # (K - 1,) the time constants measured against the slow one
+            "rel_index", torch.tensor([i for i in range(K) if i != self.slow_index], dtype=torch.long), persistent=False
+        )  # (K - 1,) the time constants measured against the slow one (derived from the config: not saved)
         self.univariate = UnivariateTerm(n_features=K - 1, n_bins=cfg.n_bins) if K and cfg.uni_path else None
         self.pop_tok = PopulationTokens(dim=D, n_scales=K - 1) if K and cfg.pop_tokens and cfg.pop_path else None
         self.readout = (
@@ -436,12 +436,15 @@ class NeuroHorizon(nn.Module):
         image_values: Tensor | None = None,
         image_mask: Tensor | None = None,
         history_rates: Tensor | None = None,
+        head_units: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The unclamped log rate without any ``unit_readout`` ``(B, U, T)``, the read-out design
         ``(B, T, K + 1)`` (empty ``K + 1 = 0`` without a read-out) and the decoded bins ``(B, T, D)``.
 
         ``log_rate = parts + unit_readout . design`` (then clamped and masked) is
         :meth:`forward_with_embeddings`; the registration fit solves for ``unit_readout``.
+        ``head_units`` ``(B, Uh)``: rows of the units to forecast (training forecasts a few units
+        per window while the encoder reads every unit's spikes); the log rate is then ``(B, Uh, T)``.
         """
         B = spike_times.shape[0]
         hist = history_rates
@@ -469,6 +472,14 @@ class NeuroHorizon(nn.Module):
             )  # (B, T, D)
         else:  # ablation: no population path, every unit from its own history
             bins = torch.zeros(B, self.n_bins, unit_embeddings.shape[2], dtype=unit_embeddings.dtype, device=unit_embeddings.device)
+        if head_units is not None:  # forecast only these units: gather their unit-level inputs
+            idx = head_units.unsqueeze(-1)
+            unit_embeddings = unit_embeddings.gather(1, idx.expand(-1, -1, unit_embeddings.shape[2]))
+            unit_counts = unit_counts.gather(1, idx.expand(-1, -1, unit_counts.shape[2]))
+            history_rate_hz = history_rate_hz.gather(1, head_units)
+            ref_rate_hz = ref_rate_hz.gather(1, head_units)
+            if hist is not None:
+                hist = hist.gather(1, idx.expand(-1, -1, hist.shape[2]))
         unit_vec = self.unit_vectors(unit_embeddings, unit_counts, history_rate_hz, ref_rate_hz, hist)  # (B, U, D+A)
         offset: Tensor | None = None
         if self.baseline_offset:

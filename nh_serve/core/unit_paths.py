@@ -64,11 +64,9 @@ class PopulationReadout(nn.Module):
     def __init__(self, *, dim: int, width: int):
         super().__init__()
         self.width = width
-        self.forecast = nn.Linear(dim, width)  # P
-        self.zero_shot = nn.Linear(dim, width, bias=False)  # B
-        nn.init.normal_(self.forecast.weight, std=0.02 / math.sqrt(dim))
-        nn.init.zeros_(self.forecast.bias)
-        nn.init.normal_(self.zero_shot.weight, std=0.02)
+        self.forecast = nn.Linear(dim, width)  # P: O(1) values from the start, so read-outs learn at once
+        self.zero_shot = nn.Linear(dim, width, bias=False)  # B: small, the term starts near 0
+        nn.init.normal_(self.zero_shot.weight, std=0.02 / math.sqrt(dim))
 
     def design(self, bins: Tensor) -> Tensor:
         """``(B, T, K + 1)``: the population forecast ``P`` with a column of ones (the per-unit fit's design)."""

@@ -8,6 +8,8 @@ so that the same mistakes get the same messages everywhere.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from nh_serve.errors import InputError
@@ -151,3 +153,13 @@ def prefix_counts(units: np.ndarray, positions: np.ndarray, n_units: int, weight
     table = np.bincount(seg * n_units + units, weights=weights, minlength=(pos.size + 1) * n_units)
     cum = np.cumsum(table.reshape(pos.size + 1, n_units), axis=0)[: pos.size]  # row q: spikes before pos[q]
     return cum[inv.reshape(-1)]
+
+
+def spikes_fingerprint(times, units) -> str:
+    """A content hash of a recording's spikes (16 hex characters of sha256 over the float64 times and
+    int64 unit rows): the same spikes give the same fingerprint whatever the file is called, so a
+    checkpoint can say which recordings it was trained on and a scorer can tell them apart."""
+    h = hashlib.sha256(b"nh-serve/spikes/v1\n")
+    h.update(np.ascontiguousarray(times, dtype="<f8").tobytes())
+    h.update(np.ascontiguousarray(units, dtype="<i8").tobytes())
+    return h.hexdigest()[:16]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nh_serve.data.synth import make_demo
 from nh_serve.evaluation.quality import evaluate_recording
+from nh_serve.evaluation.quality_cli import BPS_MEANING, verdict
 from nh_serve.inference.predictor import Predictor
 from nh_serve.util import help_text
 
@@ -38,6 +39,20 @@ def score_table(rows: dict[str, dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)
 
 
+def demo_headline(res: dict) -> str:
+    """One plain paragraph: who won, by how much, whether beyond the paired interval, what bits/spike means."""
+    scores = res["scores"]
+    winner = max((n for n in scores if n != "oracle"), key=lambda n: scores[n]["bits_per_spike"])
+    text = f"Best forecaster here: {winner} ({scores[winner]['bits_per_spike']:+.4f} bits/spike)"
+    if "oracle" in scores:
+        text += f"; the true rates (oracle) reach {scores['oracle']['bits_per_spike']:+.4f}"
+    text += ". "
+    if "model" in res.get("paired", {}):
+        best = res["best_baseline"]
+        text += verdict(res["paired"]["model"][best], "The default model", best) + " "
+    return text + BPS_MEANING
+
+
 def run_demo(out_dir: Path, *, checkpoint="default", stride_s: float = 1.0, progress: bool = True) -> dict:
     """Make (or reuse) ``out_dir/demo.h5``, score it (:func:`~nh_serve.evaluation.quality.evaluate_recording`)
     and return that result (``scores`` per predictor, ``best_baseline``, ``paired`` intervals).
@@ -58,6 +73,7 @@ def run_demo(out_dir: Path, *, checkpoint="default", stride_s: float = 1.0, prog
 def _run(args: argparse.Namespace) -> int:
     res = run_demo(Path(args.out), checkpoint=None if args.no_model else args.checkpoint, stride_s=args.stride)
     print(score_table(res["scores"]))
+    print(demo_headline(res))
     return 0
 
 

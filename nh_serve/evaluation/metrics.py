@@ -373,8 +373,9 @@ def paired_bps_interval(
     (one per recording) to get the mean over recordings of the per-recording differences,
     each recording resampled on its own. The difference is
     ``sum(nll_b - nll_a) / sum(spikes) / ln 2``; each of ``n_boot`` resamples draws blocks
-    of ``block`` consecutive windows with replacement (as many windows as there are), with
-    a fixed ``seed``, and the interval is the central ``level`` quantile range.
+    of ``block`` consecutive windows with replacement (circular blocks, which wrap around the
+    last window, so that every window is drawn equally often; as many windows as there are),
+    with a fixed ``seed``, and the interval is the central ``level`` quantile range.
 
     Returns ``{"diff", "lo", "hi", "n_windows"}``; a claim that A beats B needs ``lo > 0``.
     """
@@ -395,10 +396,10 @@ def paired_bps_interval(
         total = max(s.sum(), 1.0)
         diffs.append(d.sum() / total / LN2)
         k = max(1, min(int(block), W))
-        starts = np.arange(W - k + 1)  # every block of k consecutive windows
         n_blocks = int(np.ceil(W / k))
-        pick = rng.integers(0, starts.size, size=(int(n_boot), n_blocks))  # (n_boot, n_blocks)
-        idx = (starts[pick][:, :, None] + np.arange(k)).reshape(int(n_boot), -1)[:, :W]  # (n_boot, W)
+        # circular blocks (they wrap around the end), so every window is drawn equally often
+        pick = rng.integers(0, W, size=(int(n_boot), n_blocks))  # (n_boot, n_blocks) block starts
+        idx = ((pick[:, :, None] + np.arange(k)) % W).reshape(int(n_boot), -1)[:, :W]  # (n_boot, W)
         boots.append(d[idx].sum(1) / np.maximum(s[idx].sum(1), 1.0) / LN2)
     boot = np.mean(boots, axis=0)
     alpha = (1.0 - level) / 2.0

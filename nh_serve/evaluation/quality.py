@@ -50,6 +50,7 @@ from nh_serve.data.session import open_session
 from nh_serve.data.windows import RecordedInputs, cut_windows, recorded_input_notes, recorded_inputs
 from nh_serve.errors import InputError
 from nh_serve.evaluation.baselines import DEFAULT_HISTORY_S, baseline_names, checkpoint_univariate_glm
+from nh_serve.evaluation.insample import seen_as
 from nh_serve.evaluation.metrics import paired_bps_interval
 from nh_serve.evaluation.reporting import machine_info
 from nh_serve.evaluation.sliding import (
@@ -206,6 +207,10 @@ def evaluate_recording(
         )
         U, start, duration = int(s.n_units), float(s.start), float(s.duration)
         unit_ids = np.asarray(s.unit_ids).astype(str)
+        all_t, all_u = s.spikes(s.start, s.end)
+        label = f"{path.parent.name}/{path.name}"
+        in_sample = {name: seen_as(p.checkpoint, times=all_t, units=all_u, name=label) for name, p in predictors.items()}
+        del all_t, all_u
         r0, r1 = plan.reference
         ref_t, ref_u = s.spikes(min(start, r0), r1)
         t0 = time.monotonic()
@@ -274,6 +279,7 @@ def evaluate_recording(
     paired = {v.name: {b: acc.paired(v.name, b) for b in base} for v in variants}
     return {
         "recording": f"{path.parent.name}/{path.name}",
+        "in_sample": in_sample,  # checkpoint -> "training" / "validation" when it has seen this recording, else None
         "synthetic": has_oracle,
         "units": U,
         "duration_s": round(duration, 3),
@@ -386,7 +392,10 @@ def run_benchmark(
 def summarize_recordings(recs: list[dict], *, main: str) -> dict:
     """The ``summary`` of :func:`run_benchmark` (see there) from :func:`evaluate_recording` results."""
     summary: dict = {}
-    synth = [r for r in recs if r["synthetic"]]
+    summary["in_sample"] = {r["recording"]: r["in_sample"].get(main) for r in recs if r["in_sample"].get(main)}
+    held = [r for r in recs if not r["in_sample"].get(main)]  # every "held-out" figure leaves these out
+    summary["held_out_recordings"] = [r["recording"] for r in held]
+    synth = [r for r in held if r["synthetic"]]
     if synth:
         mean = _mean_scores(synth)
         oracle = mean[ORACLE]
@@ -421,6 +430,6 @@ def summarize_recordings(recs: list[dict], *, main: str) -> dict:
             for m in models
         }
     summary["best_baseline"] = {r["recording"]: r["best_baseline"] for r in recs}
-    summary["beats_best_baseline"] = {r["recording"]: r["beats_best_baseline"].get(main, False) for r in recs}
+    summary["beats_best_baseline"] = {r["recording"]: r["beats_best_baseline"].get(main, False) for r in held}
     summary["beats_every_baseline"] = summary["beats_best_baseline"]  # the best one in hindsight, beyond the interval
     return summary

@@ -213,6 +213,8 @@ def load_model(path: str | os.PathLike | None, *, map_location: str | torch.devi
     # Sizes first, then the weights' shapes against a model with no storage: a config that claims a
     # huge model is refused before anything is allocated for it.
     check_config_size(cfg, source=where)
+    # derived buffers some checkpoints stored although the config gives them: not weights
+    ckpt.state_dict.pop("rel_index", None)
     check_state_dict(expected_weights(cfg), ckpt.state_dict, source=where)
     model = NeuroHorizon(cfg)
     model.load_state_dict(ckpt.state_dict, strict=True)

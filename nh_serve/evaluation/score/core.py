@@ -48,6 +48,7 @@ from nh_serve.evaluation.baselines import (
     baseline_names,
     checkpoint_univariate_glm,
 )
+from nh_serve.evaluation.insample import seen_as
 from nh_serve.evaluation.metrics import DEFAULT_BANDS_MS
 from nh_serve.evaluation.score.report import render_recording_plots
 from nh_serve.evaluation.sliding import (
@@ -281,6 +282,10 @@ def score_recording(
                 "for a stretch where the units fire"
             )
         ref_rate = reference_rate_hz(ref_t, ref_u, n_units=U, start=r0, end=r1)  # (U,) Hz, float64
+        all_t, all_u = s.spikes(s.start, s.end)
+        in_sample = seen_as(getattr(predictor, "checkpoint", None), times=all_t, units=all_u,
+                            name=f"{path.parent.name}/{path.name}")
+        del all_t, all_u
         token = predictor.register(ref_t, s.unit_ids[ref_u], reference_window=(r0, r1), units=s.unit_ids)
         notes = recorded_input_notes(s, cfg)  # what the model is given, and why
         has_oracle = (
@@ -445,6 +450,7 @@ def score_recording(
                 "silent_in_reference": int(np.sum(ref_rate == 0)),
             },
             "predictors": {n: _metrics_record(metrics[n]) for n in names},
+            "in_sample": in_sample,  # "training" / "validation": the checkpoint has seen this recording
             "best_baseline": best,
             "model_minus_best_baseline_bps": metrics[MODEL]["bits_per_spike"] - baseline_bps[best],
             "model_minus_best_baseline_ci95": [paired[best]["lo"], paired[best]["hi"]],

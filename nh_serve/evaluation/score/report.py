@@ -274,6 +274,30 @@ def units_png(record: dict) -> bytes:
     return _png(units_figure(record))
 
 
+BPS_MEANING = (
+    "Bits/spike: higher is better; 0 is each unit's mean rate over the scored period (known only in hindsight, "
+    "so a causal forecaster can score below 0); the oracle (the true rates, synthetic recordings only) is the ceiling."
+)
+
+
+def report_headline(doc: dict) -> str:
+    """One plain sentence over the held-out recordings: how often the model beat the best baseline beyond
+    the paired interval, and by how much on average."""
+    held = [r for r in doc["recordings"] if not r.get("in_sample")]
+    n_in = len(doc["recordings"]) - len(held)
+    skip = f" ({n_in} in-sample recording{'s' if n_in != 1 else ''} left out)" if n_in else ""
+    if not held:
+        return f"Every scored recording was in-sample for this checkpoint: there is no held-out figure{skip}."
+    d = [r["model_minus_best_baseline_bps"] for r in held]
+    wins = sum(bool(r.get("model_beats_best_baseline")) for r in held)
+    losses = sum((r.get("model_minus_best_baseline_ci95") or [0, 0])[1] < 0 for r in held)
+    return (
+        f"On {len(held)} held-out recording{'s' if len(held) != 1 else ''}{skip}, the model beats the best "
+        f"baseline in hindsight beyond the paired 95% interval on {wins}, loses beyond it on {losses}, and is "
+        f"{sum(d) / len(d):+.4f} bits/spike from it on average."
+    )
+
+
 def plot_caption(name: str, record: dict) -> str:
     """The caption under plot ``name`` of ``record`` in report.html: what it shows and how to read it."""
     if name == "heatmap.png":
@@ -409,6 +433,7 @@ def write_report_html(path, doc: dict, summary_rows: list[dict], *, overview: st
     cols = [
         ("recording", "recording", "l"),
         ("status", "status", "l"),
+        ("in-sample?", "in_sample", "l"),
         ("units", "n_units", ""),
         ("windows", "n_windows", ""),
         ("model bps", "model_bps", ""),
@@ -435,9 +460,29 @@ def write_report_html(path, doc: dict, summary_rows: list[dict], *, overview: st
             if k in ("model_minus_best_baseline_bps", "model_minus_best_baseline_ci95") and lo is not None:
                 # green only when the whole interval is above 0, red when it is below 0
                 c = (c + (" good" if lo > 0 else " bad" if hi < 0 else "")).strip()
+            if k == "in_sample" and v:
+                v, c = f"IN-SAMPLE ({v})", (c + " bad").strip()
+            if k == "flagged_units" and v:
+                anchor = html.escape(str(row.get("key") or ""))
+                v = f"<a href='#{anchor}-flags'>{int(v)}</a>"
+                cells.append(f"<td>{v}</td>")
+                continue
             cells.append(_td(v if v is not None else "", c))
         parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     parts.append("</table>")
+    parts.append(
+        "<p class='meta'><b>How to read this table.</b> "
+        + html.escape(BPS_MEANING)
+        + " <b>in-sample?</b>: IN-SAMPLE marks a recording the checkpoint was trained (or validated) on; its "
+        "figures are not held-out and the summary below leaves it out. <b>best baseline (in hindsight)</b>: the "
+        "best of every baseline on that recording, chosen after seeing the scores. <b>paired 95% interval</b>: "
+        "the model's bits/spike minus the best baseline's, block-bootstrapped over windows; green only when "
+        "the whole interval is above 0, red when it is below 0. <b>oracle bps</b> is blank for real recordings: "
+        "only synthetic recordings carry their true rates. <b>flagged units</b>: units with no spike in the "
+        "scored horizons (their bits/spike is 0 by definition) or silent in the reference window; the number "
+        "links to the list under the recording, and units.csv gives every unit's flags.</p>"
+    )
+    parts.append(f"<p><b>Verdict.</b> {html.escape(report_headline(doc))}</p>")
     failed = [r for r in summary_rows if r["status"] != "ok"]
     if failed:
         parts.append("<h2>Not scored</h2><ul>")
@@ -457,7 +502,18 @@ def write_report_html(path, doc: dict, summary_rows: list[dict], *, overview: st
             f"{rec['recording']['duration_s']:.1f} s; reference [{w['reference'][0]:g}, {w['reference'][1]:g}) s; "
             f"{w['n']} windows, predictions from {w['first_prediction_s']:g} to {w['last_prediction_s']:g} s; "
             f"best baseline {html.escape(rec['best_baseline'])}; units without spikes in the scored horizons: "
-            f"{rec['flagged_units']['no_spikes_scored']}.</p>"
+            f"{rec['flagged_units']['no_spikes_scored']}."
+            + (f" <b class='bad'>In-sample: the checkpoint's {html.escape(rec['in_sample'])} recording.</b>"
+               if rec.get("in_sample") else "")
+            + "</p>"
+        )
+        flagged = [(uid, f) for uid, f in zip(rec["units"]["id"], rec["units"]["flags"]) if f]
+        parts.append(
+            f"<p class='meta' id='{html.escape(rec['key'])}-flags'>Flagged units ({len(flagged)}): "
+            + ("; ".join(f"{html.escape(str(uid))} ({html.escape(f.replace(';', ', ').replace('_', ' '))})"
+                         for uid, f in flagged[:200]) or "none")
+            + (f"; ... and {len(flagged) - 200} more (units.csv)" if len(flagged) > 200 else "")
+            + "</p>"
         )
         for name in ("heatmap.png", "bands.png", "units.png"):
             if name in rec.get("plots", []):

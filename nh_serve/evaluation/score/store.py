@@ -33,7 +33,7 @@ from pathlib import Path
 
 from nh_serve.errors import InputError
 from nh_serve.evaluation.score.core import MODEL, ORACLE, PREDICTORS, SCHEMA, RecordingResult
-from nh_serve.evaluation.score.report import overview_png, write_report_html
+from nh_serve.evaluation.score.report import overview_png, report_headline, write_report_html
 from nh_serve.util import atomic_write, package_version
 
 RESULT = "result.json"
@@ -140,6 +140,8 @@ def summary_rows(records: list[dict], failed: list[dict]) -> list[dict]:
             row[f"model_bps_{band}"] = v["bits_per_spike"]
         for n in PREDICTORS[1:]:
             row[f"{n}_bps"] = p[n]["bits_per_spike"] if n in p else None
+        row["in_sample"] = r.get("in_sample") or ""
+        row["key"] = r["key"]
         row["best_baseline"] = r["best_baseline"]
         row["model_minus_best_baseline_bps"] = r["model_minus_best_baseline_bps"]
         lo, hi = r.get("model_minus_best_baseline_ci95", [None, None])
@@ -211,8 +213,12 @@ def build_doc(
             "n_ok": len(records),
             "n_failed": len(failed),
             "mean_bits_per_spike": mean,
-            # beyond the paired 95% interval (its lower end above 0), not merely a higher mean
-            "model_beats_best_baseline": sum(bool(r.get("model_beats_best_baseline")) for r in records),
+            # beyond the paired 95% interval (its lower end above 0), not merely a higher mean; held-out only
+            "model_beats_best_baseline": sum(
+                bool(r.get("model_beats_best_baseline")) for r in records if not r.get("in_sample")
+            ),
+            "in_sample": sum(bool(r.get("in_sample")) for r in records),
+            "held_out": sum(not r.get("in_sample") for r in records),
         },
         "recordings": records,
         "failed": failed,
@@ -293,6 +299,7 @@ def summary_table(doc: dict) -> str:
         "windows",
         "model bps",
         "best baseline bps",
+        "model - best [95% CI]",
         "oracle bps",
         "corr",
         "R2",
@@ -304,14 +311,16 @@ def summary_table(doc: dict) -> str:
             lines.append([r["name"], "FAILED", r["error"]])
             continue
         p, best = r["predictors"], r["best_baseline"]
+        lo, hi = r.get("model_minus_best_baseline_ci95") or (float("nan"), float("nan"))
         lines.append(
             [
                 r["name"],
-                "ok",
+                f"ok, IN-SAMPLE ({r['in_sample']})" if r.get("in_sample") else "ok",
                 str(r["recording"]["n_units"]),
                 str(r["windows"]["n"]),
                 _fmt(p[MODEL]["bits_per_spike"]),
                 f"{_fmt(p[best]['bits_per_spike'])} ({best})",
+                f"{_fmt(r['model_minus_best_baseline_bps'])} [{lo:+.4f}, {hi:+.4f}]",
                 _fmt(p[ORACLE]["bits_per_spike"]) if ORACLE in p else "-",
                 _fmt(p[MODEL]["correlation"], ".3f"),
                 _fmt(p[MODEL]["r2"], "+.3f"),
@@ -324,4 +333,6 @@ def summary_table(doc: dict) -> str:
             out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         else:  # failed: name, status, reason
             out.append("  ".join([r[0].ljust(widths[0]), r[1], r[2]]))
+    if doc["recordings"]:
+        out.append(report_headline(doc))
     return "\n".join(out)
