@@ -34,7 +34,6 @@ as firing at the reference rate (a warning says so once per session); pass
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import operator
@@ -48,7 +47,6 @@ import torch
 
 from nh_serve.data.coupling import unit_descriptors
 from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_rate_hz
-from nh_serve.data.history import EmaState
 from nh_serve.data.spikes import check_spikes
 from nh_serve.data.windows import (
     WINDOW_INPUTS,
@@ -61,9 +59,8 @@ from nh_serve.inference.adaptation import adapt_embeddings
 from nh_serve.inference.backends import Backend, make_backend, open_artifact_model
 from nh_serve.inference.limits import Limits, n_adapt_windows, stopper
 from nh_serve.inference.model_io import load_model
-from nh_serve.inference.reference_fit import fit_readout
 from nh_serve.inference.sessions import RegisteredSession, SessionCache
-from nh_serve.inference.streaming import HISTORY_STATES, stream_history
+from nh_serve.inference.streaming import refit_session, start_stream, stream_history
 from nh_serve.inference.unit_ids import as_unit_ids, n_ids, unit_order, unit_rows
 from nh_serve.prediction import Prediction
 
@@ -143,6 +140,8 @@ class Predictor:
         adapt_time_budget_s: float = 10.0,
         seed: int = 0,
         fit: str = "reference",
+        refit_every_s: float | None = None,
+        refit_window_s: float | None = None,
         owner: str | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> str:
@@ -165,6 +164,11 @@ class Predictor:
                 window (models with a read-out; deterministic, a second or two per 100 units),
                 keeping it only for units whose last 20% of the reference it predicts better;
                 ``"none"``: zero-shot, from the unit descriptors alone.
+            refit_every_s: off by default. While the session streams consecutive contexts, fit the
+                read-outs again every this many seconds of stream time on the last ``refit_window_s``
+                seconds it saw (default: the reference length), so a drifting recording keeps read-outs
+                of its present; the fit runs inside the ``predict`` call that reaches that time (a second
+                or two per 100 units). Models with a read-out only.
             owner: who registers (e.g. a client of the service): an owner keeps at most
                 ``max_sessions_per_owner`` sessions, its least recently used one goes first.
             should_stop: called between the steps; when it returns True the registration stops
@@ -172,6 +176,11 @@ class Predictor:
         """
         if fit not in FIT_MODES:
             raise InputError(f"fit: must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+        if refit_every_s is not None:
+            if not self.cfg.readout_dim:
+                raise InputError("refit_every_s: this model has no read-out to refit; leave refit_every_s unset")
+            if not (isinstance(refit_every_s, (int, float)) and math.isfinite(refit_every_s) and refit_every_s >= 1.0):
+                raise InputError(f"refit_every_s: must be at least 1 second, got {refit_every_s!r}")
         t_start = time.monotonic()
         stop = stopper(should_stop)
         lim = self.limits
@@ -232,21 +241,10 @@ class Predictor:
             )
         stop()
         if self.cfg.has_history:
-            o = np.argsort(np.asarray(t, dtype=np.float64), kind="stable")
-            ts, us = np.asarray(t, dtype=np.float64)[o], uidx[o]
-            session.history = EmaState(ref_rate_hz=ref_rate, taus=self.cfg.history_taus, start=r0)
-            session.history.update(ts, us, until=r1)
-            session.history_states = collections.deque([(r1, session.history.rates.copy())], maxlen=HISTORY_STATES)
-            if self.cfg.readout_dim:
-                session.readout = torch.zeros(order.size, self.cfg.readout_dim + 1)
-                if fit == "reference":
-                    session.readout, session.fit = fit_readout(
-                        self._fit_model(), times=ts, units=us, reference=(r0, r1),
-                        unit_features=session.features, ref_rate_hz=session.ref_rate_hz,
-                        embeddings=session.embeddings, should_stop=stop,
-                    )
-            session.fit = {"mode": fit, **(session.fit or {})}
-            stop()
+            start_stream(
+                session, self.cfg, t, uidx, fit=fit, model=self._fit_model if fit == "reference" else None,
+                refit_every_s=refit_every_s, refit_window_s=refit_window_s, stop=stop,
+            )
         session.last_used = time.monotonic()  # its time limit starts now, not when the work began
         self.sessions.put(session)
         return session.token
@@ -307,13 +305,11 @@ class Predictor:
         """
         s = self.session(session)
         if self.cfg.has_history and window.history_rates is None and s.history is not None:
-            window = dataclasses.replace(window, history_rates=self._stream_history(s, window))
+            window = dataclasses.replace(window, history_rates=stream_history(s, window, context_s=self.cfg.context_s))
+            if s.refit is not None and s.refit.due(s.history.t):
+                refit_session(self._fit_model(), s)
         # unit_features are replaced by the cached embeddings in _run; passing them keeps tokenize's checks
         return tokenize_window(self.cfg, window, unit_features=s.features, ref_rate_hz=s.ref_rate_hz)
-
-    def _stream_history(self, s: RegisteredSession, window: Window) -> np.ndarray:
-        """:func:`nh_serve.inference.streaming.stream_history` of ``window`` in session ``s``."""
-        return stream_history(s, window, context_s=self.cfg.context_s)
 
     def _window(self, s: RegisteredSession, spike_times, unit_ids, *, context_start, **inputs) -> Window:
         """A caller's window (unit ids) -> a :class:`Window` with rows of the registered unit order."""
