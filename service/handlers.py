@@ -73,6 +73,7 @@ class Handlers:
                 reference_start=s.reference[0],
                 reference_end=s.reference[1],
                 adaptation=s.adaptation,
+                fit=_json_ready(s.fit),
                 model=self.predictor.cfg.name,
                 model_hash=self.predictor.model_hash,
             )
@@ -203,10 +204,13 @@ class Handlers:
             )
         window = _reference_window(req.reference_start, req.reference_end, times)
         steps = int(getattr(req, "adapt_steps", 0) or 0)
+        refit = getattr(req, "refit_every_s", None)
         kwargs: dict[str, Any] = dict(
             reference_window=window,
             units=units,
             adapt_steps=steps,
+            fit=getattr(req, "fit", None) or "reference",
+            refit_every_s=float(refit) if refit is not None else None,
             adapt_time_budget_s=lim.adapt_budget_s,
             owner=owner,
             should_stop=should_stop,
@@ -405,3 +409,22 @@ def _out(kind, a: np.ndarray, dtype: str, binary: bool):
     return kind.model_construct(
         np.asarray(a, dtype=np.float64 if dtype == "float64" else np.float32).tolist()
     )
+
+
+def _json_ready(info):
+    """A fit summary with plain numbers (numpy scalars become floats / ints)."""
+    if info is None:
+        return None
+    import numpy as np
+
+    def conv(v):
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    return conv(info)
+

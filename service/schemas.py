@@ -196,6 +196,22 @@ class RegisterRequest(BaseModel):
             "(0 = zero-shot; bounded by the server's limit and a time budget)."
         ),
     )
+    fit: Literal["reference", "none"] = Field(
+        "reference",
+        description=(
+            "How the units' population read-outs are set: 'reference' (default) fits each unit's read-out "
+            "on the reference window (kept only where it predicts the window's last 20% better), "
+            "'none' uses the zero-shot read-out from the unit descriptors alone."
+        ),
+    )
+    refit_every_s: Number | None = Field(
+        None,
+        description=(
+            "Off by default. While the session streams consecutive contexts, fit the read-outs again every "
+            "this many seconds of stream time on the last reference-length stretch it saw (a drifting "
+            "recording keeps read-outs of its present); at least 1 s."
+        ),
+    )
 
 
 class RegisterResponse(BaseModel):
@@ -213,6 +229,13 @@ class RegisterResponse(BaseModel):
     adaptation: dict | None = Field(
         None,
         description="What test-time adaptation did (steps taken, seconds, Poisson losses, windows), if it ran.",
+    )
+    fit: dict | None = Field(
+        None,
+        description=(
+            "What the reference fit did: mode, windows, units kept, held-out Poisson NLL per bin before and "
+            "after, penalties chosen, seconds (models with a read-out)."
+        ),
     )
     model: str = Field(description="Name of the model configuration.")
     model_hash: str = Field(description="Short content hash of the checkpoint's weights.")

@@ -432,3 +432,29 @@ def test_429_is_retried_after_its_retry_after():
     k, calls = _mock_client(busy, api_key="k3y")
     k.info()
     assert calls[0].headers["authorization"] == "Bearer k3y"
+
+
+@pytest.mark.service
+@pytest.mark.slow
+@pytest.mark.parametrize("fit", ["reference", "none"])
+def test_fit_modes_through_the_service_equal_the_local_predictor(server, local, rec, fit):
+    """register(fit=...) reaches the server; its read-outs (fitted or zero-shot) give the local answer."""
+    t, ids = rec
+    ref = t < 60.0
+    ct, cids = _win(rec, 62.0)
+    with Client(server.url) as remote:
+        token_r = remote.register(t[ref], ids[ref], reference_window=(0.0, 60.0), fit=fit)
+        info = remote.last_registration["fit"]
+        r = remote.predict(token_r, ct, cids, context_start=62.0)
+    token_l = local.register(t[ref], ids[ref], reference_window=(0.0, 60.0), fit=fit)
+    s = local.session(token_l)
+    assert info["mode"] == fit == s.fit["mode"]
+    if fit == "reference":
+        assert info["units_fitted"] == s.fit["units_fitted"] and info["windows"] == s.fit["windows"]
+    else:
+        assert float(s.readout.abs().sum()) == 0.0
+    l = local.predict(token_l, ct, cids, context_start=62.0)
+    np.testing.assert_allclose(r.rates_hz, l.rates_hz, rtol=1e-5, atol=1e-6)
+    with Client(server.url) as remote:
+        with pytest.raises(RequestRejected, match="fit"):
+            remote.register(t[ref], ids[ref], reference_window=(0.0, 60.0), fit="all")

@@ -352,12 +352,13 @@ def test_multimodal_export_takes_the_optional_inputs(tmp_path):
     res = export_model(
         model, fmt="torchscript", out=tmp_path / "mm.pt", feature_norm=FeatureNorm.identity(model.cfg.n_features), recordings=None
     )
-    assert res.metadata["graphs"]["forward_with_embeddings"]["inputs"][-5:] == [
+    assert res.metadata["graphs"]["forward_with_embeddings"]["inputs"][-6:] == [
         "behavior_times",
         "behavior_values",
         "behavior_mask",
         "history_rates",
         "unit_readout",
+        "unit_bins",
     ]
     assert res.parity.ok
     p = Predictor.load(res.path)

@@ -113,7 +113,7 @@ def test_collate_keys_are_forward_kwargs():
         required = {k for k, p in params.items() if p.default is inspect.Parameter.empty}
         assert required <= set(batch)
         if overrides:  # a multimodal batch fills every argument but the history model's inputs
-            assert set(batch) == set(params) - {"history_rates", "unit_readout"}
+            assert set(batch) == set(params) - {"history_rates", "unit_readout", "unit_bins"}
         assert model(**batch).shape == (2, 5, 50)
 
 

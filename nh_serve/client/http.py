@@ -50,6 +50,9 @@ from nh_serve.prediction import Prediction, unit_id_array, unit_id_list
 __all__ = ["Client", "RequestRejected", "SessionNotFound", "ServerError"]
 
 
+#: Seconds a /register request may take (the reference fit of a large recording takes a while).
+REGISTER_TIMEOUT_S = 120.0
+
 class RequestRejected(InputError):
     """The server refused the request (HTTP 4xx); ``str(e)`` is its message naming the field."""
 
@@ -130,6 +133,7 @@ class Client:
         self._units: dict[str, np.ndarray] = {}  # token -> unit ids, from /register
         self._references: OrderedDict[str, dict] = OrderedDict()  # token -> its /register body (latest last)
         self._renamed: dict[str, str] = {}  # token the caller holds -> the token it was registered again under
+        self.last_registration: dict | None = None  # the last /register answer (its ``fit`` says what the fit did)
 
     # ------------------------------------------------------------------ Predictor API
     def register(
@@ -140,17 +144,25 @@ class Client:
         reference_window: tuple[float, float] | None = None,
         units: Sequence | None = None,
         adapt_steps: int = 0,
+        fit: str = "reference",
+        refit_every_s: float | None = None,
     ) -> str:
         """Register a recording's units from its reference spikes; returns the session token.
 
         Same arguments as :meth:`nh_serve.inference.predictor.Predictor.register`: ``spike_times``
         (N,) seconds, ``unit_ids`` (N,) the unit of each spike, ``reference_window``
-        ``(start, end)`` seconds (at least 10 s), ``units`` the row order of predictions.
+        ``(start, end)`` seconds (at least 10 s), ``units`` the row order of predictions,
+        ``fit`` ``"reference"`` (fit each unit's read-out on the reference window) or ``"none"``
+        (zero-shot), ``refit_every_s`` (refit while streaming; off by default). What the fit did
+        is in :attr:`last_registration`.
         """
         body: dict[str, Any] = {
             "reference": self._spikes(spike_times, unit_ids),
             "adapt_steps": int(adapt_steps),
+            "fit": str(fit),
         }
+        if refit_every_s is not None:
+            body["refit_every_s"] = float(refit_every_s)
         if reference_window is not None:
             body["reference_start"], body["reference_end"] = (float(x) for x in reference_window)
         if units is not None:
@@ -159,6 +171,7 @@ class Client:
 
     def _register_body(self, body: dict) -> str:
         out = self._post("/register", body)
+        self.last_registration = out
         token = out["token"]
         self._units[token] = np.asarray(out["unit_ids"])
         if self.reregister and self.keep_references:
@@ -348,6 +361,8 @@ class Client:
         return self._request("POST", path, body)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        # a registration fits every unit's read-out (seconds for hundreds of units): give it longer
+        timeout = max(self.timeout, REGISTER_TIMEOUT_S) if path == "/register" else self.timeout
         delay = self.backoff_s
         wait = 0.0
         last: str = ""
@@ -356,7 +371,7 @@ class Client:
                 time.sleep(max(delay, wait))
                 delay = min(delay * 2, 5.0)
             try:
-                resp = self._http.request(method, path, json=body)
+                resp = self._http.request(method, path, json=body, timeout=timeout)
             except httpx.TransportError as e:  # connection refused/reset, timeouts, protocol errors
                 last = f"{type(e).__name__}: {e}"
                 continue

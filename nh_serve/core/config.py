@@ -102,6 +102,11 @@ class ModelConfig(Settings):
             ``(T, K)``, the zero-shot read-out ``B e_u`` from the unit embedding and a
             per-unit correction ``r_u`` (``unit_readout``, zero unless the Predictor fitted
             it on the reference window, ``register(fit="reference")``). 0 = none.
+        pop_context_bins: History models with population tokens: also one token per bin of the
+            context split into this many equal bins (the population's activity over the last
+            second, each unit's count in the bin weighted by a vector of its embedding), and the
+            read-out's population forecast gets a direct path from all the population tokens
+            (an MLP), beside the decoded bins. 0 = none.
         pop_tokens: Give the processor one token per history time scale summarising the
             population's relative log rates, each unit weighted by a vector of its
             embedding (history models only).
@@ -143,6 +148,7 @@ class ModelConfig(Settings):
     pop_path: bool = True
     readout_dim: int = 0
     pop_tokens: bool = False
+    pop_context_bins: int = 0
     coupling_components: int = 0
 
     def __post_init__(self) -> None:
@@ -223,6 +229,10 @@ class ModelConfig(Settings):
                 fail("history_taus", f"{taus} must include the slow rate's {SLOW_TAU:g} s")
         elif self.readout_dim or self.pop_tokens or not self.uni_path:
             fail("history_taus", "must list time constants when readout_dim, pop_tokens or uni_path=False are set")
+        if self.pop_context_bins and not self.pop_tokens:
+            fail("pop_context_bins", "needs pop_tokens=True")
+        if not 0 <= self.pop_context_bins <= 100:
+            fail("pop_context_bins", f"must be in [0, 100], got {self.pop_context_bins}")
         if not 0 <= self.readout_dim <= 256:
             fail("readout_dim", f"must be in [0, 256], got {self.readout_dim}")
         if not 0 <= self.coupling_components <= 64:
@@ -289,6 +299,7 @@ CONFIGS: dict[str, ModelConfig] = {
         history_taus=HISTORY_TAUS,
         readout_dim=4,
         pop_tokens=True,
+        pop_context_bins=5,
         coupling_components=4,
         n_features=N_STATS + 4 + N_COUPLINGS,
     ),
@@ -307,6 +318,7 @@ CONFIGS: dict[str, ModelConfig] = {
         history_taus=HISTORY_TAUS,
         readout_dim=16,
         pop_tokens=True,
+        pop_context_bins=10,
         coupling_components=8,
         n_features=N_STATS + 8 + N_COUPLINGS,
     ),
@@ -326,6 +338,7 @@ CONFIGS: dict[str, ModelConfig] = {
         history_taus=HISTORY_TAUS,
         readout_dim=32,
         pop_tokens=True,
+        pop_context_bins=10,
         coupling_components=16,
         n_features=N_STATS + 16 + N_COUPLINGS,
     ),
@@ -335,7 +348,10 @@ CONFIGS: dict[str, ModelConfig] = {
 #: Overrides that give a registered size the architecture of models without history inputs
 #: (a 30 s history count, the persistence offset, no read-out, the 33 statistics only): how the
 #: checkpoints of nh-serve 0.1 were built (their stored configs lack these keys, so they load so).
-COUNT_HISTORY = {"history_taus": (), "readout_dim": 0, "pop_tokens": False, "coupling_components": 0, "n_features": N_STATS}
+COUNT_HISTORY = {
+    "history_taus": (), "readout_dim": 0, "pop_tokens": False, "pop_context_bins": 0, "coupling_components": 0,
+    "n_features": N_STATS,
+}
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:

@@ -221,9 +221,14 @@ class NeuroHorizon(nn.Module):
             "rel_index", torch.tensor([i for i in range(K) if i != self.slow_index], dtype=torch.long), persistent=False
         )  # (K - 1,) the time constants measured against the slow one (derived from the config: not saved)
         self.univariate = UnivariateTerm(n_features=K - 1, n_bins=cfg.n_bins) if K and cfg.uni_path else None
-        self.pop_tok = PopulationTokens(dim=D, n_scales=K - 1) if K and cfg.pop_tokens and cfg.pop_path else None
+        n_tok = (K - 1 + cfg.pop_context_bins) if K and cfg.pop_tokens and cfg.pop_path else 0
+        self.n_context_bins = cfg.pop_context_bins
+        self.context_bin_s = cfg.context_s / max(cfg.pop_context_bins, 1)
+        self.pop_tok = PopulationTokens(dim=D, n_scales=n_tok) if n_tok else None
         self.readout = (
-            PopulationReadout(dim=D, width=cfg.readout_dim) if cfg.readout_dim and cfg.pop_path else None
+            PopulationReadout(dim=D, width=cfg.readout_dim, n_bins=cfg.n_bins, n_tokens=n_tok)
+            if cfg.readout_dim and cfg.pop_path
+            else None
         )
         self._init_weights()
 
@@ -437,6 +442,7 @@ class NeuroHorizon(nn.Module):
         image_mask: Tensor | None = None,
         history_rates: Tensor | None = None,
         head_units: Tensor | None = None,
+        unit_bins: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The unclamped log rate without any ``unit_readout`` ``(B, U, T)``, the read-out design
         ``(B, T, K + 1)`` (empty ``K + 1 = 0`` without a read-out) and the decoded bins ``(B, T, D)``.
@@ -453,8 +459,14 @@ class NeuroHorizon(nn.Module):
         extra: Tensor | None = None
         pop_tok = self.pop_tok
         if pop_tok is not None and hist is not None:
-            rel_h, _ = self.history_features(hist)
-            extra = pop_tok(unit_embeddings, unit_mask, rel_h)  # (B, K - 1, D)
+            rel_h, slow_h = self.history_features(hist)
+            if self.n_context_bins > 0:  # the last second, bin by bin, against the slow rate (0 when not given)
+                if unit_bins is not None:
+                    recent = torch.log(unit_bins / self.context_bin_s + self.log_floor_hz) - slow_h.unsqueeze(-1)
+                else:
+                    recent = torch.zeros(rel_h.shape[0], rel_h.shape[1], self.n_context_bins, dtype=rel_h.dtype)
+                rel_h = torch.cat((rel_h, recent), dim=-1)  # (B, U, K - 1 + nb)
+            extra = pop_tok(unit_embeddings, unit_mask, rel_h)  # (B, K - 1 + nb, D)
         if self.pop_path:
             bins = self.bin_states(
                 unit_embeddings,
@@ -496,8 +508,8 @@ class NeuroHorizon(nn.Module):
         readout = self.readout
         design = torch.zeros(B, self.n_bins, 0, dtype=log_rate.dtype, device=log_rate.device)
         if readout is not None:
-            log_rate = log_rate + readout(bins, unit_embeddings, None)
-            design = readout.design(bins)
+            log_rate = log_rate + readout(bins, unit_embeddings, None, extra)
+            design = readout.design(bins, extra)
         return log_rate, design, bins
 
     @torch.jit.export
@@ -520,6 +532,7 @@ class NeuroHorizon(nn.Module):
         image_mask: Tensor | None = None,
         history_rates: Tensor | None = None,
         unit_readout: Tensor | None = None,
+        unit_bins: Tensor | None = None,
     ) -> Tensor:
         """:meth:`forward` with precomputed unit embeddings ``(B, U, D)`` instead of features."""
         log_rate, design, _ = self.log_rate_parts(
@@ -539,6 +552,8 @@ class NeuroHorizon(nn.Module):
             image_values,
             image_mask,
             history_rates,
+            None,
+            unit_bins,
         )
         if unit_readout is not None and design.shape[2] > 0:
             log_rate = log_rate + torch.matmul(unit_readout, design.transpose(1, 2))  # (B, U, T)
@@ -569,6 +584,7 @@ class NeuroHorizon(nn.Module):
         image_mask: Tensor | None = None,
         history_rates: Tensor | None = None,
         unit_readout: Tensor | None = None,
+        unit_bins: Tensor | None = None,
     ) -> Tensor:
         """Log firing rate (Hz) of every unit in every future bin, ``(B, U, n_bins)``.
 
@@ -592,6 +608,8 @@ class NeuroHorizon(nn.Module):
                 rate stands in for every time constant).
             unit_readout: ``(B, U, readout_dim + 1)`` per-unit read-out correction (zeros or None:
                 zero-shot); models with ``readout_dim > 0`` only.
+            unit_bins: ``(B, U, pop_context_bins)`` each unit's spike count in equal bins of the
+                context; models with ``pop_context_bins > 0`` only.
 
         Returns:
             ``(B, U, n_bins)`` float32 log-rate in Hz, in ``[LOG_RATE_MIN, LOG_RATE_MAX]``; padded units
@@ -615,6 +633,7 @@ class NeuroHorizon(nn.Module):
             image_mask,
             history_rates,
             unit_readout,
+            unit_bins,
         )
 
 

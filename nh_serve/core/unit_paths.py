@@ -59,22 +59,38 @@ class PopulationTokens(nn.Module):
 
 
 class PopulationReadout(nn.Module):
-    """Decoded bins ``(B, T, D)`` and unit embeddings ``(B, U, D)`` -> read-out term ``(B, U, T)``."""
+    """Decoded bins ``(B, T, D)`` and unit embeddings ``(B, U, D)`` -> read-out term ``(B, U, T)``.
 
-    def __init__(self, *, dim: int, width: int):
+    With ``n_tokens`` the forecast also has a direct path from the population tokens ``(B, n, D)``:
+    ``P = Linear(bins) + MLP(flatten(tokens))``, a population state the read-out can use from the
+    first training step while the transformer learns what the last second of spikes adds.
+    """
+
+    def __init__(self, *, dim: int, width: int, n_bins: int, n_tokens: int = 0, hidden: int = 256):
         super().__init__()
         self.width = width
+        self.n_bins = n_bins
         self.forecast = nn.Linear(dim, width)  # P: O(1) values from the start, so read-outs learn at once
         self.zero_shot = nn.Linear(dim, width, bias=False)  # B: small, the term starts near 0
         nn.init.normal_(self.zero_shot.weight, std=0.02 / math.sqrt(dim))
+        self.direct = (
+            nn.Sequential(nn.LayerNorm(n_tokens * dim), nn.Linear(n_tokens * dim, hidden), nn.GELU(), nn.Linear(hidden, n_bins * width))
+            if n_tokens
+            else None
+        )
 
-    def design(self, bins: Tensor) -> Tensor:
+    def design(self, bins: Tensor, tokens: Tensor | None = None) -> Tensor:
         """``(B, T, K + 1)``: the population forecast ``P`` with a column of ones (the per-unit fit's design)."""
         P = self.forecast(bins)  # (B, T, K)
+        direct = self.direct
+        if direct is not None and tokens is not None:
+            P = P + direct(tokens.flatten(1)).view(-1, self.n_bins, self.width)
         return torch.cat((P, torch.ones_like(P[..., :1])), dim=-1)
 
-    def forward(self, bins: Tensor, unit_embeddings: Tensor, unit_readout: Tensor | None) -> Tensor:
-        X = self.design(bins)  # (B, T, K + 1)
+    def forward(
+        self, bins: Tensor, unit_embeddings: Tensor, unit_readout: Tensor | None, tokens: Tensor | None = None
+    ) -> Tensor:
+        X = self.design(bins, tokens)  # (B, T, K + 1)
         beta = self.zero_shot(unit_embeddings)  # (B, U, K)
         beta = torch.cat((beta, torch.zeros_like(beta[..., :1])), dim=-1)  # no zero-shot bias
         if unit_readout is not None:

@@ -32,7 +32,9 @@ IMAGE_MARKER_COLUMN = -1
 TOKEN_SPIKE, TOKEN_UNIT_START, TOKEN_UNIT_END = 0, 1, 2
 
 # Keys produced by tokenize / collate, grouped by the axis they are padded along.
-UNIT_KEYS = ("unit_features", "unit_mask", "unit_counts", "history_rate_hz", "ref_rate_hz", "history_rates")
+UNIT_KEYS = (
+    "unit_features", "unit_mask", "unit_counts", "history_rate_hz", "ref_rate_hz", "history_rates", "unit_bins"
+)
 SPIKE_KEYS = ("spike_unit_index", "spike_times", "spike_type", "spike_mask")
 BEHAVIOR_KEYS = ("behavior_times", "behavior_values", "behavior_mask")
 IMAGE_KEYS = ("image_times", "image_values", "image_mask")
@@ -229,6 +231,12 @@ def tokenize(
     }
     if hist_rates is not None:
         out["history_rates"] = torch.from_numpy(np.ascontiguousarray(hist_rates, dtype=np.float32))  # (U, K)
+    if cfg.pop_context_bins:  # each unit's spike count in equal bins of the context
+        nb = cfg.pop_context_bins
+        b = np.minimum((rel * (nb / cfg.context_s)).astype(np.int64), nb - 1)
+        out["unit_bins"] = torch.from_numpy(
+            np.bincount(units * nb + b, minlength=n_units * nb).reshape(n_units, nb).astype(np.float32)
+        )  # (U, nb)
     if cfg.image_dim == 0 and image_schedule_s is not None:
         raise InputError("image_schedule_s: this model takes no images; pass image_schedule_s=None")
     img_end = ctx_end + cfg.horizon_s

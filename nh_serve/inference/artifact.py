@@ -110,6 +110,8 @@ def forward_input_names(cfg: ModelConfig) -> tuple[str, ...]:
         names += ("history_rates",)
     if cfg.readout_dim:
         names += ("unit_readout",)
+    if cfg.pop_context_bins:
+        names += ("unit_bins",)
     return names
 
 

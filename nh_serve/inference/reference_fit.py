@@ -39,7 +39,7 @@ STEP_S = 0.5
 WARMUP_S = 5.0
 MAX_WINDOWS = 120
 HELD_OUT = 0.2
-L2_GRID = (3.0, 30.0, 300.0)
+L2_GRID = (3.0, 30.0, 300.0, 3000.0)
 MAX_ITER = 12
 FORWARD_CHUNK_UNIT_WINDOWS = 16_384  # windows x units per forward pass
 

@@ -277,4 +277,6 @@ def example_inputs(cfg, *, seed: int = 0) -> dict[str, Tensor]:
         x["history_rates"] = torch.rand(B, U, len(cfg.history_taus), generator=g) * 10
     if cfg.readout_dim:
         x["unit_readout"] = torch.randn(B, U, cfg.readout_dim + 1, generator=g) * 0.3
+    if cfg.pop_context_bins:
+        x["unit_bins"] = torch.randint(0, 4, (B, U, cfg.pop_context_bins), generator=g).float()
     return {k: x[k] for k in forward_input_names(cfg)}
