@@ -453,8 +453,8 @@ def test_fit_modes_through_the_service_equal_the_local_predictor(server, local, 
         assert info["units_fitted"] == s.fit["units_fitted"] and info["windows"] == s.fit["windows"]
     else:
         assert float(s.readout.abs().sum()) == 0.0
-    l = local.predict(token_l, ct, cids, context_start=62.0)
-    np.testing.assert_allclose(r.rates_hz, l.rates_hz, rtol=1e-5, atol=1e-6)
+    here = local.predict(token_l, ct, cids, context_start=62.0)
+    np.testing.assert_allclose(r.rates_hz, here.rates_hz, rtol=1e-5, atol=1e-6)
     with Client(server.url) as remote:
         with pytest.raises(RequestRejected, match="fit"):
             remote.register(t[ref], ids[ref], reference_window=(0.0, 60.0), fit="all")
