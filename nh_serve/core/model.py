@@ -226,7 +226,7 @@ class NeuroHorizon(nn.Module):
         self.context_bin_s = cfg.context_s / max(cfg.pop_context_bins, 1)
         self.pop_tok = PopulationTokens(dim=D, n_scales=n_tok) if n_tok else None
         self.readout = (
-            PopulationReadout(dim=D, width=cfg.readout_dim, n_bins=cfg.n_bins, n_tokens=n_tok)
+            PopulationReadout(dim=D, width=cfg.readout_dim, n_bins=cfg.n_bins, n_tokens=n_tok if cfg.pop_context_bins else 0)
             if cfg.readout_dim and cfg.pop_path
             else None
         )

@@ -177,9 +177,17 @@ def evaluate_recording(
     stride_s: float = 1.0,
     max_windows: int | None = None,
     baselines: str = "default",
+    shuffled_units: bool = False,
     progress: bool = True,
 ) -> dict:
     """Score every predictor, every baseline and (synthetic files) the oracle on one recording.
+
+    Rows per checkpoint: ``<name>`` (registered as the Predictor does by default: with the
+    reference fit when the model has a read-out), ``<name> zero-shot`` (``fit="none"``),
+    ``<name> offset only``, with ``adapt_steps`` ``<name> adapted``, and with ``shuffled_units``
+    ``<name> shuffled units``: zero-shot with every unit's descriptors and embedding given to
+    another unit (a fixed random permutation), which shows what binding each unit to its own
+    descriptors is worth.
 
     A block of windows at a time (memory does not grow with the recording): the observed
     counts, every baseline (:class:`~nh_serve.evaluation.baselines.BaselineSet`), each model's
@@ -224,6 +232,12 @@ def evaluate_recording(
             variants.append(_Variant(name, p, token))
             if p.cfg.readout_dim:  # the same checkpoint with no reference fit: pure zero-shot
                 variants.append(_Variant(f"{name} zero-shot", p, _register(p, ref_t, ref_u, unit_ids, plan, fit="none")))
+            if shuffled_units:
+                tok = _register(p, ref_t, ref_u, unit_ids, plan, fit="none")
+                sess = p.session(tok)
+                perm = np.random.Generator(np.random.PCG64(0)).permutation(U)
+                sess.embeddings, sess.features = sess.embeddings[torch.from_numpy(perm)], sess.features[perm]
+                variants.append(_Variant(f"{name} shuffled units", p, tok))
             offset_key = (p.cfg.history_taus, p.cfg.activity_scales[-1], p.cfg.baseline_prior_s, p.cfg.history_s)
             if p.cfg.baseline_offset and offset_key not in offsets_scored:  # one row per distinct offset
                 offsets_scored.add(offset_key)
@@ -324,6 +338,7 @@ def run_benchmark(
     stride_s: float = 1.0,
     max_windows: int | None = None,
     baselines: str = "default",
+    shuffled_units: bool = False,
     progress: bool = True,
 ) -> dict:
     """Score ``checkpoints`` (name -> path or ``"default"``) on every recording; a JSON-serialisable dict.
@@ -354,6 +369,7 @@ def run_benchmark(
             stride_s=stride_s,
             max_windows=max_windows,
             baselines=baselines,
+            shuffled_units=shuffled_units,
             progress=progress,
         )
         for path in tqdm(sessions, desc="recordings", unit="recording", disable=not progress)
@@ -382,6 +398,7 @@ def run_benchmark(
             "stride_s": stride_s,
             "max_windows": max_windows,
             "baselines": baselines,
+            "shuffled_units": shuffled_units,
         },
         "recordings": recs,
         "summary": summary,

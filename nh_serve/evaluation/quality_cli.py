@@ -181,10 +181,13 @@ def _command(args: argparse.Namespace) -> str:
         ("--stride", args.stride if args.stride != 1.0 else None),
         ("--max-windows", args.max_windows),
         ("--baselines", args.baselines if args.baselines != "default" else None),
+        ("--shuffled-units", True if args.shuffled_units else None),
         ("--json", args.json),
         ("--name", args.name if args.name != "model" else None),
     ):
-        if v is not None:
+        if v is True:
+            parts.append(flag)
+        elif v is not None:
             parts += [flag, str(v)]
     return shlex.join(parts + list(args.sessions))
 
@@ -238,6 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         stride_s=args.stride,
         max_windows=args.max_windows,
         baselines=args.baselines,
+        shuffled_units=args.shuffled_units,
         progress=not args.no_progress,
     )
     res["command"] = _command(args)
@@ -295,6 +299,11 @@ def add_cli(subparsers) -> None:
         choices=("default", "full"),
         default="default",
         help="baseline set: default, or full (adds population_glm_recent, refitted every 30 s; slower)",
+    )
+    p.add_argument(
+        "--shuffled-units",
+        action="store_true",
+        help="also score each checkpoint with every unit's descriptors given to another unit (an ablation)",
     )
     p.add_argument("--title", default=None, help="heading of this run in --report output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
