@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from nh_serve.cli import main as cli_main
 from nh_serve.core.config import COUNT_HISTORY
 from nh_serve.data.history import ema_rates
 from nh_serve.data.session import write_session
 from nh_serve.data.synth import make_session, write_synthetic_sessions
 from nh_serve.data.windows import history_counts
 from nh_serve.errors import InputError
+from nh_serve.evaluation.score import ScoreSettings
+from nh_serve.evaluation.score import run_score as score_run
 from nh_serve.inference.checkpoint import content_hash, load_checkpoint
 from nh_serve.inference.model_io import load_model
 from training import train as train_mod
@@ -373,3 +377,33 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("train: error: --data: folder") and "Traceback" not in err
+
+
+def test_a_training_recording_is_marked_in_sample_by_eval_score_and_the_report(data_dir, tmp_path):
+    """The checkpoint knows its recordings by their spikes: eval and score mark them in-sample, in
+    the JSON and the HTML, and leave them out of every held-out summary; it also carries the
+    univariate GLM fitted on them."""
+    cfg = _cfg(steps=4, val_every=4, ckpt_every=4)
+    train(cfg, data=[data_dir / "train"], val_data=[data_dir / "val"], out=tmp_path / "run", progress=False)
+    ckpt = tmp_path / "run" / "last.safetensors"
+    meta = load_model(ckpt)[2].training
+    assert meta["baselines"]["univariate_glm"]["weights"] and len(meta["data"]["train"][0]["spikes_sha256"]) == 16
+    # a renamed copy of a training recording is still recognised by its spikes
+    copy = tmp_path / "renamed.h5"
+    shutil.copy(data_dir / "train" / "s1.h5", copy)
+    held = data_dir / "val" / "v0.h5"
+    out = tmp_path / "q.json"
+    assert cli_main(["eval", "--checkpoint", str(ckpt), str(copy), str(held), "--json", str(out), "--no-progress",
+                     "--max-windows", "6"]) == 0
+    res = json.loads(out.read_text())
+    marks = {r["recording"]: r["in_sample"]["model"] for r in res["recordings"]}
+    assert marks == {f"{tmp_path.name}/renamed.h5": "training", "val/v0.h5": "validation"}
+    assert res["summary"]["held_out_recordings"] == [] and "synthetic_mean" not in res["summary"]
+    assert res["recordings"][0]["univariate_glm_weights"] == "checkpoint"
+    report = score_run([copy], out=tmp_path / "scores", checkpoint=ckpt,
+                       settings=ScoreSettings(reference_s=10.0, max_windows=6, backend="torch", plots=False),
+                       progress=False)
+    doc = json.loads((report.out / "scores.json").read_text())
+    assert doc["recordings"][0]["in_sample"] == "training" and doc["summary"]["held_out"] == 0
+    html = (report.out / "report.html").read_text()
+    assert "IN-SAMPLE (training)" in html and "no held-out figure" in html
