@@ -20,6 +20,7 @@ from nh_serve import __version__
 from nh_serve.bench import features as bench_features
 from nh_serve.bench import forward as bench_forward
 from nh_serve.bench import predict as bench_predict
+from nh_serve.bench import register as bench_register
 from nh_serve.bench import score as bench_score
 from nh_serve.data import synth
 from nh_serve.errors import InputError
@@ -33,7 +34,7 @@ from training import train
 COMMAND_MODULES = (demo, synth, ingest_cli, train, quality_cli, fit_baselines, export_cli, score_cli)
 
 # Modules with ``nh-serve bench <name>`` subcommands.
-BENCH_MODULES = (bench_features, bench_forward, bench_predict, bench_service, bench_score)
+BENCH_MODULES = (bench_features, bench_forward, bench_predict, bench_register, bench_service, bench_score)
 
 
 def _add_kernels_bench(bench_sub) -> None:
