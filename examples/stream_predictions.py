@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         for i, c in enumerate(tqdm(plan.ctx_starts, desc="windows")):
             c = float(c)
             ct, cu = s.spikes(c, c + plan.context_s)
-            h0 = max(float(s.start), c - cfg["history_s"])
-            ht, hu = s.spikes(h0, c)
             extra = {}
+            if not cfg.get("history_taus"):  # a count-history model takes the spikes before the context;
+                h0 = max(float(s.start), c - cfg["history_s"])  # a history model keeps the stream per session
+                ht, hu = s.spikes(h0, c)
+                extra.update(history_counts=np.bincount(hu, minlength=U), history_duration_s=max(c - h0, 1e-3))
             if cfg.get("behavior_dim", 0) and s.behavior_dim == cfg["behavior_dim"]:
                 extra["behavior"] = s.behavior(c, c + plan.context_s)
             if cfg.get("image_dim", 0) and s.image_dim == cfg["image_dim"]:
@@ -110,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
                 ct,
                 s.unit_ids[cu],
                 context_start=c,
-                history_counts=np.bincount(hu, minlength=U),
-                history_duration_s=max(c - h0, 1e-3),
                 **extra,
             )
             latency.append(time.perf_counter() - t_req)

@@ -209,7 +209,7 @@ class Handlers:
             reference_window=window,
             units=units,
             adapt_steps=steps,
-            fit=getattr(req, "fit", None) or "reference",
+            fit=getattr(req, "fit", None) or None,  # None: the Predictor's default
             refit_every_s=float(refit) if refit is not None else None,
             adapt_time_budget_s=lim.adapt_budget_s,
             owner=owner,

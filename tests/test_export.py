@@ -92,8 +92,9 @@ def test_artifact_through_predictor_matches_eager(artifacts, eager, real_recordi
     name, t, ids = real_recordings[0]
     t0 = float(t[0])
     m = t < t0 + 30.0
-    tok_a = eager.register(t[m], ids[m], reference_window=(t0, t0 + 30.0))
-    tok_b = p.register(t[m], ids[m], reference_window=(t0, t0 + 30.0))
+    tok_a = eager.register(t[m], ids[m], reference_window=(t0, t0 + 30.0), fit="none")
+    tok_b = p.register(t[m], ids[m], reference_window=(t0, t0 + 30.0))  # an artifact registers zero-shot
+    assert p.session(tok_b).fit["mode"] == "none"
     c = t0 + 31.0
     w = (t >= c) & (t < c + 1.0)
     a = eager.predict(tok_a, t[w], ids[w], context_start=c)
@@ -114,7 +115,7 @@ def test_dynamic_shapes(artifacts, eager, fmt):
         ids = np.asarray(d["unit_ids"]).astype(str)[d["unit_index"]]
         t = d["spike_times"]
         m = t < 60.0
-        tok_a = eager.register(t[m], ids[m], reference_window=(0.0, 60.0), units=np.asarray(d["unit_ids"]))
+        tok_a = eager.register(t[m], ids[m], reference_window=(0.0, 60.0), units=np.asarray(d["unit_ids"]), fit="none")
         tok_b = p.register(t[m], ids[m], reference_window=(0.0, 60.0), units=np.asarray(d["unit_ids"]))
         windows = []
         for c in 60.0 + 2.3 * np.arange(n_windows):
@@ -368,10 +369,10 @@ def test_multimodal_export_takes_the_optional_inputs(tmp_path):
     t = d["spike_times"]
     m = t < 60.0
     ta = eager.register(t[m], ids[m], reference_window=(0.0, 60.0))
-    # an exported artifact cannot fit read-outs itself; it takes the eager registration's
+    # an exported artifact cannot fit read-outs itself (zero-shot by default); it takes the eager registration's
     with pytest.raises(InputError, match="fit='none'"):
-        p.register(t[m], ids[m], reference_window=(0.0, 60.0))
-    tb = p.register(t[m], ids[m], reference_window=(0.0, 60.0), fit="none")
+        p.register(t[m], ids[m], reference_window=(0.0, 60.0), fit="reference")
+    tb = p.register(t[m], ids[m], reference_window=(0.0, 60.0))
     p.session(tb).readout = eager.session(ta).readout
     bt, bv = d["behavior"]
     w, wb = (t >= 62.0) & (t < 63.0), (bt >= 62.0) & (bt < 63.0)

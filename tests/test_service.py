@@ -155,6 +155,7 @@ def test_predict_with_reference_registers_and_returns_token(http, rec, local):
     )
     assert r2.status_code == 200, r2.text
     ltok = local.register(*_ref(rec), reference_window=(0.0, 60.0))
+    local.predict(ltok, ct, cids, context_start=61.0, horizon_s=0.5)  # the same stream as the service's session
     np.testing.assert_allclose(
         np.asarray(r2.json()["rates_hz"], np.float32),
         local.predict(ltok, ct2, cids2, context_start=62.0).rates_hz,

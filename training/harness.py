@@ -56,9 +56,10 @@ class Harness(nn.Module):
 
     def forward(
         self, batch: dict[str, torch.Tensor], sessions: list[int], head_units: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log_rate with the units' tables, zero-shot log_rate)``, each ``(B, U, T)`` (``(B, Uh, T)``
-        for the rows ``head_units``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(log_rate with the units' tables, zero-shot log_rate, L2 penalty of the tables used)``, the
+        first two ``(B, U, T)`` (``(B, Uh, T)`` for the rows ``head_units``). The penalty is computed here,
+        inside the forward pass, so DistributedDataParallel sees every table's use once."""
         batch = dict(batch)
         model = self.model
         emb = model.embed_units(batch.pop("unit_features"))
@@ -66,7 +67,7 @@ class Harness(nn.Module):
         mask = batch["unit_mask"] if head_units is None else batch["unit_mask"].gather(1, head_units)
         zero_shot = model.finish_log_rate(eta, mask)
         if not self.uses_tables:
-            return zero_shot, zero_shot
+            return zero_shot, zero_shot, torch.zeros(())
         U = batch["unit_mask"].shape[1]
         rows = []
         for i in sessions:
@@ -76,19 +77,16 @@ class Harness(nn.Module):
         if head_units is not None:
             readout = readout.gather(1, head_units.unsqueeze(-1).expand(-1, -1, readout.shape[2]))
         fitted = model.finish_log_rate(eta + torch.matmul(readout, design.transpose(1, 2)), mask)
-        return fitted, zero_shot
-
-    def table_penalty(self) -> torch.Tensor:
-        if not self.uses_tables:
-            return torch.zeros(())
-        return torch.stack([(t * t).mean() for t in self.tables]).mean()
+        used = sorted(set(sessions))
+        penalty = torch.stack([(self.tables[i] * self.tables[i]).mean() for i in used]).mean()
+        return fitted, zero_shot, penalty
 
 
 def loss(harness, batch, sessions, y, *, bin_size_s: float, zero_shot_weight: float, readout_l2: float, generator=None):
     """The training loss of one batch (``harness`` may be wrapped in DistributedDataParallel)."""
     inner = harness.module if hasattr(harness, "module") else harness
     head_units = inner.pick_units(batch["unit_mask"], generator)
-    fitted, zero_shot = harness(batch, sessions, head_units)
+    fitted, zero_shot, penalty = harness(batch, sessions, head_units)
     mask = batch["unit_mask"]
     if head_units is not None:
         mask = mask.gather(1, head_units)
@@ -96,7 +94,7 @@ def loss(harness, batch, sessions, y, *, bin_size_s: float, zero_shot_weight: fl
     out = poisson_loss(fitted.float(), y, bin_size_s=bin_size_s, unit_mask=mask)
     if inner.uses_tables:
         out = out + zero_shot_weight * poisson_loss(zero_shot.float(), y, bin_size_s=bin_size_s, unit_mask=mask)
-        out = out + readout_l2 * inner.table_penalty()
+        out = out + readout_l2 * penalty
     return out
 
 

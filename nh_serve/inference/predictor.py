@@ -139,7 +139,7 @@ class Predictor:
         adapt_steps: int = 0,
         adapt_time_budget_s: float = 10.0,
         seed: int = 0,
-        fit: str = "reference",
+        fit: str | None = None,
         refit_every_s: float | None = None,
         refit_window_s: float | None = None,
         owner: str | None = None,
@@ -160,10 +160,10 @@ class Predictor:
             adapt_steps: gradient steps of test-time unit adaptation (0 = zero-shot embeddings).
             adapt_time_budget_s: wall-clock budget of the whole registration, counted from this
                 call's start; adaptation stops stepping when it is spent.
-            fit: ``"reference"`` (default): fit each unit's population read-out on the reference
-                window (models with a read-out; deterministic, a second or two per 100 units),
-                keeping it only for units whose last 20% of the reference it predicts better;
-                ``"none"``: zero-shot, from the unit descriptors alone.
+            fit: ``"reference"`` fits each unit's population read-out on the reference window
+                (deterministic, a second or two per 100 units), kept only for units whose last 20%
+                of the reference it predicts better; ``"none"``: zero-shot. Default: ``"reference"``,
+                or ``"none"`` for an exported artifact, which cannot fit.
             refit_every_s: off by default. While the session streams consecutive contexts, fit the
                 read-outs again every this many seconds of stream time on the last ``refit_window_s``
                 seconds it saw (default: the reference length), so a drifting recording keeps read-outs
@@ -174,6 +174,8 @@ class Predictor:
             should_stop: called between the steps; when it returns True the registration stops
                 with :class:`~nh_serve.inference.limits.Cancelled` and keeps nothing.
         """
+        if fit is None:
+            fit = "reference" if self.can_fit else "none"
         if fit not in FIT_MODES:
             raise InputError(f"fit: must be one of {', '.join(FIT_MODES)}, got {fit!r}")
         if refit_every_s is not None:
@@ -249,8 +251,11 @@ class Predictor:
         self.sessions.put(session)
         return session.token
 
-    def _fit_model(self):
-        """The model the reference fit runs (the eager module; exported artifacts have none)."""
+    @property
+    def can_fit(self) -> bool:  # register(fit="reference") needs the eager network, not only an artifact
+        return getattr(self.model, "log_rate_parts", None) is not None
+
+    def _fit_model(self):  # the model the reference fit runs (the eager module; exported artifacts have none)
         model = getattr(self.model, "log_rate_parts", None)
         if model is None:
             raise InputError(

@@ -41,7 +41,8 @@ MAX_WINDOWS = 120
 HELD_OUT = 0.2
 L2_GRID = (3.0, 30.0, 300.0, 3000.0)
 MAX_ITER = 12
-FORWARD_CHUNK_UNIT_WINDOWS = 16_384  # windows x units per forward pass
+FORWARD_CHUNK_UNIT_WINDOWS = 8_192  # windows x units per forward pass
+SOLVE_CHUNK_UNITS = 256  # units per batched Newton solve
 
 
 def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float) -> np.ndarray:
@@ -126,25 +127,32 @@ def fit_readout(
     n_fit = max(1, int(round((1.0 - HELD_OUT) * W))) * T
     ho = slice(n_fit, None)
 
-    def nll(w: np.ndarray, rows: slice) -> np.ndarray:  # (U,) Poisson NLL on ``rows`` with read-outs ``w``
-        eta = np.clip(off[:, rows] + w @ X[rows].T, -30.0, 30.0)
-        return (np.exp(eta) - Y[:, rows] * eta).sum(1)
+    del eta0, design, y
 
-    base = nll(np.zeros((U, K1)), ho)
-    best, best_l2, best_w = base.copy(), np.full(U, np.inf), np.zeros((U, K1))
-    for l2 in L2_GRID:
-        stop()
-        w = fit_poisson(X[:n_fit], Y[:, :n_fit], offset=off[:, :n_fit], l2=l2, max_iter=MAX_ITER)
-        got = nll(w, ho)
-        better = got < best - 1e-9
-        best, best_l2 = np.where(better, got, best), np.where(better, l2, best_l2)
-        best_w[better] = w[better]
+    def nll(w: np.ndarray, g: slice, rows: slice) -> np.ndarray:  # (units,) Poisson NLL of units g on ``rows``
+        eta = np.clip(off[g, rows] + w @ X[rows].T, -30.0, 30.0)
+        return (np.exp(eta) - Y[g, rows] * eta).sum(1)
+
+    base, best = np.zeros(U), np.zeros(U)
+    best_l2, readout = np.full(U, np.inf), np.zeros((U, K1))
+    for c0 in range(0, U, SOLVE_CHUNK_UNITS):  # units are independent: chunks bound the solver's memory
+        g = slice(c0, min(U, c0 + SOLVE_CHUNK_UNITS))
+        base[g] = nll(np.zeros((g.stop - g.start, K1)), g, ho)
+        b, b_l2, b_w = base[g].copy(), np.full(g.stop - g.start, np.inf), np.zeros((g.stop - g.start, K1))
+        for l2 in L2_GRID:
+            stop()
+            w = fit_poisson(X[:n_fit], Y[g, :n_fit], offset=off[g, :n_fit], l2=l2, max_iter=MAX_ITER)
+            got = nll(w, g, ho)
+            better = got < b - 1e-9
+            b, b_l2 = np.where(better, got, b), np.where(better, l2, b_l2)
+            b_w[better] = w[better]
+        best[g], best_l2[g] = b, b_l2
+        keep = np.isfinite(b_l2)
+        if keep.any():
+            readout[c0 + np.flatnonzero(keep)] = fit_poisson(
+                X, Y[g][keep], offset=off[g][keep], l2=b_l2[keep][:, None], w0=b_w[keep], max_iter=MAX_ITER
+            )
     keep = np.isfinite(best_l2)
-    readout = np.zeros((U, K1))
-    if keep.any():
-        readout[keep] = fit_poisson(
-            X, Y[keep], offset=off[keep], l2=best_l2[keep][:, None], w0=best_w[keep], max_iter=MAX_ITER
-        )
     n_ho = max(1, (W * T - n_fit)) * U
     info.update(
         units_fitted=int(keep.sum()),

@@ -8,18 +8,15 @@ one block of windows at a time (:func:`nh_serve.evaluation.sliding.iter_spike_bl
 
 - bins the observed horizon counts and runs every baseline
   (:func:`~nh_serve.evaluation.sliding.horizon_counts`, :class:`~nh_serve.evaluation.baselines.BaselineSet`);
-- predicts the model's rates with :meth:`Predictor.predict_batch`, giving it
-  each window's context spikes and ``history_counts`` (every unit's spikes in
-  the ``cfg.history_s`` seconds before the context, fewer near the start);
+- predicts the model's rates with :meth:`Predictor.predict_batch` from each window's
+  context spikes and the history inputs the model takes (:mod:`nh_serve.data.windows`);
 - reads the true rates of synthetic recordings (the oracle,
   :func:`~nh_serve.evaluation.sliding.oracle_rates`);
 - adds everything to :class:`~nh_serve.evaluation.sliding.StreamingMetrics`, so memory
   does not grow with the recording's length.
 
-A helper thread reads and prepares the next block and accumulates the metrics
-of the previous one while the model runs on the current block, so on two cores
-the bookkeeping mostly hides behind the model (the stage times in ``timing``
-therefore overlap; ``total_s`` is the wall time).
+A helper thread prepares the next block and accumulates the previous one's metrics
+while the model runs, so the stage times in ``timing`` overlap (``total_s`` is the wall time).
 
 The result is a :class:`RecordingResult`: a JSON-ready record (one entry of
 ``scores.json``, see :mod:`nh_serve.evaluation.score`) and the PNG plots.

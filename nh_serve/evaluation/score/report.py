@@ -1,3 +1,4 @@
+# Over 500 lines: the recording's figures and the one HTML page that holds them, read top to bottom.
 """Plots of a scored recording and the one-page ``report.html``.
 
 Figures are drawn with matplotlib's object-oriented API on an Agg canvas (no
