@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Reproduce the built-in default checkpoint nh_serve/models/nh-small.safetensors, the
-# leave-one-recording-out and ablation checkpoints, and the quality benchmark of
-# docs/results.md (section "quality") and docs/model-card.md.
+# Reproduce the built-in default checkpoint nh_serve/models/nh-small.safetensors (with the univariate
+# GLM baseline nh_serve/models/univariate_glm.json), the leave-one-recording-out and ablation
+# checkpoints, and the quality benchmark of docs/results.md and docs/model-card.md.
 #
-#   bash scripts/train_default.sh            # everything (about 1.5 h on 2 CPU cores)
+#   bash scripts/train_default.sh            # everything (about 2 h on 2 CPU cores)
 #   bash scripts/train_default.sh default    # only the data and the default checkpoint
+#   bash scripts/train_default.sh train      # data and every checkpoint, no benchmark
 #   bash scripts/train_default.sh eval       # only the quality benchmark, on checkpoints already trained
 #
-# Data and run folders go to runs/ (git-ignored); no recording is ever committed.
-# The real recordings are read from ../shared/data/real (override with REAL_DATA=...).
+# Resumable: a run that finished is skipped, one that was stopped continues from its training state
+# (training.train --resume), so the script may be run again after an interruption.
+# Data and run folders go to runs/ (git-ignored); no recording is ever committed. The real recordings
+# are read from ../shared/data/real (override with REAL_DATA=...); every recording found there is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -17,60 +20,87 @@ REAL=${REAL_DATA:-../shared/data/real}
 D=runs/data
 R=$D/real
 export OMP_NUM_THREADS=1
+STAGE=${1:-all}
 
 # ---- 1. data: synthetic recordings (train / validation / test by seed) and the real ones -----------
 [ -d $D/synth_train ] || $NH synth --out $D/synth_train --sessions 40 --seed 1 --duration 240
 [ -d $D/synth_val ] || $NH synth --out $D/synth_val --sessions 4 --seed 2 --duration 240
 [ -d $D/synth_test ] || $NH synth --out $D/synth_test --sessions 10 --seed 3 --duration 300
-[ -d $R ] || $PY -m training.data $REAL/ibl_brainbox_fixture $REAL/human_mtl_zheng2022 \
-    $REAL/rat_ca1_linear_track --out $R
+REAL_DIRS=$(find "$REAL" -mindepth 2 -maxdepth 2 -name spikes_flat.npz -printf '%h\n' | sort)
+[ -n "$REAL_DIRS" ] || { echo "no real recordings (spikes_flat.npz) under $REAL" >&2; exit 1; }
+for dir in $REAL_DIRS; do
+  [ -f "$R/$(basename "$dir").h5" ] || $PY -m training.data "$dir" --out $R
+done
+REALS=$(for dir in $REAL_DIRS; do echo "$R/$(basename "$dir").h5"; done)
 
-STAGE=${1:-all}
+# One training run, skipped when it finished before and resumed when it was stopped.
+train() {
+  local name=$1; shift
+  local out=runs/train/$name
+  if [ -f "$out/DONE" ]; then echo "[train_default] $name: done before, skipped"; return; fi
+  $PY -m training.train --out "$out" --resume --no-progress "$@"
+  touch "$out/DONE"
+}
+
 if [ "$STAGE" != eval ]; then
-# ---- 2. the default checkpoint: synthetic + human MTL + rat CA1; the IBL recording is held out ------
-$PY -m training.train --config nh-small-default \
-    --data $D/synth_train $R/human_mtl_zheng2022.h5 $R/rat_ca1_linear_track.h5 \
-    --val-data $D/synth_val --test-data $D/synth_test $R/ibl_brainbox_fixture.h5 \
-    --out runs/train/default
+# ---- 2. the default checkpoint: synthetic recordings and every real recording -----------------------
+# (real recordings weighted 4x per window, training/configs/nh-small-default.json). Its real-data
+# quality is measured by the leave-one-recording-out runs below, never on its own training data.
+# shellcheck disable=SC2086
+train default --config nh-small-default --data $D/synth_train $REALS --val-data $D/synth_val \
+    --test-data $D/synth_test
 mkdir -p nh_serve/models
 cp runs/train/default/best.safetensors nh_serve/models/nh-small.safetensors
+# The univariate GLM baseline fitted on the same training recordings (eval and score compare against it).
+# shellcheck disable=SC2086
+$NH fit-baselines $D/synth_train $REALS --weight real/=10 --no-progress --out nh_serve/models/univariate_glm.json
 [ "$STAGE" = "default" ] && exit 0
 
-# ---- 3. cheaper runs, same recipe with 450 steps (training/configs/nh-small-short.json) --------------
-short() { name=$1; shift; $PY -m training.train --config nh-small-short --val-data $D/synth_val \
-    --out runs/train/$name "$@"; }
-# Leave-one-recording-out: human MTL held out (also the IDEncoder reference of the ablations) ...
-short loro-mtl --data $D/synth_train $R/ibl_brainbox_fixture.h5 $R/rat_ca1_linear_track.h5 \
-    --test-data $D/synth_test $R/human_mtl_zheng2022.h5
-# ... and rat CA1 held out.
-short loro-rat --data $D/synth_train $R/ibl_brainbox_fixture.h5 $R/human_mtl_zheng2022.h5 \
-    --test-data $D/synth_test $R/rat_ca1_linear_track.h5
-# Ablations on the loro-mtl data: unit embeddings (random projection, one linear layer) and the
-# head without per-unit activity inputs / baseline offset.
-short abl-random --data $D/synth_train $R/ibl_brainbox_fixture.h5 $R/rat_ca1_linear_track.h5 \
-    --test-data $D/synth_test $R/human_mtl_zheng2022.h5 --set model_overrides.unit_embedding_mode=random
-short abl-mean --data $D/synth_train $R/ibl_brainbox_fixture.h5 $R/rat_ca1_linear_track.h5 \
-    --test-data $D/synth_test $R/human_mtl_zheng2022.h5 --set model_overrides.unit_embedding_mode=mean
-short abl-noact --data $D/synth_train $R/ibl_brainbox_fixture.h5 $R/rat_ca1_linear_track.h5 \
-    --test-data $D/synth_test $R/human_mtl_zheng2022.h5 --set head_ablation=no_activity
+# ---- 3. leave-one-recording-out: one shorter run per real recording, that recording held out --------
+for held in $REALS; do
+  name=loro-$(basename "$held" .h5)
+  others=$(for r in $REALS; do [ "$r" = "$held" ] || echo "$r"; done)
+  # shellcheck disable=SC2086
+  train "$name" --config nh-small-short --data $D/synth_train $others --val-data $D/synth_val \
+      --test-data $D/synth_test "$held"
+done
 
+# ---- 4. ablations, trained like the default for the short recipe: no per-unit path, no population path,
+# and a history of at most 5 s instead of 120 s -------------------------------------------------------
+# shellcheck disable=SC2086
+train abl-base --config nh-small-short --data $D/synth_train $REALS --val-data $D/synth_val --test-data $D/synth_test
+# shellcheck disable=SC2086
+train abl-no-unit-path --config nh-small-short --data $D/synth_train $REALS --val-data $D/synth_val \
+    --test-data $D/synth_test --set model_overrides.uni_path=false
+# shellcheck disable=SC2086
+train abl-no-pop-path --config nh-small-short --data $D/synth_train $REALS --val-data $D/synth_val \
+    --test-data $D/synth_test --set model_overrides.pop_path=false
+# shellcheck disable=SC2086
+train abl-short-history --config nh-small-short --data $D/synth_train $REALS --val-data $D/synth_val \
+    --test-data $D/synth_test --set 'model_overrides.history_taus=[0.05,0.25,1.0,5.0]'
 fi
+[ "$STAGE" = "train" ] && exit 0
 
-# ---- 4. quality benchmark ----------------------------------------------------------------------------
+# ---- 5. quality benchmark ----------------------------------------------------------------------------
 mkdir -p runs/eval
-# Default model on 10 unseen synthetic recordings (a window every 2 s) and on the held-out IBL
-# recording (every 1 s; 30 s reference, automatic for a 2-minute recording), zero-shot and with
-# test-time adaptation.
+# Default model on 10 unseen synthetic recordings (a window every 2 s), with the reference fit, zero-shot
+# and with the units' descriptors shuffled among them.
 $NH eval --checkpoint nh_serve/models/nh-small.safetensors --title "default model, unseen synthetic recordings" \
-    --adapt-steps 50 --stride 2 --json runs/eval/default-synth.json --no-progress $D/synth_test/*.h5
-$NH eval --checkpoint nh_serve/models/nh-small.safetensors --title "default model, IBL held out" \
-    --adapt-steps 50 --json runs/eval/default-ibl.json --no-progress $R/ibl_brainbox_fixture.h5
-# Human MTL held out: the loro-mtl model and the ablations trained on the same data.
-$NH eval --checkpoint runs/train/loro-mtl/best.safetensors --name idencoder \
-    --compare random=runs/train/abl-random/best.safetensors --compare mean=runs/train/abl-mean/best.safetensors \
-    --compare no_activity=runs/train/abl-noact/best.safetensors --title "human MTL held out, and ablations" \
-    --stride 2 --json runs/eval/loro-mtl.json --no-progress $D/synth_test/*.h5 $R/human_mtl_zheng2022.h5
-# Rat CA1 held out.
-$NH eval --checkpoint runs/train/loro-rat/best.safetensors --title "rat CA1 held out" --adapt-steps 50 \
-    --json runs/eval/loro-rat.json --no-progress $R/rat_ca1_linear_track.h5
-$NH eval --report runs/eval/default-synth.json runs/eval/default-ibl.json runs/eval/loro-mtl.json runs/eval/loro-rat.json --doc docs/results.md
+    --stride 2 --shuffled-units --json runs/eval/default-synth.json --no-progress $D/synth_test/*.h5
+# Every real recording scored by the run that never saw it.
+jsons=(runs/eval/default-synth.json)
+for held in $REALS; do
+  name=$(basename "$held" .h5)
+  $NH eval --checkpoint "runs/train/loro-$name/best.safetensors" --name "loro-$name" \
+      --title "$name held out (leave-one-recording-out)" --json "runs/eval/loro-$name.json" --no-progress "$held"
+  jsons+=("runs/eval/loro-$name.json")
+done
+# Ablations on the unseen synthetic recordings.
+$NH eval --checkpoint runs/train/abl-base/best.safetensors --name short-recipe \
+    --compare no_unit_path=runs/train/abl-no-unit-path/best.safetensors \
+    --compare no_pop_path=runs/train/abl-no-pop-path/best.safetensors \
+    --compare history_5s=runs/train/abl-short-history/best.safetensors \
+    --title "ablations (short recipe), unseen synthetic recordings" --stride 4 \
+    --json runs/eval/ablations.json --no-progress $D/synth_test/*.h5
+jsons+=(runs/eval/ablations.json)
+$NH eval --report "${jsons[@]}" --doc docs/results.md

@@ -29,6 +29,7 @@ import pytest
 from service_server import ServeProcess, bentoml_env, make_tiny_checkpoint
 
 from nh_serve.client import Client
+from nh_serve.core.config import COUNT_HISTORY
 from nh_serve.client.wire import encode_array
 from nh_serve.inference.predictor import Predictor
 
@@ -55,11 +56,11 @@ pytestmark = [pytest.mark.service, pytest.mark.slow]
 class Server:
     """One ``bentoml serve`` of a tiny random-weight checkpoint, with a sampler of its worker's RSS."""
 
-    def __init__(self, tmp: Path, name: str, **env):
+    def __init__(self, tmp: Path, name: str, *, model_overrides: dict | None = None, **env):
         self.tmp = tmp
-        self.checkpoint = tmp / "nh-tiny.safetensors"
+        self.checkpoint = tmp / ("nh-tiny.safetensors" if not model_overrides else f"nh-tiny-{name}.safetensors")
         if not self.checkpoint.exists():
-            make_tiny_checkpoint(self.checkpoint)
+            make_tiny_checkpoint(self.checkpoint, **(model_overrides or {}))
         self.env = bentoml_env(tmp / f"bentoml-{name}", NH_SERVE_CHECKPOINT=str(self.checkpoint),
                                NH_SERVE_CACHE_DIR=str(tmp / "cache"), **{**SERVER_ENV, **env})
         self.log_path = tmp / f"{name}.log"
@@ -501,10 +502,20 @@ def test_api_key_and_kill_of_the_parent(tmp, rec):
         s.close()
 
 
-def test_load_with_a_worker_killed_mid_run(server, rec):
+@pytest.fixture(scope="module")
+def stateless_server(tmp):
+    """A server of a model whose answer depends on the request alone (no per-session history stream),
+    so answers given in any order, and after any re-registration, compare with one local Predictor's."""
+    s = Server(tmp, "stateless", model_overrides=dict(COUNT_HISTORY))
+    yield s
+    s.close()
+
+
+def test_load_with_a_worker_killed_mid_run(stateless_server, rec):
     """Clients registering, fitting and predicting for a bounded time while the worker is killed (-9) and
     restarted by BentoML: every call of every client returns (re-registering after the restart), the
     answers equal a local Predictor's, and no 5xx is seen."""
+    server = stateless_server
     t, u = rec
     m = t < 60
     local = Predictor.load(str(server.checkpoint), backend="torch")
