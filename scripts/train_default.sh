@@ -3,10 +3,14 @@
 # GLM baseline nh_serve/models/univariate_glm.json), the leave-one-recording-out and ablation
 # checkpoints, and the quality benchmark of docs/results.md and docs/model-card.md.
 #
-#   bash scripts/train_default.sh            # everything (about 2 h on 2 CPU cores)
+#   bash scripts/train_default.sh            # everything, one run after the other (about 1.5 h on 2 CPU cores)
 #   bash scripts/train_default.sh default    # only the data and the default checkpoint
+#   bash scripts/train_default.sh others     # only the data and the leave-one-out and ablation checkpoints
 #   bash scripts/train_default.sh train      # data and every checkpoint, no benchmark
 #   bash scripts/train_default.sh eval       # only the quality benchmark, on checkpoints already trained
+#
+# Every run trains on one thread: on two cores, `default` and `others` in two shells at once, then
+# `eval`, take about 50 minutes.
 #
 # Resumable: a run that finished is skipped, one that was stopped continues from its training state
 # (training.train --resume), so the script may be run again after an interruption.
@@ -42,7 +46,7 @@ train() {
   touch "$out/DONE"
 }
 
-if [ "$STAGE" != eval ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = train ] || [ "$STAGE" = default ]; then
 # ---- 2. the default checkpoint: synthetic recordings and every real recording -----------------------
 # (real recordings weighted 4x per window, training/configs/nh-small-default.json). Its real-data
 # quality is measured by the leave-one-recording-out runs below, never on its own training data.
@@ -55,7 +59,9 @@ cp runs/train/default/best.safetensors nh_serve/models/nh-small.safetensors
 # shellcheck disable=SC2086
 $NH fit-baselines $D/synth_train $REALS --weight real/=10 --no-progress --out nh_serve/models/univariate_glm.json
 [ "$STAGE" = "default" ] && exit 0
+fi
 
+if [ "$STAGE" = all ] || [ "$STAGE" = train ] || [ "$STAGE" = others ]; then
 # ---- 3. leave-one-recording-out: one shorter run per real recording, that recording held out --------
 for held in $REALS; do
   name=loro-$(basename "$held" .h5)
@@ -66,7 +72,7 @@ for held in $REALS; do
 done
 
 # ---- 4. ablations, trained like the default for the short recipe: no per-unit path, no population path,
-# and a history of at most 5 s instead of 120 s -------------------------------------------------------
+# and a history of at most 30 s instead of 120 s ------------------------------------------------------
 # shellcheck disable=SC2086
 train abl-base --config nh-small-short --data $D/synth_train $REALS --val-data $D/synth_val --test-data $D/synth_test
 # shellcheck disable=SC2086
@@ -77,9 +83,9 @@ train abl-no-pop-path --config nh-small-short --data $D/synth_train $REALS --val
     --test-data $D/synth_test --set model_overrides.pop_path=false
 # shellcheck disable=SC2086
 train abl-short-history --config nh-small-short --data $D/synth_train $REALS --val-data $D/synth_val \
-    --test-data $D/synth_test --set 'model_overrides.history_taus=[0.05,0.25,1.0,5.0]'
+    --test-data $D/synth_test --set 'model_overrides.history_taus=[0.05,0.25,1.0,5.0,30.0]'
 fi
-[ "$STAGE" = "train" ] && exit 0
+[ "$STAGE" = train ] || [ "$STAGE" = others ] && exit 0
 
 # ---- 5. quality benchmark ----------------------------------------------------------------------------
 mkdir -p runs/eval
@@ -99,7 +105,7 @@ done
 $NH eval --checkpoint runs/train/abl-base/best.safetensors --name short-recipe \
     --compare no_unit_path=runs/train/abl-no-unit-path/best.safetensors \
     --compare no_pop_path=runs/train/abl-no-pop-path/best.safetensors \
-    --compare history_5s=runs/train/abl-short-history/best.safetensors \
+    --compare history_30s=runs/train/abl-short-history/best.safetensors \
     --title "ablations (short recipe), unseen synthetic recordings" --stride 4 \
     --json runs/eval/ablations.json --no-progress $D/synth_test/*.h5
 jsons+=(runs/eval/ablations.json)

@@ -16,7 +16,7 @@ from nh_serve.data.spikes import bin_counts
 from nh_serve.data.windows import target_counts
 from nh_serve.errors import InputError
 from nh_serve.evaluation import baselines as B
-from nh_serve.evaluation.glm_baselines import (
+from nh_serve.core.glm import (
     POP_INTERCEPT_L2,
     GLMRecording,
     PopulationGLM,
@@ -329,6 +329,33 @@ def test_baseline_set_blocks_equal_the_one_window_reference_and_stay_causal():
     np.testing.assert_allclose(got["population_glm"], bset.population.predict(R), rtol=1e-5)
     with pytest.raises(InputError):
         B.baseline_names("most")
+
+
+def test_population_glm_with_an_offset_corrects_a_predictor_only_where_it_helps():
+    """With another predictor's log counts as offset, the GLM multiplies that predictor's rates; units whose
+    counts the predictor already explains keep no correction, units driven by the population get one."""
+    rng = np.random.default_rng(0)
+    U, P = 6, 500
+    pos = 1.0 + 0.1 * np.arange(P)
+    latent = np.convolve(rng.normal(size=P + 40), np.ones(40) / np.sqrt(40), mode="valid")[:P]  # slow shared drive
+    base = np.full((P, U, NB), math.log(5.0 * BS))  # the predictor: 5 Hz flat
+    drive = np.zeros((P, U))
+    drive[:, :3] = 0.8 * latent[:, None]  # units 0-2 follow the latent, 3-5 are the flat 5 Hz the predictor says
+    counts = rng.poisson(np.exp(base + drive[:, :, None]))
+    # smoothed rates that carry the latent (what the population's history would show)
+    R = np.repeat((5.0 * np.exp(drive))[:, :, None], len(HISTORY_TAUS), axis=2)
+    R[:, 3:] *= np.exp(0.3 * rng.normal(size=(P, 3, 1)))  # noisy, unrelated rates for the flat units
+    pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base)
+    corrected = np.abs(pop.W).sum((0, 2)) > 0
+    assert corrected[:3].all()  # the population-driven units are corrected ...
+    assert pop.W[:, 3:].std() < 0.5 * pop.W[:, :3].std()  # ... the others hardly or not at all
+    corr = pop.log_correction(R)  # (P, U, T)
+    assert corr.shape == (P, U, NB)
+    gain = (np.exp(base + corr) - counts * (base + corr)).sum() < (np.exp(base) - counts * base).sum()
+    assert gain
+    # a predictor that already is the truth gets no correction that matters
+    exact = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base + drive[:, :, None])
+    assert np.abs(exact.log_correction(R)).mean() < 0.1
 
 
 def test_population_glm_recent_refits_on_the_last_two_minutes():

@@ -92,6 +92,10 @@ def test_predict_matches_the_model_called_directly(predictor, recording):
         assert (readout.abs().sum() > 0) == (fit == "reference")
         with torch.inference_mode():
             want = torch.exp(model(**model.collate([item]), unit_readout=readout.unsqueeze(0)))[0].numpy()
+        population = predictor.session(tok).population
+        assert (population is not None) == (fit == "reference")
+        if population is not None:  # the reference fit's population correction on top of the network
+            want = want * np.exp(population.log_correction(hist[None].astype(np.float64))[0])
         np.testing.assert_allclose(got.rates_hz, want, rtol=1e-5, atol=1e-6)
 
 
@@ -215,6 +219,25 @@ def test_reference_fit_is_deterministic_and_keeps_only_units_it_helps(predictor,
     assert info["heldout_nll_fitted"] <= info["heldout_nll_zero_shot"]
     with pytest.raises(InputError, match="fit"):
         predictor.register(rt, rid, reference_window=(0.0, 60.0), fit="all")
+
+
+def test_population_correction_multiplies_the_network_rates(predictor, recording):
+    """fit="reference" also fits a population GLM on top of the network (every backend applies it alike):
+    a session without it predicts the network's rates, and the ratio is exp(correction) of the window's history."""
+    _, _, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    tok = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)
+    s = predictor.session(tok)
+    assert s.population is not None and s.fit["population_units_corrected"] >= 0
+    bare = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids))
+    bare.population = None
+    ct, cid = _window(recording, 60.0, 61.0)
+    with_c = predictor.predict(tok, ct, cid, context_start=60.0)
+    without = predictor.predict(bare.token, ct, cid, context_start=60.0)
+    hist = s.history_states[-1][1][None]  # (1, U, K) at the context end
+    want = without.rates_hz * np.exp(s.population.log_correction(hist.astype(np.float64))[0])
+    np.testing.assert_allclose(with_c.rates_hz, want, rtol=1e-4, atol=1e-6)
+    assert predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), fit="none")).population is None
 
 
 def test_adaptation_lowers_the_reference_loss_and_stays_within_budget(predictor, recording):

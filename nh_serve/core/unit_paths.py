@@ -7,7 +7,7 @@ transformer:
     ``g[u, k] = A_k . [rel_u, 1]``: a Poisson-GLM term per future bin on the unit's own
     relative log rates ``rel_u`` (``log(r_tau + 0.1) - log(r_30s + 0.1)`` for every other
     time constant). With the offset ``log(r_30s + 0.1)`` this *is* the ``univariate_glm``
-    baseline (:mod:`nh_serve.evaluation.glm_baselines`, whose band weights initialise
+    baseline (:mod:`nh_serve.core.glm`, whose band weights initialise
     ``A``), so the model starts from it and can only learn on top of it.
 :class:`PopulationTokens`
     One token per history time scale, ``sum_u rel_uj W e_u / sqrt(U)`` plus a learned

@@ -29,7 +29,7 @@ The ladder (:data:`DEFAULT_BASELINES`; ``--baselines full`` adds ``population_gl
     ``(n_1s + k r_ref) / (1 + k)`` (less than a second observed: its length instead of 1), flat.
 ``univariate_glm`` / ``population_glm`` / ``population_glm_recent``
     Poisson GLMs on each unit's smoothed-rate history (and the population's, for the
-    population ones): :mod:`nh_serve.evaluation.glm_baselines`.
+    population ones): :mod:`nh_serve.core.glm`.
 
 ``best_baseline`` (in eval and score) is the best of these *in hindsight* on each
 recording: it knows which forecaster won, which no causal forecaster could, so a
@@ -56,7 +56,7 @@ import numpy as np
 from nh_serve.data.history import HISTORY_TAUS, HistoryTrack, ema_rates
 from nh_serve.data.spikes import check_spikes, prefix_counts
 from nh_serve.errors import InputError
-from nh_serve.evaluation.glm_baselines import (
+from nh_serve.core.glm import (
     RECENT_EVERY_S,
     RECENT_SPAN_S,
     UnivariateGLM,

@@ -1,6 +1,6 @@
 """``nh-serve fit-baselines``: fit the univariate GLM baseline on training recordings.
 
-The univariate GLM (:class:`nh_serve.evaluation.glm_baselines.UnivariateGLM`) has 36
+The univariate GLM (:class:`nh_serve.core.glm.UnivariateGLM`) has 36
 weights shared by every unit of every recording; it is fitted once, on recordings
 the scored ones are not among, and applied zero-shot. ``nh-serve train`` fits it on
 the checkpoint's own training recordings and stores it in the checkpoint, so eval
@@ -27,7 +27,7 @@ from nh_serve.data.features import DEFAULT_REFERENCE_S, auto_reference_s, refere
 from nh_serve.data.session import open_session
 from nh_serve.data.session.files import find_sessions, session_name
 from nh_serve.errors import InputError
-from nh_serve.evaluation.glm_baselines import GLM_BANDS_MS, GLMRecording, UnivariateGLM
+from nh_serve.core.glm import GLM_BANDS_MS, GLMRecording, UnivariateGLM
 from nh_serve.util import atomic_write
 
 

@@ -338,7 +338,10 @@ class Predictor:
         emb = s.embeddings.unsqueeze(0).expand(len(items), -1, -1)  # (B, U, D)
         with torch.inference_mode():
             log_rate = self._backend(batch, emb)  # (B, U, T)
-        return torch.exp(log_rate).float().numpy()
+        rates = torch.exp(log_rate).float().numpy()
+        if s.population is not None:  # the reference fit's population correction, for every backend alike
+            rates *= np.exp(s.population.log_correction(batch["history_rates"].double().numpy()))
+        return rates
 
     def _horizon_bins(self, horizon_s: float | None) -> int:
         T = self.cfg.n_bins
@@ -478,14 +481,9 @@ class Predictor:
         """The model's name, hash, config and the checkpoint's training summary and metrics."""
         ck = self.checkpoint
         return {
-            "name": self.cfg.name,
-            "hash": self.model_hash,
-            "backend": self.backend_name,
-            "backend_details": self._backend.describe(),
-            "config": self.cfg.to_dict(),
-            "training": ck.training if ck is not None else {},
-            "metrics": ck.metrics if ck is not None else {},
-            "provenance": ck.provenance if ck is not None else {},
+            "name": self.cfg.name, "hash": self.model_hash, "backend": self.backend_name,
+            "backend_details": self._backend.describe(), "config": self.cfg.to_dict(),
+            **{k: getattr(ck, k) if ck is not None else {} for k in ("training", "metrics", "provenance")},
         }
 
 

@@ -13,10 +13,16 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    starts at the reference start, at the reference rates), at most
    :data:`MAX_WINDOWS` of them; each window's next second is the target.
 2. One frozen forward pass per window gives ``eta0`` and ``X``.
-3. On the first 80% of the windows (in time), ``r_u`` for each L2 penalty of
-   :data:`L2_GRID`; each unit keeps the penalty whose fit predicts the last 20% best,
-   and keeps a fit at all only where that beats the zero-shot prediction (``r_u = 0``)
-   on those held-out windows. Kept units are refitted on all windows.
+3. On every :data:`READOUT_EVERY`-th window (0.5 s apart; rows are the windows' bins), first
+   80% in time: ``r_u`` for each L2 penalty of :data:`L2_GRID`; each unit keeps the penalty
+   whose fit predicts the last 20% best, and keeps a fit at all only where that beats the
+   zero-shot prediction (``r_u = 0``) there. Kept units are refitted on all those windows.
+4. The population correction: a population GLM (:class:`nh_serve.core.glm.PopulationGLM`:
+   per unit and horizon band, the unit's own smoothed rates and the top principal components
+   of the population's, from the windows' history rates) fitted with everything above as its
+   offset, so it multiplies the model's rates by ``exp(w_b . x_u)``; a unit keeps a band's
+   correction only where it predicts the last 20% better (models whose history holds the
+   GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`).
 
 Deterministic (no random numbers; float64 solves). Units that are not kept get
 ``r_u = 0``: their predictions stay zero-shot. :class:`Refitter` repeats the fit on
@@ -31,13 +37,15 @@ import time
 import numpy as np
 import torch
 
+from nh_serve.core.glm import PopulationGLM
 from nh_serve.core.poisson import fit_poisson
 from nh_serve.data.history import ema_rates
 from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
 
-STEP_S = 0.5
+STEP_S = 0.1
 WARMUP_S = 5.0
-MAX_WINDOWS = 120
+MAX_WINDOWS = 600
+READOUT_EVERY = 5  # the read-out's fit uses every 5th window (0.5 s apart); the population correction all
 HELD_OUT = 0.2
 L2_GRID = (3.0, 30.0, 300.0, 3000.0)
 MAX_ITER = 12
@@ -86,10 +94,10 @@ def fit_readout(
     embeddings: torch.Tensor,
     history_init=None,
     should_stop=None,
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, PopulationGLM | None, dict]:
     """Fit every unit's read-out on the spikes ``times`` / ``units`` (sorted, unit rows) of ``reference``.
 
-    Returns ``(readout (U, K + 1) float32, info)``; ``info`` says how many units kept a fit,
+    Returns ``(readout (U, K + 1) float32, population correction or None, info)``; ``info`` says how many units kept a fit,
     the held-out Poisson NLL per (unit, bin) before and after, the penalties chosen and the
     seconds it took. ``history_init``: the units' smoothed-rate state at ``reference[0]``
     (default: their reference rates, as at registration). ``should_stop``: called between the
@@ -106,7 +114,7 @@ def fit_readout(
     zero = torch.zeros(U, K1)
     if starts.size < 5:
         info.update(seconds=round(time.monotonic() - t_start, 4), note="reference too short to fit; zero-shot read-out")
-        return zero, info
+        return zero, None, info
     times = np.asarray(times, dtype=np.float64)
     units = np.asarray(units, dtype=np.int64)
     if history_init is None:
@@ -119,15 +127,15 @@ def fit_readout(
                                  embeddings=embeddings)  # (W, U, T), (W, T, K1)
     stop()
     y = target_counts(times, units, starts + cfg.context_s, n_units=U, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
-    W, T = starts.size, cfg.n_bins
-    X = design.reshape(W * T, K1)  # rows: (window, bin), shared by every unit
-    off = eta0.transpose(1, 0, 2).reshape(U, W * T) + math.log(cfg.bin_size_s)  # log expected counts
+    T = cfg.n_bins
+    sub = slice(None, None, READOUT_EVERY)  # the read-out's Poisson fit: every few windows (rows are bins)
+    W = eta0[sub].shape[0]
+    X = design[sub].reshape(W * T, K1)  # rows: (window, bin), shared by every unit
+    off = eta0[sub].transpose(1, 0, 2).reshape(U, W * T) + math.log(cfg.bin_size_s)  # log expected counts
     off = np.clip(off, -30.0, 10.0)
-    Y = y.transpose(1, 0, 2).reshape(U, W * T).astype(np.float64)
+    Y = y[sub].transpose(1, 0, 2).reshape(U, W * T).astype(np.float64)
     n_fit = max(1, int(round((1.0 - HELD_OUT) * W))) * T
     ho = slice(n_fit, None)
-
-    del eta0, design, y
 
     def nll(w: np.ndarray, g: slice, rows: slice) -> np.ndarray:  # (units,) Poisson NLL of units g on ``rows``
         eta = np.clip(off[g, rows] + w @ X[rows].T, -30.0, 30.0)
@@ -153,6 +161,16 @@ def fit_readout(
                 X, Y[g][keep], offset=off[g][keep], l2=b_l2[keep][:, None], w0=b_w[keep], max_iter=MAX_ITER
             )
     keep = np.isfinite(best_l2)
+    del X, off, Y
+    population = None
+    if PopulationGLM.supports(cfg.history_taus) and starts.size >= 10:
+        # The population correction on top, on every window: a population GLM whose offset is everything
+        # fitted so far (the network's log rates with the read-outs just fitted).
+        stop()
+        eta = eta0 + math.log(cfg.bin_size_s) + np.einsum("uk,wtk->wut", readout, design)  # (W, U, T)
+        R = np.stack([w.history_rates for w in windows]).astype(np.float64)  # (W, U, K) at the context ends
+        population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus).fit(R, y, offset=eta)
+        info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
     n_ho = max(1, (W * T - n_fit)) * U
     info.update(
         units_fitted=int(keep.sum()),
@@ -161,4 +179,4 @@ def fit_readout(
         l2_chosen={f"{l2:g}": int(np.sum(best_l2 == l2)) for l2 in L2_GRID},
         seconds=round(time.monotonic() - t_start, 4),
     )
-    return torch.from_numpy(readout.astype(np.float32)), info
+    return torch.from_numpy(readout.astype(np.float32)), population, info

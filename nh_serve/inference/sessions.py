@@ -29,6 +29,7 @@ class RegisteredSession:
     history: object | None = None  # nh_serve.data.history.EmaState of history models: each unit's smoothed rates
     history_states: object | None = None  # deque of (time, (U, K) rates) at recent context ends
     readout: torch.Tensor | None = None  # (U, readout_dim + 1) per-unit read-out fitted on the reference
+    population: object | None = None  # nh_serve.core.glm.PopulationGLM correction fitted with the read-out
     fit: dict | None = None  # what the reference fit did
     refit: object | None = None  # nh_serve.inference.reference_fit.Refitter when refit_every_s is set
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards history and readout

@@ -139,7 +139,7 @@ def start_stream(
     if cfg.readout_dim:
         s.readout = torch.zeros(s.n_units, cfg.readout_dim + 1)
         if fit == "reference":
-            s.readout, s.fit = fit_readout(
+            s.readout, s.population, s.fit = fit_readout(
                 model(), times=ts, units=us, reference=(r0, r1), unit_features=s.features,
                 ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, should_stop=stop,
             )
@@ -157,12 +157,12 @@ def refit_session(model, s: RegisteredSession) -> None:
         now = s.history.t
         start, times, units, init = s.refit.data(now)
         s.refit.last_fit = now
-    readout, info = fit_readout(
+    readout, population, info = fit_readout(
         model, times=times, units=units, reference=(start, now), unit_features=s.features,
         ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, history_init=init,
     )
     with s.lock:
-        s.readout = readout
+        s.readout, s.population = readout, population
         s.refit.refits += 1
         s.fit = {**(s.fit or {}), "refits": s.refit.refits, "last_refit": {"window": [start, now], **info}}
 

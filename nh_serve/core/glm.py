@@ -186,15 +186,24 @@ class GLMRecording:
 class PopulationGLM:
     """Per-unit, per-band Poisson GLM on own and population history, fitted on one stretch of a recording."""
 
-    def __init__(self, *, n_bins: int, bin_size: float, components: int = POP_COMPONENTS):
+    def __init__(self, *, n_bins: int, bin_size: float, components: int = POP_COMPONENTS, taus=HISTORY_TAUS):
+        """``taus``: the time constants of the smoothed rates ``R`` it is given (they must include
+        :data:`POP_TAUS` and the slow rate's)."""
         self.n_bins, self.bin_size, self.components = int(n_bins), float(bin_size), int(components)
         self.bands = band_index(n_bins, bin_size)
         self.n_bands = len(GLM_BANDS_MS)
-        self.i_scales = [HISTORY_TAUS.index(t) for t in POP_TAUS]
+        taus = [float(t) for t in taus]
+        self.i_scales = [taus.index(t) for t in POP_TAUS]
+        self.i_slow = taus.index(SLOW_TAU)
+
+    @staticmethod
+    def supports(taus) -> bool:
+        """Whether smoothed rates at ``taus`` hold every scale the GLM reads."""
+        return all(float(t) in [float(x) for x in taus] for t in (*POP_TAUS, SLOW_TAU))
 
     def _logs(self, R: np.ndarray):
         logs = np.log(np.maximum(R, 0.0) + LOG_FLOOR_HZ)  # (P, U, K)
-        slow = logs[..., HISTORY_TAUS.index(SLOW_TAU)]
+        slow = logs[..., self.i_slow]
         return logs, slow
 
     def _design(self, R: np.ndarray, *, fitting: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -213,9 +222,15 @@ class PopulationGLM:
         X = np.concatenate([own, np.broadcast_to(pcs[:, None, :], (P, U, pcs.shape[1])), np.ones((P, U, 1))], -1)
         return np.ascontiguousarray(X.transpose(1, 0, 2)), np.ascontiguousarray(slow.T)
 
-    def fit(self, R: np.ndarray, counts: np.ndarray) -> PopulationGLM:
+    def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None) -> PopulationGLM:
         """Fit on smoothed rates ``R`` ``(P, U, K)`` at prediction times in time order and their
-        next-horizon counts ``(P, U, T)``."""
+        next-horizon counts ``(P, U, T)``.
+
+        ``offset``: ``(P, U, T)`` log expected counts per bin of another predictor. The GLM then
+        *corrects* that predictor: a band's expected count is the predictor's times ``exp(w_b . x_u)``
+        (:meth:`log_correction`), and a unit keeps a band's correction only where it predicts the last
+        20% of the fit times better than the predictor alone (otherwise ``w_b = 0``).
+        """
         logs, _ = self._logs(R)
         P, U = R.shape[:2]
         K = max(1, min(self.components, U - 1, P - 1))
@@ -238,25 +253,44 @@ class PopulationGLM:
         self.l2 = np.zeros((self.n_bands, U))
         for b in range(self.n_bands):
             y = per[b].T  # (U, P)
-            e = np.full_like(y, nb[b])
-            o = slow + math.log(self.bin_size)
-            best_nll, best_l2 = None, None
-            for l2 in POP_L2_GRID:
+            if offset is None:
+                e = np.full_like(y, nb[b])
+                o = slow + math.log(self.bin_size)
+                best_nll, best_l2 = None, None
+            else:  # the band's expected count under the other predictor: exposure 1, offset its log
+                e = np.ones_like(y)
+                o = np.logaddexp.reduce(np.clip(offset[:, :, self.bands == b], -30.0, 10.0), axis=-1).T  # (U, P)
+                best_nll = (e[:, n_fit:] * np.exp(o[:, n_fit:]) - y[:, n_fit:] * o[:, n_fit:]).sum(1)
+                best_l2 = np.full(U, np.inf)  # no correction unless one predicts the held-out times better
+            w, best_w = None, np.zeros((U, F))
+            for l2 in sorted(POP_L2_GRID, reverse=True):  # strongest penalty first, each solve starts from the last
                 pen = np.full(F, l2)
                 pen[-1] = POP_INTERCEPT_L2
-                w = fit_poisson(X[:, :n_fit], y[:, :n_fit], exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen, max_iter=15)
+                w = fit_poisson(X[:, :n_fit], y[:, :n_fit], exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen,
+                                w0=w, max_iter=15)
                 eta = np.clip(o[:, n_fit:] + np.einsum("upf,uf->up", X[:, n_fit:], w), -30, 30)
                 nll = (e[:, n_fit:] * np.exp(eta) - y[:, n_fit:] * eta).sum(1)
                 if best_nll is None:
-                    best_nll, best_l2 = nll, np.full(U, l2)
+                    best_nll, best_l2, best_w = nll, np.full(U, l2), w.copy()
                 else:
                     better = nll < best_nll
                     best_nll, best_l2 = np.where(better, nll, best_nll), np.where(better, l2, best_l2)
-            pen = np.repeat(best_l2[:, None], F, axis=1)
-            pen[:, -1] = POP_INTERCEPT_L2
-            self.W[b] = fit_poisson(X, y, exposure=e, offset=o, l2=pen, max_iter=15)
+                    best_w[better] = w[better]
+            keep = np.isfinite(best_l2)
+            if keep.any():
+                pen = np.repeat(best_l2[keep, None], F, axis=1)
+                pen[:, -1] = POP_INTERCEPT_L2
+                self.W[b, keep] = fit_poisson(X[keep], y[keep], exposure=e[keep], offset=o[keep], l2=pen,
+                                              w0=best_w[keep], max_iter=15)
             self.l2[b] = best_l2
         return self
+
+    def log_correction(self, R: np.ndarray) -> np.ndarray:
+        """``(W, U, T)`` float32 ``w_b . x_u`` per bin: the log factor a GLM fitted with ``offset`` applies
+        to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)``."""
+        X, _ = self._design(R)  # (U, W, F)
+        eta = np.einsum("uwf,buf->wub", X, self.W)  # (W, U, n_bands)
+        return np.clip(eta[:, :, self.bands], -10.0, 10.0).astype(np.float32)
 
     def predict(self, R: np.ndarray) -> np.ndarray:
         """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""
