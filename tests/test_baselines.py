@@ -9,13 +9,6 @@ import pytest
 from real_data import REAL
 from sklearn.linear_model import PoissonRegressor
 
-from nh_serve.core.poisson import fit_poisson, poisson_objective
-from nh_serve.data.features import DEFAULT_REFERENCE_S, reference_rate_hz
-from nh_serve.data.history import HISTORY_TAUS, EmaState, ema_rates, log_history
-from nh_serve.data.spikes import bin_counts
-from nh_serve.data.windows import target_counts
-from nh_serve.errors import InputError
-from nh_serve.evaluation import baselines as B
 from nh_serve.core.glm import (
     POP_INTERCEPT_L2,
     GLMRecording,
@@ -23,6 +16,13 @@ from nh_serve.core.glm import (
     UnivariateGLM,
     band_index,
 )
+from nh_serve.core.poisson import fit_poisson, poisson_objective
+from nh_serve.data.features import DEFAULT_REFERENCE_S, reference_rate_hz
+from nh_serve.data.history import HISTORY_TAUS, EmaState, ema_rates, log_history
+from nh_serve.data.spikes import bin_counts
+from nh_serve.data.windows import target_counts
+from nh_serve.errors import InputError
+from nh_serve.evaluation import baselines as B
 from nh_serve.evaluation.metrics import bits_per_spike, paired_bps_interval, window_nll
 
 NB, BS = 50, 0.02
@@ -336,7 +336,6 @@ def test_population_glm_with_an_offset_corrects_a_predictor_only_where_it_helps(
     counts the predictor already explains keep no correction, units driven by the population get one."""
     rng = np.random.default_rng(0)
     U, P = 6, 500
-    pos = 1.0 + 0.1 * np.arange(P)
     latent = np.convolve(rng.normal(size=P + 40), np.ones(40) / np.sqrt(40), mode="valid")[:P]  # slow shared drive
     base = np.full((P, U, NB), math.log(5.0 * BS))  # the predictor: 5 Hz flat
     drive = np.zeros((P, U))

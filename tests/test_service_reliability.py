@@ -29,8 +29,8 @@ import pytest
 from service_server import ServeProcess, bentoml_env, make_tiny_checkpoint
 
 from nh_serve.client import Client
-from nh_serve.core.config import COUNT_HISTORY
 from nh_serve.client.wire import encode_array
+from nh_serve.core.config import COUNT_HISTORY
 from nh_serve.inference.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]

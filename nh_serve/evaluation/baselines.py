@@ -53,15 +53,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nh_serve.data.history import HISTORY_TAUS, HistoryTrack, ema_rates
-from nh_serve.data.spikes import check_spikes, prefix_counts
-from nh_serve.errors import InputError
 from nh_serve.core.glm import (
     RECENT_EVERY_S,
     RECENT_SPAN_S,
     UnivariateGLM,
     fit_population_glm,
 )
+from nh_serve.data.history import HISTORY_TAUS, HistoryTrack, ema_rates
+from nh_serve.data.spikes import check_spikes, prefix_counts
+from nh_serve.errors import InputError
 
 DEFAULT_HISTORY_S = 60.0  # history of persistence / exp_smooth, seconds
 CONTEXT_S = 1.0  # "the last second", seconds (the model's context length)

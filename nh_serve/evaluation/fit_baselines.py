@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nh_serve.core.glm import GLM_BANDS_MS, GLMRecording, UnivariateGLM
 from nh_serve.data.features import DEFAULT_REFERENCE_S, auto_reference_s, reference_rate_hz
 from nh_serve.data.session import open_session
 from nh_serve.data.session.files import find_sessions, session_name
 from nh_serve.errors import InputError
-from nh_serve.core.glm import GLM_BANDS_MS, GLMRecording, UnivariateGLM
 from nh_serve.util import atomic_write
 
 

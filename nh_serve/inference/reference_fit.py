@@ -161,7 +161,6 @@ def fit_readout(
                 X, Y[g][keep], offset=off[g][keep], l2=b_l2[keep][:, None], w0=b_w[keep], max_iter=MAX_ITER
             )
     keep = np.isfinite(best_l2)
-    del X, off, Y
     population = None
     if PopulationGLM.supports(cfg.history_taus) and starts.size >= 10:
         # The population correction on top, on every window: a population GLM whose offset is everything
