@@ -17,6 +17,7 @@ import sys
 from export import cli as export_cli
 from kernels import bench as kernels_bench
 from nh_serve import __version__
+from nh_serve.bench import eval_cost as bench_eval
 from nh_serve.bench import features as bench_features
 from nh_serve.bench import forward as bench_forward
 from nh_serve.bench import predict as bench_predict
@@ -34,7 +35,7 @@ from training import train
 COMMAND_MODULES = (demo, synth, ingest_cli, train, quality_cli, fit_baselines, export_cli, score_cli)
 
 # Modules with ``nh-serve bench <name>`` subcommands.
-BENCH_MODULES = (bench_features, bench_forward, bench_predict, bench_register, bench_service, bench_score)
+BENCH_MODULES = (bench_eval, bench_features, bench_forward, bench_predict, bench_register, bench_service, bench_score)
 
 
 def _add_kernels_bench(bench_sub) -> None:

@@ -3,10 +3,10 @@
 For each unit count (default 100 and 1000) a synthetic recording
 (:func:`nh_serve.data.synth.make_session`) gives a 60 s reference window, registered
 ``--repeats`` times in one Predictor with ``fit="none"`` (descriptors, embeddings, the
-history stream) and with ``fit="reference"`` (the same plus each unit's read-out fitted on
-the reference window, :mod:`nh_serve.inference.reference_fit`). Reported: median and
-slowest wall time of the whole ``register`` call, the fit's own seconds, and how many units
-kept a fit. Torch uses ``--threads`` threads (default 2, the target machine's cores).
+history stream) and with ``fit="reference"`` (the same plus each unit's read-out and
+population correction fitted on the reference window, :mod:`nh_serve.inference.reference_fit`).
+Reported: median and slowest wall time of the whole ``register`` call, the fit's own seconds,
+and how many units kept each fit. Torch uses ``--threads`` threads (default 2, the target machine's cores).
 Results go to the ``register`` section of ``docs/benchmarks.md`` (``--no-doc`` to skip).
 """
 
@@ -41,7 +41,7 @@ def measure(p: Predictor, n_units: int, *, repeats: int, seed: int) -> list[dict
             secs.append(time.perf_counter() - t0)
             info = p.session(tok).fit or {}
             fit_secs.append(float(info.get("seconds", 0.0)))
-            kept.append(int(info.get("units_fitted", 0)))
+            kept.append((int(info.get("units_fitted", 0)), int(info.get("population_units_corrected", 0))))
             p.sessions.discard(tok)
         rows.append(
             {
@@ -51,7 +51,8 @@ def measure(p: Predictor, n_units: int, *, repeats: int, seed: int) -> list[dict
                 "register median (s)": float(np.median(secs)),
                 "register max (s)": float(np.max(secs)),
                 "of which the fit (s)": float(np.median(fit_secs)),
-                "units kept a fit": kept[-1] if fit == "reference" else "",
+                "units kept a read-out fit": kept[-1][0] if fit == "reference" else "",
+                "units kept a population correction": kept[-1][1] if fit == "reference" else "",
                 "load": round(os.getloadavg()[0], 2),
             }
         )
