@@ -52,6 +52,12 @@ POP_COMPONENTS = 8
 POP_L2_GRID = (30.0, 300.0, 3000.0)
 POP_INTERCEPT_L2 = 1.0  # keeps a unit that was (nearly) silent in the fit window near its slow rate
 POP_STEP_S = 0.1  # spacing of the fit window's prediction times
+#: A population GLM fitted as a correction of another predictor (``offset``): a unit needs this mean rate in
+#: the fit part and in the held-out part, and a band a held-out gain of this many nats, to keep one; the
+#: correction never scales that predictor's rates by more than a factor exp(CORRECTION_MAX_LOG) = 3.
+CORRECTION_MIN_RATE_HZ = 1.0
+CORRECTION_MARGIN_NATS = 2.0
+CORRECTION_MAX_LOG = math.log(3.0)
 POP_CLIP_SD = 5.0
 RECENT_EVERY_S = 30.0
 RECENT_SPAN_S = 120.0
@@ -247,6 +253,7 @@ class PopulationGLM:
             self.V.append(V)
         X, slow = self._design(R, fitting=True)
         per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
+        rate_hz = counts.sum(2) / (self.n_bins * self.bin_size)  # (P, U) each unit's rate over each horizon
         F = X.shape[-1]
         n_fit = max(1, min(P - 1, int(round(0.8 * P))))
         self.W = np.zeros((self.n_bands, U, F))
@@ -260,8 +267,12 @@ class PopulationGLM:
             else:  # the band's expected count under the other predictor: exposure 1, offset its log
                 e = np.ones_like(y)
                 o = np.logaddexp.reduce(np.clip(offset[:, :, self.bands == b], -30.0, 10.0), axis=-1).T  # (U, P)
+                # no correction unless one predicts the held-out times better by a margin, and only for units
+                # with enough spikes to tell (sparse units' fits follow noise; the margin pays for the choice)
                 best_nll = (e[:, n_fit:] * np.exp(o[:, n_fit:]) - y[:, n_fit:] * o[:, n_fit:]).sum(1)
-                best_l2 = np.full(U, np.inf)  # no correction unless one predicts the held-out times better
+                sparse = (rate_hz[:n_fit].mean(0) < CORRECTION_MIN_RATE_HZ) | (rate_hz[n_fit:].mean(0) < CORRECTION_MIN_RATE_HZ)
+                best_nll = np.where(sparse, -np.inf, best_nll - CORRECTION_MARGIN_NATS)
+                best_l2 = np.full(U, np.inf)
             w, best_w = None, np.zeros((U, F))
             for l2 in sorted(POP_L2_GRID, reverse=True):  # strongest penalty first, each solve starts from the last
                 pen = np.full(F, l2)
@@ -290,7 +301,7 @@ class PopulationGLM:
         to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)``."""
         X, _ = self._design(R)  # (U, W, F)
         eta = np.einsum("uwf,buf->wub", X, self.W)  # (W, U, n_bands)
-        return np.clip(eta[:, :, self.bands], -10.0, 10.0).astype(np.float32)
+        return np.clip(eta[:, :, self.bands], -CORRECTION_MAX_LOG, CORRECTION_MAX_LOG).astype(np.float32)
 
     def predict(self, R: np.ndarray) -> np.ndarray:
         """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""

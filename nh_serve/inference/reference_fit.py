@@ -24,6 +24,12 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    correction only where it predicts the last 20% better (models whose history holds the
    GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`).
 
+Both fits are kept only for units firing at least 1 Hz in both parts of the reference and only
+where the held-out gain exceeds :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; a reference
+shorter than :data:`MIN_FIT_REFERENCE_S` is not fitted at all (zero-shot, with a note). On real
+recordings a reference-window fit can still fail to carry over to an hour of drift:
+``refit_every_s`` refits on the recent stream.
+
 Deterministic (no random numbers; float64 solves). Units that are not kept get
 ``r_u = 0``: their predictions stay zero-shot. :class:`Refitter` repeats the fit on
 the most recent stretch of a stream (``register(..., refit_every_s=...)``).
@@ -37,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from nh_serve.core.glm import PopulationGLM
+from nh_serve.core.glm import CORRECTION_MARGIN_NATS, CORRECTION_MIN_RATE_HZ, PopulationGLM
 from nh_serve.core.poisson import fit_poisson
 from nh_serve.data.history import ema_rates
 from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
@@ -47,6 +53,8 @@ WARMUP_S = 5.0
 MAX_WINDOWS = 600
 READOUT_EVERY = 5  # the read-out's fit uses every 5th window (0.5 s apart); the population correction all
 HELD_OUT = 0.2
+#: Shorter references leave too few held-out seconds to tell a fit that generalises from one that follows noise.
+MIN_FIT_REFERENCE_S = 45.0
 L2_GRID = (3.0, 30.0, 300.0, 3000.0)
 MAX_ITER = 12
 FORWARD_CHUNK_UNIT_WINDOWS = 8_192  # windows x units per forward pass
@@ -112,8 +120,9 @@ def fit_readout(
     starts = fit_windows(r0, r1, context_s=cfg.context_s, horizon_s=cfg.horizon_s)
     info = {"windows": int(starts.size), "units": U, "units_fitted": 0}
     zero = torch.zeros(U, K1)
-    if starts.size < 5:
-        info.update(seconds=round(time.monotonic() - t_start, 4), note="reference too short to fit; zero-shot read-out")
+    if r1 - r0 < MIN_FIT_REFERENCE_S or starts.size < 5:
+        info.update(seconds=round(time.monotonic() - t_start, 4),
+                    note=f"a fit needs at least {MIN_FIT_REFERENCE_S:g} s of reference (its last 20% judges it); zero-shot")
         return zero, None, info
     times = np.asarray(times, dtype=np.float64)
     units = np.asarray(units, dtype=np.int64)
@@ -141,12 +150,17 @@ def fit_readout(
         eta = np.clip(off[g, rows] + w @ X[rows].T, -30.0, 30.0)
         return (np.exp(eta) - Y[g, rows] * eta).sum(1)
 
+    span_s = T * cfg.bin_size_s
+    rate_fit, rate_ho = Y[:, :n_fit].mean(1) * T / span_s, Y[:, n_fit:].mean(1) * T / span_s  # (U,) Hz
+    sparse = (rate_fit < CORRECTION_MIN_RATE_HZ) | (rate_ho < CORRECTION_MIN_RATE_HZ)
     base, best = np.zeros(U), np.zeros(U)
     best_l2, readout = np.full(U, np.inf), np.zeros((U, K1))
     for c0 in range(0, U, SOLVE_CHUNK_UNITS):  # units are independent: chunks bound the solver's memory
         g = slice(c0, min(U, c0 + SOLVE_CHUNK_UNITS))
         base[g] = nll(np.zeros((g.stop - g.start, K1)), g, ho)
         b, b_l2, b_w = base[g].copy(), np.full(g.stop - g.start, np.inf), np.zeros((g.stop - g.start, K1))
+        # as for the population correction: a held-out gain of a margin, and only units with enough spikes
+        b = np.where(sparse[g], -np.inf, b - CORRECTION_MARGIN_NATS)
         for l2 in L2_GRID:
             stop()
             w = fit_poisson(X[:n_fit], Y[g, :n_fit], offset=off[g, :n_fit], l2=l2, max_iter=MAX_ITER)
@@ -154,7 +168,7 @@ def fit_readout(
             better = got < b - 1e-9
             b, b_l2 = np.where(better, got, b), np.where(better, l2, b_l2)
             b_w[better] = w[better]
-        best[g], best_l2[g] = b, b_l2
+        best[g], best_l2[g] = np.where(np.isfinite(b_l2), b, base[g]), b_l2
         keep = np.isfinite(b_l2)
         if keep.any():
             readout[c0 + np.flatnonzero(keep)] = fit_poisson(

@@ -15,12 +15,11 @@ import warnings
 import numpy as np
 import torch
 
-from nh_serve.data.features import MIN_REFERENCE_S
 from nh_serve.data.history import EmaState
 from nh_serve.data.spikes import check_spikes
 from nh_serve.data.windows import Window
 from nh_serve.errors import InputError
-from nh_serve.inference.reference_fit import fit_readout
+from nh_serve.inference.reference_fit import MIN_FIT_REFERENCE_S, fit_readout
 from nh_serve.inference.sessions import RegisteredSession
 
 #: A gap between the data a session has seen and a new context longer than this is "history incomplete".
@@ -146,8 +145,8 @@ def start_stream(
     s.fit = {"mode": fit, **(s.fit or {})}
     if refit_every_s is not None:
         window = float(refit_window_s) if refit_window_s is not None else r1 - r0
-        if not (math.isfinite(window) and window >= MIN_REFERENCE_S):
-            raise InputError(f"refit_window_s: must be at least {MIN_REFERENCE_S:g} s, got {refit_window_s!r}")
+        if not (math.isfinite(window) and window >= MIN_FIT_REFERENCE_S):
+            raise InputError(f"refit_window_s: must be at least {MIN_FIT_REFERENCE_S:g} s, got {refit_window_s!r}")
         s.refit = Refitter(every_s=float(refit_every_s), window_s=window, t=r1)
 
 
