@@ -22,6 +22,7 @@ from torch import nn
 
 from nh_serve.core.glm import GLMRecording, UnivariateGLM, band_index
 from nh_serve.core.model import poisson_loss
+from nh_serve.data.history import HISTORY_TAUS
 from nh_serve.data.windows import cut_windows, target_counts
 from nh_serve.evaluation.metrics import bits_per_spike
 from nh_serve.inference.predictor import Predictor
@@ -98,14 +99,15 @@ def loss(harness, batch, sessions, y, *, bin_size_s: float, zero_shot_weight: fl
     return out
 
 
-def fit_univariate_start(sessions: list[TrainSession], weights: np.ndarray, *, n_bins: int, bin_size: float) -> UnivariateGLM:
+def fit_univariate_start(sessions: list[TrainSession], weights: np.ndarray, *, n_bins: int, bin_size: float,
+                         taus=HISTORY_TAUS) -> UnivariateGLM:
     """The univariate GLM on the training recordings (each weighted by its sampling weight)."""
     recs = [
         GLMRecording(name=s.name, times=s.times, units=s.units, n_units=s.n_units, start=s.start, end=s.end,
                      reference=s.reference, ref_rate_hz=s.ref_rate_hz.astype(np.float64), weight=float(w) * len(sessions))
         for s, w in zip(sessions, weights)
     ]
-    return UnivariateGLM.fit(recs, n_bins=n_bins, bin_size=bin_size)
+    return UnivariateGLM.fit(recs, n_bins=n_bins, bin_size=bin_size, taus=taus)
 
 
 def init_model_univariate(model, glm: UnivariateGLM) -> None:

@@ -607,7 +607,8 @@ class Trainer:
             norm = FeatureNorm.fit([s.features for s in data.train], width=self.mcfg.n_features)
             if self.mcfg.has_history:  # the GLM baseline of these recordings; the model starts from it
                 t0 = time.monotonic()
-                glm = fit_univariate_start(data.train, data.weights, n_bins=self.mcfg.n_bins, bin_size=self.mcfg.bin_size_s)
+                glm = fit_univariate_start(data.train, data.weights, n_bins=self.mcfg.n_bins, bin_size=self.mcfg.bin_size_s,
+                                           taus=self.mcfg.history_taus)
                 init_model_univariate(self.model, glm)
                 self.info["univariate_glm"] = glm.to_dict()
                 if dist.main and self.progress:

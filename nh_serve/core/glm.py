@@ -132,8 +132,11 @@ class UnivariateGLM:
         return _expand(np.exp(np.clip(eta, -20.0, 10.0)), band_index(n_bins, bin_size, self.bands_ms), bin_size)
 
     @classmethod
-    def fit(cls, recordings, *, n_bins: int = 50, bin_size: float = 0.02, step_s: float = 0.5, progress: bool = False) -> UnivariateGLM:
-        """Fit on recordings: an iterable of :class:`GLMRecording` (each weighs the same in total)."""
+    def fit(cls, recordings, *, n_bins: int = 50, bin_size: float = 0.02, step_s: float = 0.5, progress: bool = False,
+            taus=HISTORY_TAUS) -> UnivariateGLM:
+        """Fit on recordings: an iterable of :class:`GLMRecording` (each weighs the same in total);
+        ``taus``: the smoothed rates' time constants (default :data:`HISTORY_TAUS`; must hold the slow rate's)."""
+        taus = tuple(float(t) for t in taus)
         from tqdm.auto import tqdm
 
         rows_X, rows_y, rows_e, rows_o, names = [], [], [], [], []
@@ -145,8 +148,8 @@ class UnivariateGLM:
             if pos.size == 0:
                 continue
             R = ema_rates(rec.times, rec.units, n_units=rec.n_units, t_eval=pos, start=rec.start,
-                          ref_rate_hz=rec.ref_rate_hz, taus=HISTORY_TAUS)  # (P, U, K)
-            glm = cls(weights=np.zeros((n_bands, len(HISTORY_TAUS))))
+                          ref_rate_hz=rec.ref_rate_hz, taus=taus)  # (P, U, K)
+            glm = cls(weights=np.zeros((n_bands, len(taus))), taus=taus)
             X, off = glm.features(R)  # (P, U, F), (P, U)
             counts = target_counts(rec.times, rec.units, pos, n_units=rec.n_units, bin_size=bin_size, n_bins=n_bins)
             per, nb = _band_targets(counts, bands, n_bands)  # (n_bands, P, U), (n_bands,)
@@ -166,7 +169,7 @@ class UnivariateGLM:
         W = np.zeros((n_bands, F))
         for b in range(n_bands):
             W[b] = fit_poisson(X, y[b : b + 1], exposure=(e * nb[b])[None], offset=o[None], l2=UNI_L2, max_iter=50)[0]
-        return cls(weights=W, fitted_on=tuple(names))
+        return cls(weights=W, taus=taus, fitted_on=tuple(names))
 
 
 @dataclass

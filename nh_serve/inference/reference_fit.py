@@ -137,6 +137,8 @@ def fit_readout(
     stop()
     y = target_counts(times, units, starts + cfg.context_s, n_units=U, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
     T = cfg.n_bins
+    if design.shape[-1] == 0:  # a model without the population path has no read-out design: zeros stand in
+        design = np.zeros((starts.size, T, K1))
     sub = slice(None, None, READOUT_EVERY)  # the read-out's Poisson fit: every few windows (rows are bins)
     W = eta0[sub].shape[0]
     X = design[sub].reshape(W * T, K1)  # rows: (window, bin), shared by every unit
