@@ -315,7 +315,8 @@ def _checkpoint(spec: str | None, tmp: Path) -> tuple[str, str]:
 
     torch.manual_seed(0)
     path = tmp / "nh-small-random.safetensors"
-    save_model(path, NeuroHorizon(get_config("nh-small")), feature_norm=FeatureNorm.identity())
+    model = NeuroHorizon(get_config("nh-small"))
+    save_model(path, model, feature_norm=FeatureNorm.identity(model.cfg.n_features))
     return (
         str(path),
         "nh-small with random weights (the default checkpoint is not installed yet; same architecture and cost)",

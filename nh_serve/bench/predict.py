@@ -109,7 +109,8 @@ def bench_model(config: str, checkpoint: str | None, *, seed: int = 0):
     if checkpoint is not None:
         return load_model(checkpoint)
     torch.manual_seed(seed)
-    return NeuroHorizon(get_config(config)).eval(), FeatureNorm.identity(), None
+    model = NeuroHorizon(get_config(config)).eval()
+    return model, FeatureNorm.identity(model.cfg.n_features), None
 
 
 def _pct(samples_s: list[float]) -> tuple[float, float, float]:

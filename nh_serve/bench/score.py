@@ -61,10 +61,11 @@ def random_checkpoint(folder: Path, config: str = "nh-small", seed: int = 0) -> 
     path = folder / f"{config}-random-{seed}.safetensors"
     if not path.exists():
         torch.manual_seed(seed)
+        model = NeuroHorizon(get_config(config))
         save_model(
             path,
-            NeuroHorizon(get_config(config)),
-            feature_norm=FeatureNorm.identity(),
+            model,
+            feature_norm=FeatureNorm.identity(model.cfg.n_features),
             training={"note": "random weights, for benchmarks"},
         )
     return path
