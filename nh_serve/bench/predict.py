@@ -269,6 +269,8 @@ def measure_latency(predictors: dict, rec: dict, *, runs: int, warmup: int) -> l
         tok_t.append(time.perf_counter() - t)
         if i < W:
             batch.pop("unit_features")
+            if s0.readout is not None:  # what Predictor._run adds: the session's fitted read-outs
+                batch["unit_readout"] = s0.readout.unsqueeze(0)
             batches.append(batch)
     emb = {n: predictors[n].session(tokens[n]).embeddings.unsqueeze(0) for n in names}
     model_t: dict[str, list[float]] = {n: [] for n in names}
@@ -529,6 +531,8 @@ def run(
                 [ref.tokenize_window(s, w["spike_times"], w["unit_ids"], context_start=w["context_start"])]
             )
             b.pop("unit_features")
+            if s.readout is not None:
+                b["unit_readout"] = s.readout.unsqueeze(0)
             batches.append(b)
         flops[n_units] = count_flops(model, batches[0], s.embeddings.unsqueeze(0))
         if n_units in (TARGET_UNITS, max(units)):
