@@ -208,10 +208,11 @@ def test_huge_unit_ids_are_refused_before_anything_is_built(http, server):
     # Two units firing at 17 kHz: the autocorrelogram would count 3e9 pairs of close spikes.
     call(http, server, "2 units x 1 M spikes in 60 s (close pairs)", "/register", _table_body(["p", "q"], 2_000_000),
          expect=413, needles=["max_close_pairs"], max_s=10)
-    # The bound: 1000 ids of 128 characters and 2 M spikes cost what the spikes cost, no per-spike strings.
+    # The bound: 1000 ids of 128 characters and 2 M spikes cost what the spikes cost, no per-spike strings
+    # (zero-shot: the reference fit of 1000 units takes its own tens of seconds, docs/benchmarks.md).
     ids = [f"{i:0128d}" for i in range(1000)]
-    r = call(http, server, "1000 ids of 128 characters, 2 M spikes (bound)", "/register", _table_body(ids, 2_000_000),
-             expect=200, max_s=20)
+    r = call(http, server, "1000 ids of 128 characters, 2 M spikes (bound)", "/register",
+             {**_table_body(ids, 2_000_000), "fit": "none"}, expect=200, max_s=20)
     assert r.json()["n_units"] == 1000
     assert server.max_rss - rss0 < 700 * 2**20, (rss0, server.max_rss)
 

@@ -75,12 +75,13 @@ def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float) -> 
 
 
 @torch.no_grad()
-def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings) -> tuple[np.ndarray, np.ndarray]:
+def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings, stop=lambda: None) -> tuple[np.ndarray, np.ndarray]:
     """``eta0`` ``(W, U, T)`` and the read-out design ``(W, T, K + 1)`` of every window (float64)."""
     U = embeddings.shape[0]
     step = max(1, FORWARD_CHUNK_UNIT_WINDOWS // max(U, 1))
     etas, designs = [], []
     for i in range(0, len(windows), step):
+        stop()  # an abandoned registration stops between chunks
         items = [tokenize_window(cfg, w, unit_features=unit_features, ref_rate_hz=ref_rate_hz) for w in windows[i : i + step]]
         batch = collate(items)
         batch.pop("unit_features")
@@ -133,7 +134,7 @@ def fit_readout(
                        taus=cfg.history_taus, init=history_init)
         windows = cut_windows(times, units, starts, n_units=U, cfg=cfg, history_start=r0, history_rates=hr)
     eta0, design = _frozen_parts(model, cfg, windows, unit_features=unit_features, ref_rate_hz=ref_rate_hz,
-                                 embeddings=embeddings)  # (W, U, T), (W, T, K1)
+                                 embeddings=embeddings, stop=stop)  # (W, U, T), (W, T, K1)
     stop()
     y = target_counts(times, units, starts + cfg.context_s, n_units=U, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
     T = cfg.n_bins
