@@ -70,7 +70,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_doc:
         text = (
             "## Cost of a full evaluation\n\n"
-            f"`nh-serve bench eval --checkpoint {args.checkpoint}`: one `nh-serve eval` process per baseline set on "
+            f"`nh-serve bench eval --checkpoint {args.checkpoint} --duration {args.duration:g}"
+            + (f" --full-duration {args.full_duration:g}" if args.full_duration else "")
+            + "`: one `nh-serve eval` process per baseline set on "
             "a synthetic recording (seed 11; 60 s reference, a window every 1 s, the model with and without its "
             "reference fit, every baseline and the oracle). `full` adds `population_glm_recent` (a population GLM "
             "refitted every 30 s on the last 120 s).\n\n" + table + "\n\n" + machine_line()
