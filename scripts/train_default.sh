@@ -3,14 +3,14 @@
 # GLM baseline nh_serve/models/univariate_glm.json), the leave-one-recording-out and ablation
 # checkpoints, and the quality benchmark of docs/results.md and docs/model-card.md.
 #
-#   bash scripts/train_default.sh            # everything, one run after the other (about 1.5 h on 2 CPU cores)
+#   bash scripts/train_default.sh            # everything, one run after the other (over an hour on 2 CPU cores)
 #   bash scripts/train_default.sh default    # only the data and the default checkpoint
 #   bash scripts/train_default.sh others     # only the data and the leave-one-out and ablation checkpoints
 #   bash scripts/train_default.sh train      # data and every checkpoint, no benchmark
 #   bash scripts/train_default.sh eval       # only the quality benchmark, on checkpoints already trained
 #
-# Every run trains on one thread: on two cores, `default` and `others` in two shells at once, then
-# `eval`, take about 50 minutes.
+# Every run trains on one thread: on two cores, run `default` and `others` in two shells at once, then
+# `eval`. Each run's summary.json records its training time (docs/model-card.md lists them).
 #
 # Resumable: a run that finished is skipped, one that was stopped continues from its training state
 # (training.train --resume), so the script may be run again after an interruption.
