@@ -136,8 +136,7 @@ def compare_predictors(
         # the candidate runs the network with the reference's registration (an artifact cannot fit
         # read-outs itself: parity is about the network)
         tok_test = candidate.register(times[m], ids[m], reference_window=(t0, r1), units=units, fit="none")
-        candidate.session(tok_test).readout = reference.session(tok_ref).readout
-        candidate.session(tok_test).population = reference.session(tok_ref).population
+        candidate.session(tok_test).take_fit(reference.session(tok_ref))
         e_err = embed_error(candidate.session(tok_test).embeddings, reference.session(tok_ref).embeddings)
         windows = recording_windows(times, ids, units, cfg=cfg, reference=(t0, r1))
         with warnings.catch_warnings():  # windows 7 s apart: the sessions' streams have gaps, by design here

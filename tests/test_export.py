@@ -373,8 +373,7 @@ def test_multimodal_export_takes_the_optional_inputs(tmp_path):
     with pytest.raises(InputError, match="fit='none'"):
         p.register(t[m], ids[m], reference_window=(0.0, 60.0), fit="reference")
     tb = p.register(t[m], ids[m], reference_window=(0.0, 60.0))
-    p.session(tb).readout = eager.session(ta).readout
-    p.session(tb).population = eager.session(ta).population
+    p.session(tb).take_fit(eager.session(ta))
     bt, bv = d["behavior"]
     w, wb = (t >= 62.0) & (t < 63.0), (bt >= 62.0) & (bt < 63.0)
     a = eager.predict(ta, t[w], ids[w], context_start=62.0, behavior=(bt[wb], bv[wb]))

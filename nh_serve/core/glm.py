@@ -64,6 +64,13 @@ RECENT_SPAN_S = 120.0
 UNI_L2 = 1e-3  # tiny ridge so the 36 weights are unique even for degenerate data
 
 
+def too_sparse_to_fit(counts: np.ndarray, n_fit: int, bin_size: float) -> np.ndarray:
+    """``(U,)`` units whose mean rate over the horizons ``counts`` ``(P, U, T)`` of the first ``n_fit`` fit times,
+    or of the rest (the held-out part), is under :data:`CORRECTION_MIN_RATE_HZ`: too few spikes to judge a fit."""
+    rate = counts.mean(2) / bin_size  # (P, U) Hz over each horizon
+    return (rate[:n_fit].mean(0) < CORRECTION_MIN_RATE_HZ) | (rate[n_fit:].mean(0) < CORRECTION_MIN_RATE_HZ)
+
+
 def band_index(n_bins: int, bin_size: float, bands_ms=GLM_BANDS_MS) -> np.ndarray:
     """``(n_bins,)`` band of each horizon bin (by its start time; bins past the last band join it)."""
     start_ms = np.arange(int(n_bins)) * float(bin_size) * 1000.0
@@ -256,9 +263,9 @@ class PopulationGLM:
             self.V.append(V)
         X, slow = self._design(R, fitting=True)
         per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
-        rate_hz = counts.sum(2) / (self.n_bins * self.bin_size)  # (P, U) each unit's rate over each horizon
         F = X.shape[-1]
         n_fit = max(1, min(P - 1, int(round(0.8 * P))))
+        sparse = too_sparse_to_fit(counts, n_fit, self.bin_size) if offset is not None else None
         self.W = np.zeros((self.n_bands, U, F))
         self.l2 = np.zeros((self.n_bands, U))
         for b in range(self.n_bands):
@@ -273,7 +280,6 @@ class PopulationGLM:
                 # no correction unless one predicts the held-out times better by a margin, and only for units
                 # with enough spikes to tell (sparse units' fits follow noise; the margin pays for the choice)
                 best_nll = (e[:, n_fit:] * np.exp(o[:, n_fit:]) - y[:, n_fit:] * o[:, n_fit:]).sum(1)
-                sparse = (rate_hz[:n_fit].mean(0) < CORRECTION_MIN_RATE_HZ) | (rate_hz[n_fit:].mean(0) < CORRECTION_MIN_RATE_HZ)
                 best_nll = np.where(sparse, -np.inf, best_nll - CORRECTION_MARGIN_NATS)
                 best_l2 = np.full(U, np.inf)
             w, best_w = None, np.zeros((U, F))

@@ -43,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from nh_serve.core.glm import CORRECTION_MARGIN_NATS, CORRECTION_MIN_RATE_HZ, PopulationGLM
+from nh_serve.core.glm import CORRECTION_MARGIN_NATS, PopulationGLM, too_sparse_to_fit
 from nh_serve.core.poisson import fit_poisson
 from nh_serve.data.history import ema_rates
 from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
@@ -153,9 +153,7 @@ def fit_readout(
         eta = np.clip(off[g, rows] + w @ X[rows].T, -30.0, 30.0)
         return (np.exp(eta) - Y[g, rows] * eta).sum(1)
 
-    span_s = T * cfg.bin_size_s
-    rate_fit, rate_ho = Y[:, :n_fit].mean(1) * T / span_s, Y[:, n_fit:].mean(1) * T / span_s  # (U,) Hz
-    sparse = (rate_fit < CORRECTION_MIN_RATE_HZ) | (rate_ho < CORRECTION_MIN_RATE_HZ)
+    sparse = too_sparse_to_fit(y[sub], n_fit // T, cfg.bin_size_s)  # (U,)
     base, best = np.zeros(U), np.zeros(U)
     best_l2, readout = np.full(U, np.inf), np.zeros((U, K1))
     for c0 in range(0, U, SOLVE_CHUNK_UNITS):  # units are independent: chunks bound the solver's memory

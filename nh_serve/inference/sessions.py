@@ -34,6 +34,11 @@ class RegisteredSession:
     refit: object | None = None  # nh_serve.inference.reference_fit.Refitter when refit_every_s is set
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards history and readout
 
+    def take_fit(self, other: RegisteredSession) -> None:
+        """Use ``other``'s fitted read-outs and population correction (an exported artifact cannot fit, so
+        parity checks run it with the eager registration's fit)."""
+        self.readout, self.population = other.readout, other.population
+
     @property
     def n_units(self) -> int:
         return int(self.unit_ids.shape[0])
