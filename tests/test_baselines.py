@@ -10,6 +10,7 @@ from real_data import REAL
 from sklearn.linear_model import PoissonRegressor
 
 from nh_serve.core.glm import (
+    CORRECTION_LEVELS,
     POP_INTERCEPT_L2,
     GLMRecording,
     PopulationGLM,
@@ -345,6 +346,7 @@ def test_population_glm_with_an_offset_corrects_a_predictor_only_where_it_helps(
     R = np.repeat((5.0 * np.exp(drive))[:, :, None], len(HISTORY_TAUS), axis=2)
     R[:, 3:] *= np.exp(0.3 * rng.normal(size=(P, 3, 1)))  # noisy, unrelated rates for the flat units
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base)
+    assert pop.level in CORRECTION_LEVELS and pop.judged_gain[pop.level] > 0
     corrected = np.abs(pop.W).sum((0, 2)) > 0
     assert corrected[:3].all()  # the population-driven units are corrected ...
     assert pop.W[:, 3:].std() < 0.5 * pop.W[:, :3].std()  # ... the others hardly or not at all
@@ -355,6 +357,24 @@ def test_population_glm_with_an_offset_corrects_a_predictor_only_where_it_helps(
     # a predictor that already is the truth gets no correction that matters
     exact = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base + drive[:, :, None])
     assert np.abs(exact.log_correction(R)).mean() < 0.1
+
+
+def test_a_correction_that_does_not_carry_over_in_time_is_dropped():
+    """The correction's level is judged on the last fit times, which none of its fits saw: where the units'
+    link to the population reverses there (a drifting recording), no level beats the predictor and none is kept."""
+    rng = np.random.default_rng(1)
+    U, P = 6, 500
+    latent = np.convolve(rng.normal(size=P + 40), np.ones(40) / np.sqrt(40), mode="valid")[:P]
+    base = np.full((P, U, NB), math.log(5.0 * BS))
+    seen = np.repeat((5.0 * np.exp(0.8 * latent))[:, None, None], len(HISTORY_TAUS), axis=2) * np.ones((1, U, 1))
+    drive = 0.8 * latent[:, None] * np.where(np.arange(P) < 0.85 * P, 1.0, -1.0)[:, None]  # reverses at the end
+    counts = rng.poisson(np.exp(base + drive[:, :, None]))
+    pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, counts, offset=base)
+    assert pop.level == "none" and not pop.W.any() and pop.judged_gain["strict"] < 0
+    assert not pop.log_correction(seen).any()
+    # the same link kept to the end earns a correction
+    steady = rng.poisson(np.exp(base + 0.8 * latent[:, None, None]))
+    assert PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, steady, offset=base).level != "none"
 
 
 def test_population_glm_recent_refits_on_the_last_two_minutes():

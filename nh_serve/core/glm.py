@@ -52,23 +52,31 @@ POP_COMPONENTS = 8
 POP_L2_GRID = (30.0, 300.0, 3000.0)
 POP_INTERCEPT_L2 = 1.0  # keeps a unit that was (nearly) silent in the fit window near its slow rate
 POP_STEP_S = 0.1  # spacing of the fit window's prediction times
-#: A population GLM fitted as a correction of another predictor (``offset``): a unit needs this mean rate in
-#: the fit part and in the held-out part, and a band a held-out gain of this many nats, to keep one; the
-#: correction never scales that predictor's rates by more than a factor exp(CORRECTION_MAX_LOG) = 3.
-CORRECTION_MIN_RATE_HZ = 1.0
-CORRECTION_MARGIN_NATS = 2.0
-CORRECTION_MAX_LOG = math.log(3.0)
+#: A population GLM fitted as a correction of another predictor (``offset``) keeps a unit's band only where
+#: the unit fires at least ``min_rate_hz`` in the fit and held-out parts and the band gains at least
+#: ``margin_nats`` there; the correction never scales the predictor's rates by more than ``exp(max_log)``.
+#: How strict to be is chosen per recording (:meth:`PopulationGLM.fit`): the levels, strictest first.
+CORRECTION_LEVELS = {
+    "strict": {"margin_nats": 2.0, "min_rate_hz": 1.0, "max_log": math.log(3.0)},
+    "loose": {"margin_nats": 0.5, "min_rate_hz": 0.2, "max_log": math.log(20.0)},
+    "free": {"margin_nats": 0.0, "min_rate_hz": 0.0, "max_log": math.log(100.0)},
+}
+CORRECTION_MIN_RATE_HZ = CORRECTION_LEVELS["strict"]["min_rate_hz"]
+CORRECTION_MARGIN_NATS = CORRECTION_LEVELS["strict"]["margin_nats"]
+#: Time split of a correction's fit times: the L2 path is fitted on the first 70%, each unit's band choices are
+#: made on the next 15%, and the level (or none at all) on the last 15%; the kept fits are refitted on all.
+CORRECTION_SPLIT = (0.70, 0.85)
 POP_CLIP_SD = 5.0
 RECENT_EVERY_S = 30.0
 RECENT_SPAN_S = 120.0
 UNI_L2 = 1e-3  # tiny ridge so the 36 weights are unique even for degenerate data
 
 
-def too_sparse_to_fit(counts: np.ndarray, n_fit: int, bin_size: float) -> np.ndarray:
+def too_sparse_to_fit(counts: np.ndarray, n_fit: int, bin_size: float, min_rate_hz: float = CORRECTION_MIN_RATE_HZ) -> np.ndarray:
     """``(U,)`` units whose mean rate over the horizons ``counts`` ``(P, U, T)`` of the first ``n_fit`` fit times,
-    or of the rest (the held-out part), is under :data:`CORRECTION_MIN_RATE_HZ`: too few spikes to judge a fit."""
+    or of the rest (the held-out part), is under ``min_rate_hz``: too few spikes to judge a fit."""
     rate = counts.mean(2) / bin_size  # (P, U) Hz over each horizon
-    return (rate[:n_fit].mean(0) < CORRECTION_MIN_RATE_HZ) | (rate[n_fit:].mean(0) < CORRECTION_MIN_RATE_HZ)
+    return (rate[:n_fit].mean(0) < min_rate_hz) | (rate[n_fit:].mean(0) < min_rate_hz)
 
 
 def band_index(n_bins: int, bin_size: float, bands_ms=GLM_BANDS_MS) -> np.ndarray:
@@ -211,6 +219,7 @@ class PopulationGLM:
         taus = [float(t) for t in taus]
         self.i_scales = [taus.index(t) for t in POP_TAUS]
         self.i_slow = taus.index(SLOW_TAU)
+        self.level, self.max_log, self.judged_gain = "none", 0.0, {}  # set by a fit as a correction
 
     @staticmethod
     def supports(taus) -> bool:
@@ -243,10 +252,32 @@ class PopulationGLM:
         next-horizon counts ``(P, U, T)``.
 
         ``offset``: ``(P, U, T)`` log expected counts per bin of another predictor. The GLM then
-        *corrects* that predictor: a band's expected count is the predictor's times ``exp(w_b . x_u)``
-        (:meth:`log_correction`), and a unit keeps a band's correction only where it predicts the last
-        20% of the fit times better than the predictor alone (otherwise ``w_b = 0``).
+        *corrects* that predictor (:meth:`_fit_correction`): a band's expected count is the predictor's
+        times ``exp(w_b . x_u)`` (:meth:`log_correction`).
         """
+        self._fit_pcs(R)
+        X, slow = self._design(R, fitting=True)
+        if offset is not None:
+            return self._fit_correction(X, counts, offset)
+        per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
+        P, U, F = R.shape[0], R.shape[1], X.shape[-1]
+        n_fit = max(1, min(P - 1, int(round(0.8 * P))))
+        self.W = np.zeros((self.n_bands, U, F))
+        self.l2 = np.zeros((self.n_bands, U))
+        o = slow + math.log(self.bin_size)
+        for b in range(self.n_bands):
+            y = per[b].T  # (U, P)
+            e = np.full_like(y, nb[b])
+            path = self._l2_path(X, y, e, o, n_fit)
+            nll = np.stack([h for _, h in path])  # (L2s, U) held-out NLL
+            pick = nll.argmin(0)
+            best_w = np.stack([w for w, _ in path])[pick, np.arange(U)]
+            self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
+            self.W[b] = self._refit(X, y, e, o, self.l2[b], best_w)
+        return self
+
+    def _fit_pcs(self, R: np.ndarray) -> None:
+        """The population's principal components at each time scale, from smoothed rates ``(P, U, K)``."""
         logs, _ = self._logs(R)
         P, U = R.shape[:2]
         K = max(1, min(self.components, U - 1, P - 1))
@@ -261,48 +292,82 @@ class PopulationGLM:
             self.mu.append(mu)
             self.sd.append(sd)
             self.V.append(V)
-        X, slow = self._design(R, fitting=True)
-        per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
+
+    @staticmethod
+    def _l2_path(X, y, e, o, n_fit: int, rows: slice | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Fits on the first ``n_fit`` times for each L2 penalty, strongest first (each solve starts from the
+        last): ``[(w (U, F), held-out NLL (U,) on rows)]``; ``rows`` default: every time after ``n_fit``."""
+        rows = slice(n_fit, None) if rows is None else rows
         F = X.shape[-1]
-        n_fit = max(1, min(P - 1, int(round(0.8 * P))))
-        sparse = too_sparse_to_fit(counts, n_fit, self.bin_size) if offset is not None else None
-        self.W = np.zeros((self.n_bands, U, F))
+        out, w = [], None
+        for l2 in sorted(POP_L2_GRID, reverse=True):
+            pen = np.full(F, l2)
+            pen[-1] = POP_INTERCEPT_L2
+            w = fit_poisson(X[:, :n_fit], y[:, :n_fit], exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen, w0=w, max_iter=15)
+            eta = np.clip(o[:, rows] + np.einsum("upf,uf->up", X[:, rows], w), -30, 30)
+            out.append((w, (e[:, rows] * np.exp(eta) - y[:, rows] * eta).sum(1)))
+        return out
+
+    @staticmethod
+    def _refit(X, y, e, o, l2: np.ndarray, w0: np.ndarray) -> np.ndarray:
+        """Each unit's GLM refitted on every time with its chosen penalty ``l2`` ``(U,)``."""
+        pen = np.repeat(np.asarray(l2, dtype=np.float64)[:, None], X.shape[-1], axis=1)
+        pen[:, -1] = POP_INTERCEPT_L2
+        return fit_poisson(X, y, exposure=e, offset=o, l2=pen, w0=w0, max_iter=15)
+
+    def _fit_correction(self, X: np.ndarray, counts: np.ndarray, offset: np.ndarray) -> PopulationGLM:
+        """The GLM as a correction of the predictor whose log expected counts per bin are ``offset`` ``(P, U, T)``.
+
+        The fit times split in time (:data:`CORRECTION_SPLIT`): the L2 path is fitted on the first part;
+        on the second, each unit and band keeps its best penalty, and each level of
+        :data:`CORRECTION_LEVELS` keeps the units and bands that pass its rules; on the third, the level
+        whose correction predicts best is chosen, or none at all where none beats the predictor alone
+        (``self.level``: "none" then, and every weight 0). Real recordings drift and a correction that helps
+        one minute can hurt the next: this choice is made on data none of the fits saw.
+        """
+        P, U, F = X.shape[1], X.shape[0], X.shape[-1]
+        per, _ = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
+        n_a = max(1, min(P - 2, int(round(CORRECTION_SPLIT[0] * P))))
+        n_b = max(n_a + 1, min(P - 1, int(round(CORRECTION_SPLIT[1] * P))))
+        choose, judge = slice(n_a, n_b), slice(n_b, None)
+        levels = list(CORRECTION_LEVELS.items())
+        keep = {name: np.zeros((self.n_bands, U), dtype=bool) for name, _ in levels}
+        sparse = {name: too_sparse_to_fit(counts[:n_b], n_a, self.bin_size, lv["min_rate_hz"]) for name, lv in levels}
+        judged = dict.fromkeys([name for name, _ in levels], 0.0)
+        judged_none = 0.0
+        best_w = np.zeros((self.n_bands, U, F))
         self.l2 = np.zeros((self.n_bands, U))
+        os_, ys = [], []
         for b in range(self.n_bands):
             y = per[b].T  # (U, P)
-            if offset is None:
-                e = np.full_like(y, nb[b])
-                o = slow + math.log(self.bin_size)
-                best_nll, best_l2 = None, None
-            else:  # the band's expected count under the other predictor: exposure 1, offset its log
-                e = np.ones_like(y)
-                o = np.logaddexp.reduce(np.clip(offset[:, :, self.bands == b], -30.0, 10.0), axis=-1).T  # (U, P)
-                # no correction unless one predicts the held-out times better by a margin, and only for units
-                # with enough spikes to tell (sparse units' fits follow noise; the margin pays for the choice)
-                best_nll = (e[:, n_fit:] * np.exp(o[:, n_fit:]) - y[:, n_fit:] * o[:, n_fit:]).sum(1)
-                best_nll = np.where(sparse, -np.inf, best_nll - CORRECTION_MARGIN_NATS)
-                best_l2 = np.full(U, np.inf)
-            w, best_w = None, np.zeros((U, F))
-            for l2 in sorted(POP_L2_GRID, reverse=True):  # strongest penalty first, each solve starts from the last
-                pen = np.full(F, l2)
-                pen[-1] = POP_INTERCEPT_L2
-                w = fit_poisson(X[:, :n_fit], y[:, :n_fit], exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen,
-                                w0=w, max_iter=15)
-                eta = np.clip(o[:, n_fit:] + np.einsum("upf,uf->up", X[:, n_fit:], w), -30, 30)
-                nll = (e[:, n_fit:] * np.exp(eta) - y[:, n_fit:] * eta).sum(1)
-                if best_nll is None:
-                    best_nll, best_l2, best_w = nll, np.full(U, l2), w.copy()
-                else:
-                    better = nll < best_nll
-                    best_nll, best_l2 = np.where(better, nll, best_nll), np.where(better, l2, best_l2)
-                    best_w[better] = w[better]
-            keep = np.isfinite(best_l2)
-            if keep.any():
-                pen = np.repeat(best_l2[keep, None], F, axis=1)
-                pen[:, -1] = POP_INTERCEPT_L2
-                self.W[b, keep] = fit_poisson(X[keep], y[keep], exposure=e[keep], offset=o[keep], l2=pen,
-                                              w0=best_w[keep], max_iter=15)
-            self.l2[b] = best_l2
+            e = np.ones_like(y)  # the band's expected count under the predictor: exposure 1, offset its log
+            o = np.logaddexp.reduce(np.clip(offset[:, :, self.bands == b], -30.0, 10.0), axis=-1).T  # (U, P)
+            os_.append(o)
+            ys.append(y)
+            path = self._l2_path(X, y, e, o, n_a, rows=choose)
+            nll = np.stack([h for _, h in path])  # (L2s, U) on the choosing part
+            pick = nll.argmin(0)
+            gain = (np.exp(o[:, choose]) - y[:, choose] * o[:, choose]).sum(1) - nll[pick, np.arange(U)]
+            best_w[b] = np.stack([w for w, _ in path])[pick, np.arange(U)]
+            self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
+            lin = np.einsum("upf,uf->up", X[:, judge], best_w[b])  # (U, P_judge)
+            judged_none += float((np.exp(o[:, judge]) - y[:, judge] * o[:, judge]).sum())
+            for name, lv in levels:
+                keep[name][b] = (gain > lv["margin_nats"]) & ~sparse[name]
+                eta = o[:, judge] + np.where(keep[name][b][:, None], np.clip(lin, -lv["max_log"], lv["max_log"]), 0.0)
+                judged[name] += float((np.exp(eta) - y[:, judge] * eta).sum())
+        best = min(judged, key=judged.get)
+        self.level = best if judged[best] < judged_none else "none"
+        n_judge = max(1.0, float(per[:, judge].sum()))
+        self.judged_gain = {name: (judged_none - v) / n_judge for name, v in judged.items()}  # nats per held-out spike
+        self.max_log = CORRECTION_LEVELS[self.level]["max_log"] if self.level != "none" else 0.0
+        self.W = np.zeros((self.n_bands, U, F))
+        if self.level == "none":
+            return self
+        for b in range(self.n_bands):
+            k = keep[self.level][b]
+            if k.any():
+                self.W[b, k] = self._refit(X[k], ys[b][k], np.ones_like(ys[b][k]), os_[b][k], self.l2[b, k], best_w[b, k])
         return self
 
     def log_correction(self, R: np.ndarray) -> np.ndarray:
@@ -310,7 +375,7 @@ class PopulationGLM:
         to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)``."""
         X, _ = self._design(R)  # (U, W, F)
         eta = np.einsum("uwf,buf->wub", X, self.W)  # (W, U, n_bands)
-        return np.clip(eta[:, :, self.bands], -CORRECTION_MAX_LOG, CORRECTION_MAX_LOG).astype(np.float32)
+        return np.clip(eta[:, :, self.bands], -self.max_log, self.max_log).astype(np.float32)
 
     def predict(self, R: np.ndarray) -> np.ndarray:
         """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""
