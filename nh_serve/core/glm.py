@@ -29,6 +29,12 @@ with ``log(r_30s + 0.1 Hz)`` as the offset::
     the linear predictor far outside what was fitted. ``population_glm_recent`` is
     the same model refitted every 30 s on the last 120 s before the prediction time.
 
+The population GLM also *corrects* another predictor (``fit(..., offset=...)``, the
+registration's correction of the network, :mod:`nh_serve.inference.reference_fit`): its rates
+times ``exp(w_b . x_u)``. A correction is chosen on fit times it was not fitted on
+(:data:`CORRECTION_SPLIT`): per unit and band, then how strict to be
+(:data:`CORRECTION_LEVELS`) or not to correct at all, for the whole recording.
+
 Every solve is :func:`nh_serve.core.poisson.fit_poisson` (Newton's method over all
 units at once; checked against scikit-learn's ``PoissonRegressor`` in the tests).
 """

@@ -161,8 +161,9 @@ class Predictor:
             adapt_time_budget_s: wall-clock budget of the whole registration, counted from this
                 call's start; adaptation stops stepping when it is spent.
             fit: ``"reference"`` fits each unit's population read-out on the reference window
-                (deterministic, a second or two per 100 units), kept only for units whose last 20%
-                of the reference it predicts better; ``"none"``: zero-shot. Default: ``"reference"``,
+                and a population GLM correction on top (deterministic, a few seconds per 100 units),
+                each kept only where it predicts a later part of the reference better than without
+                (:mod:`nh_serve.inference.reference_fit`); ``"none"``: zero-shot. Default: ``"reference"``,
                 or ``"none"`` for an exported artifact, which cannot fit.
             refit_every_s: off by default. While the session streams consecutive contexts, fit the
                 read-outs again every this many seconds of stream time on the last ``refit_window_s``

@@ -13,18 +13,24 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    starts at the reference start, at the reference rates), at most
    :data:`MAX_WINDOWS` of them; each window's next second is the target.
 2. One frozen forward pass per window gives ``eta0`` and ``X``.
-3. On every :data:`READOUT_EVERY`-th window (0.5 s apart; rows are the windows' bins), first
-   80% in time: ``r_u`` for each L2 penalty of :data:`L2_GRID`; each unit keeps the penalty
-   whose fit predicts the last 20% best, and keeps a fit at all only where that beats the
-   zero-shot prediction (``r_u = 0``) there. Kept units are refitted on all those windows.
+3. On every :data:`READOUT_EVERY`-th window (0.5 s apart; rows are the windows' bins), split
+   in time as the correction's (:data:`~nh_serve.core.glm.CORRECTION_SPLIT`): ``r_u`` for each
+   L2 penalty of :data:`L2_GRID` on the first 70%; each unit keeps the penalty whose fit
+   predicts the next 15% best, and a fit at all only where that beats the zero-shot
+   prediction (``r_u = 0``) there; the read-outs are kept at all only where they predict the
+   last 15% better than none. Kept units are refitted on all those windows.
 4. The population correction: a population GLM (:class:`nh_serve.core.glm.PopulationGLM`:
    per unit and horizon band, the unit's own smoothed rates and the top principal components
    of the population's, from the windows' history rates) fitted with everything above as its
-   offset, so it multiplies the model's rates by ``exp(w_b . x_u)``; a unit keeps a band's
-   correction only where it predicts the last 20% better (models whose history holds the
-   GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`).
+   offset, so it multiplies the model's rates by ``exp(w_b . x_u)`` (models whose history holds
+   the GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`). Fitted on the first
+   70% of the windows; each unit and band keeps it only where it predicts the next 15% better;
+   how strict that choice is (:data:`~nh_serve.core.glm.CORRECTION_LEVELS`), or whether to
+   correct at all, is decided on the last 15%, which none of the fits saw. On the three real
+   recordings with references long enough to fit, no level beat the network there (nor on the
+   rest of the recording), so none keeps a correction; on synthetic ones it is kept.
 
-Both fits are kept only for units firing at least 1 Hz in both parts of the reference and only
+The read-out is kept only for units firing at least 1 Hz in both parts of the reference and only
 where the held-out gain exceeds :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; a reference
 shorter than :data:`MIN_FIT_REFERENCE_S` is not fitted at all (zero-shot, with a note). On real
 recordings a reference-window fit can still fail to carry over to an hour of drift:
@@ -43,7 +49,7 @@ import time
 import numpy as np
 import torch
 
-from nh_serve.core.glm import CORRECTION_MARGIN_NATS, PopulationGLM, too_sparse_to_fit
+from nh_serve.core.glm import CORRECTION_MARGIN_NATS, CORRECTION_SPLIT, PopulationGLM, too_sparse_to_fit
 from nh_serve.core.poisson import fit_poisson
 from nh_serve.data.history import ema_rates
 from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
@@ -52,7 +58,6 @@ STEP_S = 0.1
 WARMUP_S = 5.0
 MAX_WINDOWS = 600
 READOUT_EVERY = 5  # the read-out's fit uses every 5th window (0.5 s apart); the population correction all
-HELD_OUT = 0.2
 #: Shorter references leave too few held-out seconds to tell a fit that generalises from one that follows noise.
 MIN_FIT_REFERENCE_S = 45.0
 L2_GRID = (3.0, 30.0)  # stronger penalties were never chosen on the synthetic or real recordings
@@ -123,7 +128,7 @@ def fit_readout(
     zero = torch.zeros(U, K1)
     if r1 - r0 < MIN_FIT_REFERENCE_S or starts.size < 5:
         info.update(seconds=round(time.monotonic() - t_start, 4),
-                    note=f"a fit needs at least {MIN_FIT_REFERENCE_S:g} s of reference (its last 20% judges it); zero-shot")
+                    note=f"a fit needs at least {MIN_FIT_REFERENCE_S:g} s of reference (its later parts judge it); zero-shot")
         return zero, None, info
     times = np.asarray(times, dtype=np.float64)
     units = np.asarray(units, dtype=np.int64)
@@ -146,35 +151,39 @@ def fit_readout(
     off = eta0[sub].transpose(1, 0, 2).reshape(U, W * T) + math.log(cfg.bin_size_s)  # log expected counts
     off = np.clip(off, -30.0, 10.0)
     Y = y[sub].transpose(1, 0, 2).reshape(U, W * T).astype(np.float64)
-    n_fit = max(1, int(round((1.0 - HELD_OUT) * W))) * T
-    ho = slice(n_fit, None)
+    # fit on the first part, each unit's choice on the next, and whether to keep any read-out on the last
+    w_a = max(1, min(W - 2, int(round(CORRECTION_SPLIT[0] * W))))
+    w_b = max(w_a + 1, min(W - 1, int(round(CORRECTION_SPLIT[1] * W))))
+    n_fit, choose, judge = w_a * T, slice(w_a * T, w_b * T), slice(w_b * T, None)
 
     def nll(w: np.ndarray, g: slice, rows: slice) -> np.ndarray:  # (units,) Poisson NLL of units g on ``rows``
         eta = np.clip(off[g, rows] + w @ X[rows].T, -30.0, 30.0)
         return (np.exp(eta) - Y[g, rows] * eta).sum(1)
 
-    sparse = too_sparse_to_fit(y[sub], n_fit // T, cfg.bin_size_s)  # (U,)
-    base, best = np.zeros(U), np.zeros(U)
-    best_l2, readout = np.full(U, np.inf), np.zeros((U, K1))
+    sparse = too_sparse_to_fit(y[sub][:w_b], w_a, cfg.bin_size_s)  # (U,)
+    best_l2, best_w = np.full(U, np.inf), np.zeros((U, K1))
+    judged_zero, judged_fit = 0.0, 0.0
     for c0 in range(0, U, SOLVE_CHUNK_UNITS):  # units are independent: chunks bound the solver's memory
         g = slice(c0, min(U, c0 + SOLVE_CHUNK_UNITS))
-        base[g] = nll(np.zeros((g.stop - g.start, K1)), g, ho)
-        b, b_l2, b_w = base[g].copy(), np.full(g.stop - g.start, np.inf), np.zeros((g.stop - g.start, K1))
-        # as for the population correction: a held-out gain of a margin, and only units with enough spikes
-        b = np.where(sparse[g], -np.inf, b - CORRECTION_MARGIN_NATS)
+        # as for the population correction: a gain of a margin, and only units with enough spikes
+        b = np.where(sparse[g], -np.inf, nll(np.zeros((g.stop - g.start, K1)), g, choose) - CORRECTION_MARGIN_NATS)
+        b_l2, b_w = np.full(g.stop - g.start, np.inf), np.zeros((g.stop - g.start, K1))
         for l2 in L2_GRID:
             stop()
             w = fit_poisson(X[:n_fit], Y[g, :n_fit], offset=off[g, :n_fit], l2=l2, max_iter=MAX_ITER)
-            got = nll(w, g, ho)
+            got = nll(w, g, choose)
             better = got < b - 1e-9
             b, b_l2 = np.where(better, got, b), np.where(better, l2, b_l2)
             b_w[better] = w[better]
-        best[g], best_l2[g] = np.where(np.isfinite(b_l2), b, base[g]), b_l2
-        keep = np.isfinite(b_l2)
-        if keep.any():
-            readout[c0 + np.flatnonzero(keep)] = fit_poisson(
-                X, Y[g][keep], offset=off[g][keep], l2=b_l2[keep][:, None], w0=b_w[keep], max_iter=MAX_ITER
-            )
+        best_l2[g], best_w[g] = b_l2, b_w
+        judged_zero += float(nll(np.zeros_like(b_w), g, judge).sum())
+        judged_fit += float(nll(b_w, g, judge).sum())
+    keep = np.isfinite(best_l2) & (judged_fit < judged_zero)  # no read-out at all unless the last part gains
+    readout = np.zeros((U, K1))
+    for c0 in range(0, U, SOLVE_CHUNK_UNITS):
+        k = c0 + np.flatnonzero(keep[c0 : c0 + SOLVE_CHUNK_UNITS])
+        if k.size:
+            readout[k] = fit_poisson(X, Y[k], offset=off[k], l2=best_l2[k][:, None], w0=best_w[k], max_iter=MAX_ITER)
     keep = np.isfinite(best_l2)
     population = None
     if PopulationGLM.supports(cfg.history_taus) and starts.size >= 10:
@@ -189,12 +198,13 @@ def fit_readout(
         info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
         if population.level == "none":
             population = None
-    n_ho = max(1, (W * T - n_fit)) * U
+    n_judge = max(1, W * T - judge.start) * U
     info.update(
         units_fitted=int(keep.sum()),
-        heldout_nll_zero_shot=float(base.sum() / n_ho),
-        heldout_nll_fitted=float(best.sum() / n_ho),
-        l2_chosen={f"{l2:g}": int(np.sum(best_l2 == l2)) for l2 in L2_GRID},
+        heldout_nll_zero_shot=judged_zero / n_judge,  # per (unit, bin) on the last part of the fit windows
+        heldout_nll_fitted=min(judged_fit, judged_zero) / n_judge,
+        readout_judged_gain=(judged_zero - judged_fit) / n_judge,
+        l2_chosen={f"{l2:g}": int(np.sum(best_l2[keep] == l2)) for l2 in L2_GRID},
         seconds=round(time.monotonic() - t_start, 4),
     )
     return torch.from_numpy(readout.astype(np.float32)), population, info
