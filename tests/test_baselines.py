@@ -198,6 +198,24 @@ def test_causality_and_bad_input():
 # ------------------------------------------------------------------------------------ GLMs
 
 
+def test_poisson_solver_with_shared_columns_solves_the_same_problem():
+    """Columns every group shares, passed once (``shared=``), give the weights of the same columns copied
+    into every group's design."""
+    rng = np.random.default_rng(3)
+    G, P = 7, 300
+    own = rng.normal(size=(G, P, 3))
+    shared = np.concatenate([rng.normal(size=(P, 5)), np.ones((P, 1))], 1)
+    w_true = 0.3 * rng.normal(size=(G, 9))
+    X = np.concatenate([own, np.broadcast_to(shared, (G, P, 6))], 2)
+    y = rng.poisson(np.exp(np.einsum("gpf,gf->gp", X, w_true) - 1.0)).astype(float)
+    pen = np.r_[np.full(8, 3.0), 0.1]
+    full = fit_poisson(X, y, offset=np.full((G, P), -1.0), l2=pen, tol=1e-14)
+    split = fit_poisson(own, y, shared=shared, offset=np.full((G, P), -1.0), l2=pen, tol=1e-14)
+    np.testing.assert_allclose(split, full, atol=1e-8)
+    with pytest.raises(ValueError, match="shared"):
+        fit_poisson(shared, y, shared=shared)
+
+
 def test_poisson_solver_matches_scikit_learn():
     rng = np.random.default_rng(0)
     n = 400
@@ -285,7 +303,8 @@ def test_population_glm_matches_scikit_learn_per_unit():
     R = ema_rates(rec.times, rec.units, n_units=5, t_eval=pos, start=0.0, ref_rate_hz=rec.ref_rate_hz, taus=HISTORY_TAUS)
     counts = target_counts(rec.times, rec.units, pos, n_units=5, bin_size=BS, n_bins=NB)
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts)
-    X, slow = pop._design(R)  # (U, P, F)
+    design, slow = pop._design(R)
+    X = design.full()  # (U, P, F)
     F = X.shape[-1]
     for b, (u0, u1) in ((0, (0, 2)), (5, (35, 50))):
         for u in range(5):

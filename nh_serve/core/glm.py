@@ -213,6 +213,35 @@ class GLMRecording:
 # ================================================================================================
 
 
+@dataclass
+class _Design:
+    """A population GLM's design: per-unit columns ``own`` ``(U, P, F_o)`` (the unit's own history), then
+    ``shared`` ``(P, F_s)`` columns every unit has alike (the population's components and the 1)."""
+
+    own: np.ndarray
+    shared: np.ndarray
+
+    @property
+    def F(self) -> int:
+        return self.own.shape[-1] + self.shared.shape[-1]
+
+    def rows(self, sl: slice) -> _Design:
+        return _Design(self.own[:, sl], self.shared[sl])
+
+    def units(self, k) -> _Design:
+        return _Design(self.own[k], self.shared)
+
+    def full(self) -> np.ndarray:
+        """``(U, P, F)``: every unit's columns written out."""
+        U, P = self.own.shape[:2]
+        return np.concatenate([self.own, np.broadcast_to(self.shared, (U, P, self.shared.shape[1]))], -1)
+
+    def lin(self, w: np.ndarray) -> np.ndarray:
+        """``(U, F)`` weights -> ``(U, P)`` linear predictor."""
+        f = self.own.shape[-1]
+        return np.einsum("upf,uf->up", self.own, w[:, :f]) + w[:, f:] @ self.shared.T
+
+
 class PopulationGLM:
     """Per-unit, per-band Poisson GLM on own and population history, fitted on one stretch of a recording."""
 
@@ -237,8 +266,8 @@ class PopulationGLM:
         slow = logs[..., self.i_slow]
         return logs, slow
 
-    def _design(self, R: np.ndarray, *, fitting: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Smoothed rates ``(P, U, K)`` -> design ``(U, P, F)`` and offset ``(U, P)`` (log Hz)."""
+    def _design(self, R: np.ndarray, *, fitting: bool = False) -> tuple[_Design, np.ndarray]:
+        """Smoothed rates ``(P, U, K)`` -> design (``F`` columns per unit) and offset ``(U, P)`` (log Hz)."""
         logs, slow = self._logs(R)
         own = np.stack([logs[..., i] - slow for i in self.i_scales], -1)  # (P, U, 4)
         pcs = np.concatenate(
@@ -249,9 +278,8 @@ class PopulationGLM:
             self.pc_sd = pcs.std(0) + 1e-6
         own = np.clip(own, self.own_lo, self.own_hi)
         pcs = np.clip(pcs / self.pc_sd, -POP_CLIP_SD, POP_CLIP_SD)
-        P, U = own.shape[:2]
-        X = np.concatenate([own, np.broadcast_to(pcs[:, None, :], (P, U, pcs.shape[1])), np.ones((P, U, 1))], -1)
-        return np.ascontiguousarray(X.transpose(1, 0, 2)), np.ascontiguousarray(slow.T)
+        shared = np.concatenate([pcs, np.ones((pcs.shape[0], 1))], 1)  # (P, 4 K + 1)
+        return _Design(np.ascontiguousarray(own.transpose(1, 0, 2)), shared), np.ascontiguousarray(slow.T)
 
     def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None) -> PopulationGLM:
         """Fit on smoothed rates ``R`` ``(P, U, K)`` at prediction times in time order and their
@@ -266,7 +294,7 @@ class PopulationGLM:
         if offset is not None:
             return self._fit_correction(X, counts, offset)
         per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
-        P, U, F = R.shape[0], R.shape[1], X.shape[-1]
+        P, U, F = R.shape[0], R.shape[1], X.F
         n_fit = max(1, min(P - 1, int(round(0.8 * P))))
         self.W = np.zeros((self.n_bands, U, F))
         self.l2 = np.zeros((self.n_bands, U))
@@ -304,24 +332,25 @@ class PopulationGLM:
         """Fits on the first ``n_fit`` times for each L2 penalty, strongest first (each solve starts from the
         last): ``[(w (U, F), held-out NLL (U,) on rows)]``; ``rows`` default: every time after ``n_fit``."""
         rows = slice(n_fit, None) if rows is None else rows
-        F = X.shape[-1]
+        fit, ho = X.rows(slice(None, n_fit)), X.rows(rows)
         out, w = [], None
         for l2 in sorted(POP_L2_GRID, reverse=True):
-            pen = np.full(F, l2)
+            pen = np.full(X.F, l2)
             pen[-1] = POP_INTERCEPT_L2
-            w = fit_poisson(X[:, :n_fit], y[:, :n_fit], exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen, w0=w, max_iter=15)
-            eta = np.clip(o[:, rows] + np.einsum("upf,uf->up", X[:, rows], w), -30, 30)
+            w = fit_poisson(fit.own, y[:, :n_fit], shared=fit.shared, exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen,
+                            w0=w, max_iter=15)
+            eta = np.clip(o[:, rows] + ho.lin(w), -30, 30)
             out.append((w, (e[:, rows] * np.exp(eta) - y[:, rows] * eta).sum(1)))
         return out
 
     @staticmethod
     def _refit(X, y, e, o, l2: np.ndarray, w0: np.ndarray) -> np.ndarray:
         """Each unit's GLM refitted on every time with its chosen penalty ``l2`` ``(U,)``."""
-        pen = np.repeat(np.asarray(l2, dtype=np.float64)[:, None], X.shape[-1], axis=1)
+        pen = np.repeat(np.asarray(l2, dtype=np.float64)[:, None], X.F, axis=1)
         pen[:, -1] = POP_INTERCEPT_L2
-        return fit_poisson(X, y, exposure=e, offset=o, l2=pen, w0=w0, max_iter=15)
+        return fit_poisson(X.own, y, shared=X.shared, exposure=e, offset=o, l2=pen, w0=w0, max_iter=15)
 
-    def _fit_correction(self, X: np.ndarray, counts: np.ndarray, offset: np.ndarray) -> PopulationGLM:
+    def _fit_correction(self, X: _Design, counts: np.ndarray, offset: np.ndarray) -> PopulationGLM:
         """The GLM as a correction of the predictor whose log expected counts per bin are ``offset`` ``(P, U, T)``.
 
         The fit times split in time (:data:`CORRECTION_SPLIT`): the L2 path is fitted on the first part;
@@ -331,7 +360,7 @@ class PopulationGLM:
         (``self.level``: "none" then, and every weight 0). Real recordings drift and a correction that helps
         one minute can hurt the next: this choice is made on data none of the fits saw.
         """
-        P, U, F = X.shape[1], X.shape[0], X.shape[-1]
+        U, P, F = X.own.shape[0], X.own.shape[1], X.F
         per, _ = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
         n_a = max(1, min(P - 2, int(round(CORRECTION_SPLIT[0] * P))))
         n_b = max(n_a + 1, min(P - 1, int(round(CORRECTION_SPLIT[1] * P))))
@@ -356,7 +385,7 @@ class PopulationGLM:
             gain = (np.exp(o[:, choose]) - y[:, choose] * o[:, choose]).sum(1) - nll[pick, np.arange(U)]
             best_w[b] = np.stack([w for w, _ in path])[pick, np.arange(U)]
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
-            lin = np.einsum("upf,uf->up", X[:, judge], best_w[b])  # (U, P_judge)
+            lin = X.rows(judge).lin(best_w[b])  # (U, P_judge)
             judged_none += float((np.exp(o[:, judge]) - y[:, judge] * o[:, judge]).sum())
             for name, lv in levels:
                 keep[name][b] = (gain > lv["margin_nats"]) & ~sparse[name]
@@ -373,20 +402,20 @@ class PopulationGLM:
         for b in range(self.n_bands):
             k = keep[self.level][b]
             if k.any():
-                self.W[b, k] = self._refit(X[k], ys[b][k], np.ones_like(ys[b][k]), os_[b][k], self.l2[b, k], best_w[b, k])
+                self.W[b, k] = self._refit(X.units(k), ys[b][k], np.ones_like(ys[b][k]), os_[b][k], self.l2[b, k], best_w[b, k])
         return self
 
     def log_correction(self, R: np.ndarray) -> np.ndarray:
         """``(W, U, T)`` float32 ``w_b . x_u`` per bin: the log factor a GLM fitted with ``offset`` applies
         to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)``."""
-        X, _ = self._design(R)  # (U, W, F)
-        eta = np.einsum("uwf,buf->wub", X, self.W)  # (W, U, n_bands)
+        X, _ = self._design(R)
+        eta = np.stack([X.lin(w) for w in self.W], -1).transpose(1, 0, 2)  # (W, U, n_bands)
         return np.clip(eta[:, :, self.bands], -self.max_log, self.max_log).astype(np.float32)
 
     def predict(self, R: np.ndarray) -> np.ndarray:
         """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""
-        X, slow = self._design(R)  # (U, W, F), (U, W)
-        eta = slow[None] + np.einsum("uwf,buf->buw", X, self.W)  # (n_bands, U, W) log Hz
+        X, slow = self._design(R)  # F columns per unit, (U, W)
+        eta = slow[None] + np.stack([X.lin(w) for w in self.W])  # (n_bands, U, W) log Hz
         rates = np.exp(np.clip(eta, -20.0, 10.0)).transpose(2, 1, 0)  # (W, U, n_bands)
         return _expand(rates, self.bands, self.bin_size)
 

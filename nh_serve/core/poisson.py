@@ -27,12 +27,12 @@ ETA_CLAMP = 30.0
 
 def poisson_objective(w, X, y, *, exposure=None, offset=None, l2=0.0, prior=None) -> np.ndarray:
     """``(G,)`` penalised negative log-likelihood (without ``log y!``) of weights ``w`` ``(G, F)``."""
-    p = _Problem(X, y, exposure, offset, l2, prior)
+    p = _Problem(X, y, exposure, offset, l2, prior, None)
     return p.objective(torch.as_tensor(np.asarray(w), dtype=torch.float64)).numpy()
 
 
 def fit_poisson(
-    X, y, *, exposure=None, offset=None, l2=0.0, prior=None, w0=None, max_iter: int = 30, tol: float = 1e-9
+    X, y, *, exposure=None, offset=None, l2=0.0, prior=None, w0=None, max_iter: int = 30, tol: float = 1e-9, shared=None
 ) -> np.ndarray:
     """Weights ``(G, F)`` of ``G`` independent Poisson GLMs (float64).
 
@@ -44,8 +44,11 @@ def fit_poisson(
         l2: scalar, ``(F,)`` or ``(G, F)`` L2 penalty of each weight (0 leaves it free).
         prior: ``(F,)`` or ``(G, F)`` weights the penalty pulls toward (default 0).
         w0: ``(G, F)`` start (default ``prior``, else zeros).
+        shared: ``(P, F_s)`` more columns, the same for every group, after ``X``'s ``(G, P, F_x)``
+            (``F = F_x + F_s``): the same solution as with them copied into ``X``, for less work,
+            as their products with the weights are computed once for all groups.
     """
-    p = _Problem(X, y, exposure, offset, l2, prior)
+    p = _Problem(X, y, exposure, offset, l2, prior, shared)
     w = p.prior.clone() if w0 is None else torch.as_tensor(np.asarray(w0), dtype=torch.float64).clone()
     cur = p.objective(w)
     active = torch.ones(p.G, dtype=torch.bool)
@@ -83,7 +86,7 @@ def _tensor(a) -> torch.Tensor:
 class _Problem:
     """Tensors of one batched problem and the products Newton's method needs."""
 
-    def __init__(self, X, y, exposure, offset, l2, prior):
+    def __init__(self, X, y, exposure, offset, l2, prior, shared=None):
         f64 = torch.float64
         self.y = _tensor(y)
         if self.y.ndim != 2:
@@ -96,6 +99,16 @@ class _Problem:
         self.F = self.X.shape[-1]
         # shared design: X_f X_h of every row once, so the Hessians of all groups are one matrix product
         self.XX = (self.X.unsqueeze(2) * self.X.unsqueeze(1)).reshape(P, -1) if self.shared else None
+        self.S = None
+        if shared is not None:  # per-group columns X, then columns S shared by every group
+            if self.shared:
+                raise ValueError("shared columns need a per-group X of shape (groups, rows, features)")
+            self.S = _tensor(shared)
+            if self.S.ndim != 2 or self.S.shape[0] != P:
+                raise ValueError(f"shared has shape {tuple(self.S.shape)} but y has {P} rows")
+            self.Fx, self.Fs = self.X.shape[-1], self.S.shape[1]
+            self.SS = (self.S.unsqueeze(2) * self.S.unsqueeze(1)).reshape(P, -1)
+            self.F = self.Fx + self.Fs
         one = torch.ones(self.G, P, dtype=f64)
         self.exposure = one if exposure is None else _tensor(exposure).expand(self.G, P)
         self.offset = 0 * one if offset is None else _tensor(offset).expand(self.G, P)
@@ -106,17 +119,26 @@ class _Problem:
     def lin(self, w):  # (G, F) -> (G, P)
         if self.shared:
             return w @ self.X.T
+        if self.S is not None:
+            return torch.bmm(self.X, w[:, : self.Fx].unsqueeze(-1)).squeeze(-1) + w[:, self.Fx :] @ self.S.T
         return torch.bmm(self.X, w.unsqueeze(-1)).squeeze(-1)
 
     def xt_dot(self, r):  # (G, P) -> (G, F)
         if self.shared:
             return r @ self.X
+        if self.S is not None:
+            return torch.cat([torch.bmm(r.unsqueeze(1), self.X).squeeze(1), r @ self.S], 1)
         return torch.bmm(r.unsqueeze(1), self.X).squeeze(1)
 
     def xt_w_x(self, mu):  # (G, P) -> (G, F, F)
         if self.shared:
             return (mu @ self.XX).reshape(self.G, self.F, self.F)
-        return torch.bmm((self.X * mu.unsqueeze(-1)).transpose(1, 2), self.X)
+        xm = (self.X * mu.unsqueeze(-1)).transpose(1, 2)  # (G, F_x, P)
+        if self.S is not None:
+            xx, xs = torch.bmm(xm, self.X), xm @ self.S  # (G, F_x, F_x), (G, F_x, F_s)
+            ss = (mu @ self.SS).reshape(self.G, self.Fs, self.Fs)
+            return torch.cat([torch.cat([xx, xs], 2), torch.cat([xs.transpose(1, 2), ss], 2)], 1)
+        return torch.bmm(xm, self.X)
 
     def objective(self, w):  # (G,)
         eta = (self.offset + self.lin(w)).clamp(-ETA_CLAMP, ETA_CLAMP)

@@ -184,7 +184,6 @@ def fit_readout(
         k = c0 + np.flatnonzero(keep[c0 : c0 + SOLVE_CHUNK_UNITS])
         if k.size:
             readout[k] = fit_poisson(X, Y[k], offset=off[k], l2=best_l2[k][:, None], w0=best_w[k], max_iter=MAX_ITER)
-    keep = np.isfinite(best_l2)
     population = None
     if PopulationGLM.supports(cfg.history_taus) and starts.size >= 10:
         # The population correction on top, on every window: a population GLM whose offset is everything
