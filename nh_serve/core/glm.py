@@ -32,8 +32,8 @@ with ``log(r_30s + 0.1 Hz)`` as the offset::
 The population GLM also *corrects* another predictor (``fit(..., offset=...)``, the
 registration's correction of the network, :mod:`nh_serve.inference.reference_fit`): its rates
 times ``exp(w_b . x_u)``. A correction is chosen on fit times it was not fitted on
-(:data:`CORRECTION_SPLIT`): per unit and band, then how strict to be
-(:data:`CORRECTION_LEVELS`) or not to correct at all, for the whole recording.
+(:data:`CORRECTION_SPLIT`): per unit and band, then whether to correct at all
+(:data:`CORRECTION_LEVELS`), for the whole recording.
 
 Every solve is :func:`nh_serve.core.poisson.fit_poisson` (Newton's method over all
 units at once; checked against scikit-learn's ``PoissonRegressor`` in the tests).
@@ -61,16 +61,17 @@ POP_STEP_S = 0.1  # spacing of the fit window's prediction times
 #: A population GLM fitted as a correction of another predictor (``offset``) keeps a unit's band only where
 #: the unit fires at least ``min_rate_hz`` in the fit and held-out parts and the band gains at least
 #: ``margin_nats`` there; the correction never scales the predictor's rates by more than ``exp(max_log)``.
-#: How strict to be is chosen per recording (:meth:`PopulationGLM.fit`): the levels, strictest first.
+#: Whether to correct at all is chosen per recording (:meth:`PopulationGLM.fit`) among these levels. Looser
+#: levels (0.5 nats, 0.2 Hz, 20x) won on later parts of the reference of a real recording and then lost on
+#: the rest of it (drift the reference cannot show): only the strict one is offered.
 CORRECTION_LEVELS = {
     "strict": {"margin_nats": 2.0, "min_rate_hz": 1.0, "max_log": math.log(3.0)},
-    "loose": {"margin_nats": 0.5, "min_rate_hz": 0.2, "max_log": math.log(20.0)},
-    "free": {"margin_nats": 0.0, "min_rate_hz": 0.0, "max_log": math.log(100.0)},
 }
 CORRECTION_MIN_RATE_HZ = CORRECTION_LEVELS["strict"]["min_rate_hz"]
 CORRECTION_MARGIN_NATS = CORRECTION_LEVELS["strict"]["margin_nats"]
 #: Time split of a correction's fit times: the L2 path is fitted on the first 70%, each unit's band choices are
-#: made on the next 15%, and the level (or none at all) on the last 15%; the kept fits are refitted on all.
+#: made on the next 15%, and the level (or none at all) on the last 15%, in two folds (forward, and mirrored
+#: in time: fitted on the last 70%, judged on the first 15%); the kept fits are refitted on all.
 CORRECTION_SPLIT = (0.70, 0.85)
 POP_CLIP_SD = 5.0
 RECENT_EVERY_S = 30.0
@@ -302,7 +303,7 @@ class PopulationGLM:
         for b in range(self.n_bands):
             y = per[b].T  # (U, P)
             e = np.full_like(y, nb[b])
-            path = self._l2_path(X, y, e, o, n_fit)
+            path = self._l2_path(X, y, e, o, slice(None, n_fit), slice(n_fit, None))
             nll = np.stack([h for _, h in path])  # (L2s, U) held-out NLL
             pick = nll.argmin(0)
             best_w = np.stack([w for w, _ in path])[pick, np.arange(U)]
@@ -328,17 +329,16 @@ class PopulationGLM:
             self.V.append(V)
 
     @staticmethod
-    def _l2_path(X, y, e, o, n_fit: int, rows: slice | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Fits on the first ``n_fit`` times for each L2 penalty, strongest first (each solve starts from the
-        last): ``[(w (U, F), held-out NLL (U,) on rows)]``; ``rows`` default: every time after ``n_fit``."""
-        rows = slice(n_fit, None) if rows is None else rows
-        fit, ho = X.rows(slice(None, n_fit)), X.rows(rows)
+    def _l2_path(X, y, e, o, fit_rows: slice, rows: slice) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Fits on the times ``fit_rows`` for each L2 penalty, strongest first (each solve starts from the
+        last): ``[(w (U, F), held-out NLL (U,) on the times rows)]``."""
+        fit, ho = X.rows(fit_rows), X.rows(rows)
         out, w = [], None
         for l2 in sorted(POP_L2_GRID, reverse=True):
             pen = np.full(X.F, l2)
             pen[-1] = POP_INTERCEPT_L2
-            w = fit_poisson(fit.own, y[:, :n_fit], shared=fit.shared, exposure=e[:, :n_fit], offset=o[:, :n_fit], l2=pen,
-                            w0=w, max_iter=15)
+            w = fit_poisson(fit.own, y[:, fit_rows], shared=fit.shared, exposure=e[:, fit_rows], offset=o[:, fit_rows],
+                            l2=pen, w0=w, max_iter=15)
             eta = np.clip(o[:, rows] + ho.lin(w), -30, 30)
             out.append((w, (e[:, rows] * np.exp(eta) - y[:, rows] * eta).sum(1)))
         return out
@@ -353,8 +353,8 @@ class PopulationGLM:
     def _fit_correction(self, X: _Design, counts: np.ndarray, offset: np.ndarray) -> PopulationGLM:
         """The GLM as a correction of the predictor whose log expected counts per bin are ``offset`` ``(P, U, T)``.
 
-        The fit times split in time (:data:`CORRECTION_SPLIT`): the L2 path is fitted on the first part;
-        on the second, each unit and band keeps its best penalty, and each level of
+        The fit times split in time (:data:`CORRECTION_SPLIT`, two folds): the L2 path is fitted on the
+        first part; on the second, each unit and band keeps its best penalty, and each level of
         :data:`CORRECTION_LEVELS` keeps the units and bands that pass its rules; on the third, the level
         whose correction predicts best is chosen, or none at all where none beats the predictor alone
         (``self.level``: "none" then, and every weight 0). Real recordings drift and a correction that helps
@@ -364,7 +364,8 @@ class PopulationGLM:
         per, _ = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
         n_a = max(1, min(P - 2, int(round(CORRECTION_SPLIT[0] * P))))
         n_b = max(n_a + 1, min(P - 1, int(round(CORRECTION_SPLIT[1] * P))))
-        choose, judge = slice(n_a, n_b), slice(n_b, None)
+        # two folds, forward and mirrored in time: (fit, choose, judge) times
+        folds = ((slice(0, n_a), slice(n_a, n_b), slice(n_b, P)), (slice(P - n_a, P), slice(P - n_b, P - n_a), slice(0, P - n_b)))
         levels = list(CORRECTION_LEVELS.items())
         keep = {name: np.zeros((self.n_bands, U), dtype=bool) for name, _ in levels}
         sparse = {name: too_sparse_to_fit(counts[:n_b], n_a, self.bin_size, lv["min_rate_hz"]) for name, lv in levels}
@@ -379,21 +380,25 @@ class PopulationGLM:
             o = np.logaddexp.reduce(np.clip(offset[:, :, self.bands == b], -30.0, 10.0), axis=-1).T  # (U, P)
             os_.append(o)
             ys.append(y)
-            path = self._l2_path(X, y, e, o, n_a, rows=choose)
-            nll = np.stack([h for _, h in path])  # (L2s, U) on the choosing part
+            paths = [self._l2_path(X, y, e, o, fit, choose) for fit, choose, _ in folds]
+            nll = sum(np.stack([h for _, h in path]) for path in paths)  # (L2s, U) on both choosing parts
             pick = nll.argmin(0)
-            gain = (np.exp(o[:, choose]) - y[:, choose] * o[:, choose]).sum(1) - nll[pick, np.arange(U)]
-            best_w[b] = np.stack([w for w, _ in path])[pick, np.arange(U)]
+            base = sum((np.exp(o[:, c]) - y[:, c] * o[:, c]).sum(1) for _, c, _ in folds)
+            gain = base - nll[pick, np.arange(U)]
+            ws = [np.stack([w for w, _ in path])[pick, np.arange(U)] for path in paths]  # (U, F) per fold
+            best_w[b] = ws[0]
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
-            lin = X.rows(judge).lin(best_w[b])  # (U, P_judge)
-            judged_none += float((np.exp(o[:, judge]) - y[:, judge] * o[:, judge]).sum())
             for name, lv in levels:
                 keep[name][b] = (gain > lv["margin_nats"]) & ~sparse[name]
-                eta = o[:, judge] + np.where(keep[name][b][:, None], np.clip(lin, -lv["max_log"], lv["max_log"]), 0.0)
-                judged[name] += float((np.exp(eta) - y[:, judge] * eta).sum())
+            for w, (_, _, judge) in zip(ws, folds):
+                lin = X.rows(judge).lin(w)  # (U, P_judge)
+                judged_none += float((np.exp(o[:, judge]) - y[:, judge] * o[:, judge]).sum())
+                for name, lv in levels:
+                    eta = o[:, judge] + np.where(keep[name][b][:, None], np.clip(lin, -lv["max_log"], lv["max_log"]), 0.0)
+                    judged[name] += float((np.exp(eta) - y[:, judge] * eta).sum())
         best = min(judged, key=judged.get)
         self.level = best if judged[best] < judged_none else "none"
-        n_judge = max(1.0, float(per[:, judge].sum()))
+        n_judge = max(1.0, float(sum(per[:, j].sum() for _, _, j in folds)))
         self.judged_gain = {name: (judged_none - v) / n_judge for name, v in judged.items()}  # nats per held-out spike
         self.max_log = CORRECTION_LEVELS[self.level]["max_log"] if self.level != "none" else 0.0
         self.W = np.zeros((self.n_bands, U, F))

@@ -24,11 +24,9 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    of the population's, from the windows' history rates) fitted with everything above as its
    offset, so it multiplies the model's rates by ``exp(w_b . x_u)`` (models whose history holds
    the GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`). Fitted on the first
-   70% of the windows; each unit and band keeps it only where it predicts the next 15% better;
-   how strict that choice is (:data:`~nh_serve.core.glm.CORRECTION_LEVELS`), or whether to
-   correct at all, is decided on the last 15%, which none of the fits saw. On the three real
-   recordings with references long enough to fit, no level beat the network there (nor on the
-   rest of the recording), so none keeps a correction; on synthetic ones it is kept.
+   70% of the windows; each unit and band keeps it only where it predicts the next 15% better
+   (by :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`); whether to correct at all is decided
+   on the last 15%, which none of the fits saw; both in two folds, the second mirrored in time.
 
 The read-out is kept only for units firing at least 1 Hz in both parts of the reference and only
 where the held-out gain exceeds :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; a reference
