@@ -61,9 +61,8 @@ POP_STEP_S = 0.1  # spacing of the fit window's prediction times
 #: A population GLM fitted as a correction of another predictor (``offset``) keeps a unit's band only where
 #: the unit fires at least ``min_rate_hz`` in the fit and held-out parts and the band gains at least
 #: ``margin_nats`` there; the correction never scales the predictor's rates by more than ``exp(max_log)``.
-#: Whether to correct at all is chosen per recording (:meth:`PopulationGLM.fit`) among these levels. Looser
-#: levels (0.5 nats, 0.2 Hz, 20x) won on later parts of the reference of a real recording and then lost on
-#: the rest of it (drift the reference cannot show): only the strict one is offered.
+#: Whether to correct at all is chosen per recording (:meth:`PopulationGLM.fit`) among these levels; only the
+#: strict one is offered, the one the quality benchmark scores on whole real recordings (docs/results.md).
 CORRECTION_LEVELS = {
     "strict": {"margin_nats": 2.0, "min_rate_hz": 1.0, "max_log": math.log(3.0)},
 }
@@ -77,6 +76,13 @@ POP_CLIP_SD = 5.0
 RECENT_EVERY_S = 30.0
 RECENT_SPAN_S = 120.0
 UNI_L2 = 1e-3  # tiny ridge so the 36 weights are unique even for degenerate data
+
+
+def correction_split(n: int) -> tuple[int, int]:
+    """Ends of the fit and choosing parts of ``n`` fit times in time order (:data:`CORRECTION_SPLIT`): fit on
+    ``[0, a)``, choose on ``[a, b)``, judge on ``[b, n)``; each part holds at least one time."""
+    a = max(1, min(n - 2, int(round(CORRECTION_SPLIT[0] * n))))
+    return a, max(a + 1, min(n - 1, int(round(CORRECTION_SPLIT[1] * n))))
 
 
 def too_sparse_to_fit(counts: np.ndarray, n_fit: int, bin_size: float, min_rate_hz: float = CORRECTION_MIN_RATE_HZ) -> np.ndarray:
@@ -362,8 +368,7 @@ class PopulationGLM:
         """
         U, P, F = X.own.shape[0], X.own.shape[1], X.F
         per, _ = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
-        n_a = max(1, min(P - 2, int(round(CORRECTION_SPLIT[0] * P))))
-        n_b = max(n_a + 1, min(P - 1, int(round(CORRECTION_SPLIT[1] * P))))
+        n_a, n_b = correction_split(P)
         # two folds, forward and mirrored in time: (fit, choose, judge) times
         folds = ((slice(0, n_a), slice(n_a, n_b), slice(n_b, P)), (slice(P - n_a, P), slice(P - n_b, P - n_a), slice(0, P - n_b)))
         levels = list(CORRECTION_LEVELS.items())

@@ -47,7 +47,7 @@ import time
 import numpy as np
 import torch
 
-from nh_serve.core.glm import CORRECTION_MARGIN_NATS, CORRECTION_SPLIT, PopulationGLM, too_sparse_to_fit
+from nh_serve.core.glm import CORRECTION_MARGIN_NATS, PopulationGLM, correction_split, too_sparse_to_fit
 from nh_serve.core.poisson import fit_poisson
 from nh_serve.data.history import ema_rates
 from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
@@ -58,7 +58,7 @@ MAX_WINDOWS = 600
 READOUT_EVERY = 5  # the read-out's fit uses every 5th window (0.5 s apart); the population correction all
 #: Shorter references leave too few held-out seconds to tell a fit that generalises from one that follows noise.
 MIN_FIT_REFERENCE_S = 45.0
-L2_GRID = (3.0, 30.0)  # stronger penalties were never chosen on the synthetic or real recordings
+L2_GRID = (3.0, 30.0)  # penalties tried per unit; the chosen ones are counted in the fit record (l2_chosen)
 MAX_ITER = 12
 FORWARD_CHUNK_UNIT_WINDOWS = 8_192  # windows x units per forward pass
 SOLVE_CHUNK_UNITS = 256  # units per batched Newton solve
@@ -150,8 +150,7 @@ def fit_readout(
     off = np.clip(off, -30.0, 10.0)
     Y = y[sub].transpose(1, 0, 2).reshape(U, W * T).astype(np.float64)
     # fit on the first part, each unit's choice on the next, and whether to keep any read-out on the last
-    w_a = max(1, min(W - 2, int(round(CORRECTION_SPLIT[0] * W))))
-    w_b = max(w_a + 1, min(W - 1, int(round(CORRECTION_SPLIT[1] * W))))
+    w_a, w_b = correction_split(W)
     n_fit, choose, judge = w_a * T, slice(w_a * T, w_b * T), slice(w_b * T, None)
 
     def nll(w: np.ndarray, g: slice, rows: slice) -> np.ndarray:  # (units,) Poisson NLL of units g on ``rows``
