@@ -11,12 +11,15 @@ with counts ``y``, exposures ``e`` (how many bins a row stands for), offsets
 weight (0 leaves a weight free) pulling toward ``prior`` (default 0). Each
 Newton step solves every group's ``(F, F)`` system at once and halves a
 group's step until its objective does not rise, so no objective ever
-increases; a group stops when its decrease falls below ``tol``. With ``e = 1``,
+increases; a group stops when its decrease falls below ``tol``, and the
+groups that stopped (or whose step did not rise) are not computed again. With ``e = 1``,
 ``o = 0`` and ``l2 = n * alpha`` on the coefficients (0 on the intercept) the
 minimiser is scikit-learn's ``PoissonRegressor(alpha=alpha)`` (tested).
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -50,30 +53,36 @@ def fit_poisson(
     """
     p = _Problem(X, y, exposure, offset, l2, prior, shared)
     w = p.prior.clone() if w0 is None else torch.as_tensor(np.asarray(w0), dtype=torch.float64).clone()
-    cur = p.objective(w)
-    active = torch.ones(p.G, dtype=torch.bool)
+    cur, mu = p.evaluate(w)  # (G,) objective, (G, P) expected counts at w
     eye = torch.eye(p.F, dtype=torch.float64)
+    act = torch.arange(p.G)  # groups still moving; ``q`` is the problem restricted to them
+    q = p
     for _ in range(int(max_iter)):
-        mu = p.exposure * torch.exp((p.offset + p.lin(w)).clamp(-ETA_CLAMP, ETA_CLAMP))  # (G, P)
-        grad = p.xt_dot(mu - p.y) + p.l2 * (w - p.prior)  # (G, F)
-        H = p.xt_w_x(mu) + torch.diag_embed(p.l2) + 1e-10 * eye  # (G, F, F)
+        wa, ca = w[act], cur[act]
+        grad = q.xt_dot(mu - q.y) + q.l2 * (wa - q.prior)  # (A, F)
+        H = q.xt_w_x(mu) + torch.diag_embed(q.l2) + 1e-10 * eye  # (A, F, F)
         step = torch.linalg.solve(H, grad.unsqueeze(-1)).squeeze(-1)
-        step = torch.where(active[:, None], step, torch.zeros_like(step))
-        t = torch.ones(p.G, dtype=torch.float64)
-        new = p.objective(w - step)
-        for _ in range(30):  # halve the step of every group whose objective rose
-            worse = new > cur
-            if not worse.any():
+        t = torch.ones(act.numel(), dtype=torch.float64)
+        new, new_mu = q.evaluate(wa - step)
+        worse = torch.nonzero(new > ca).squeeze(1)
+        for _ in range(30):  # halve the step of every group whose objective rose (only those are evaluated again)
+            if worse.numel() == 0:
                 break
-            t = torch.where(worse, t * 0.5, t)
-            new = p.objective(w - t[:, None] * step)
-        t = torch.where(new > cur, torch.zeros_like(t), t)  # no decrease found: that group stays
-        w = w - t[:, None] * step
-        new = torch.minimum(new, cur)
-        active = active & ((cur - new) > tol * (1.0 + new.abs()))
-        cur = new
-        if not active.any():
-            break
+            t[worse] *= 0.5
+            nw, mw = q.subset(worse).evaluate(wa[worse] - t[worse, None] * step[worse])
+            new[worse], new_mu[worse] = nw, mw
+            worse = worse[nw > ca[worse]]
+        failed = new > ca  # no decrease found: that group stays where it was
+        t[failed], new[failed], new_mu[failed] = 0.0, ca[failed], mu[failed]
+        w[act] = wa - t[:, None] * step
+        cur[act] = new
+        moving = (ca - new) > tol * (1.0 + new.abs())
+        if not moving.all():
+            keep = torch.nonzero(moving).squeeze(1)
+            if keep.numel() == 0:
+                break
+            act, q, new_mu = act[keep], q.subset(keep), new_mu[keep]
+        mu = new_mu
     return w.numpy()
 
 
@@ -140,7 +149,21 @@ class _Problem:
             return torch.cat([torch.cat([xx, xs], 2), torch.cat([xs.transpose(1, 2), ss], 2)], 1)
         return torch.bmm(xm, self.X)
 
-    def objective(self, w):  # (G,)
+    def evaluate(self, w):  # (G, F) -> objective (G,), expected counts (G, P)
         eta = (self.offset + self.lin(w)).clamp(-ETA_CLAMP, ETA_CLAMP)
+        mu = self.exposure * torch.exp(eta)
         d = w - self.prior
-        return (self.exposure * torch.exp(eta) - self.y * eta).sum(1) + 0.5 * (self.l2 * d * d).sum(1)
+        return (mu - self.y * eta).sum(1) + 0.5 * (self.l2 * d * d).sum(1), mu
+
+    def objective(self, w):  # (G,)
+        return self.evaluate(w)[0]
+
+    def subset(self, idx: torch.Tensor) -> _Problem:
+        """The same problem for the groups ``idx`` only (shared columns and designs are not copied)."""
+        q = copy.copy(self)
+        q.G = int(idx.numel())
+        for name in ("y", "exposure", "offset", "l2", "prior"):
+            setattr(q, name, getattr(self, name)[idx])
+        if not self.shared:
+            q.X = self.X[idx]
+        return q
