@@ -11,8 +11,8 @@ with counts ``y``, exposures ``e`` (how many bins a row stands for), offsets
 weight (0 leaves a weight free) pulling toward ``prior`` (default 0). Each
 Newton step solves every group's ``(F, F)`` system at once and halves a
 group's step until its objective does not rise, so no objective ever
-increases; a group stops when its decrease falls below ``tol``, and the
-groups that stopped (or whose step did not rise) are not computed again. With ``e = 1``,
+increases; a group stops when its decrease falls below ``tol`` and is not
+computed again (a halving re-evaluates only the groups that rose). With ``e = 1``,
 ``o = 0`` and ``l2 = n * alpha`` on the coefficients (0 on the intercept) the
 minimiser is scikit-learn's ``PoissonRegressor(alpha=alpha)`` (tested).
 """
