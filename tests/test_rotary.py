@@ -13,6 +13,7 @@ from nh_serve.core.rotary import (
     apply_rotary,
     rotary_attention,
     rotary_freqs,
+    rotate_pairs,
     split_heads,
 )
 
@@ -40,6 +41,26 @@ def test_freqs_match_torch_brain(head_dim, rotate_dim, t_min, t_max):
     assert periods[-1].item() == pytest.approx(t_max, rel=1e-5)
     assert torch.all(ours[rotate_dim // 2 :] == 0)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotate_pairs_eager_and_scripted_forms_agree(dtype):
+    """The eager complex product and the real-valued form TorchScript / ONNX trace give the same rotation,
+    on a strided (non-contiguous) input with broadcast angles."""
+    gen = torch.Generator().manual_seed(3)
+    kv = torch.randn(3, 7, 2 * 2 * 6, generator=gen, dtype=torch.float64).to(dtype)  # (B, N, 2 H Dh)
+    x = kv[..., :12].unflatten(-1, (2, 6)).transpose(1, 2)  # (B, H, N, Dh) view, odd N
+    angles = torch.rand(3, 1, 7, 3, generator=gen, dtype=torch.float64) * 20.0  # (B, 1, N, Dh / 2)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    eager = rotate_pairs(x, cos, sin)
+    scripted = torch.jit.script(rotate_pairs)(x, cos, sin)
+    x64 = x.double()
+    even, odd = x64[..., 0::2], x64[..., 1::2]
+    ref = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)  # float64
+    assert eager.dtype == dtype and eager.shape == x.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(eager.double(), ref, rtol=0, atol=tol)
+    torch.testing.assert_close(scripted.double(), ref, rtol=0, atol=tol)
 
 def test_apply_rotary_matches_torch_brain():
     gen = torch.Generator().manual_seed(0)
