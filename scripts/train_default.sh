@@ -89,16 +89,17 @@ fi
 
 # ---- 5. quality benchmark ----------------------------------------------------------------------------
 mkdir -p runs/eval
-# Default model on 10 unseen synthetic recordings (a window every 2 s), with the reference fit, zero-shot
+# Default model on 10 unseen synthetic recordings (a window every 2 s), with the reference fit (and on windows
+# twice as dense: fit="reference-dense"), zero-shot
 # and with the units' descriptors shuffled among them.
 $NH eval --checkpoint nh_serve/models/nh-small.safetensors --title "default model, unseen synthetic recordings" \
-    --stride 2 --shuffled-units --json runs/eval/default-synth.json --no-progress $D/synth_test/*.h5
+    --stride 2 --shuffled-units --dense-fit --json runs/eval/default-synth.json --no-progress $D/synth_test/*.h5
 # Every real recording scored by the run that never saw it.
 jsons=(runs/eval/default-synth.json)
 for held in $REALS; do
   name=$(basename "$held" .h5)
   $NH eval --checkpoint "runs/train/loro-$name/best.safetensors" --name "loro-$name" \
-      --title "$name held out (leave-one-recording-out)" --json "runs/eval/loro-$name.json" --no-progress "$held"
+      --title "$name held out (leave-one-recording-out)" --dense-fit --json "runs/eval/loro-$name.json" --no-progress "$held"
   jsons+=("runs/eval/loro-$name.json")
 done
 # Ablations on the unseen synthetic recordings.

@@ -196,12 +196,13 @@ class RegisterRequest(BaseModel):
             "(0 = zero-shot; bounded by the server's limit and a time budget)."
         ),
     )
-    fit: Literal["reference", "none"] = Field(
+    fit: Literal["reference", "reference-dense", "none"] = Field(
         "reference",
         description=(
             "How the units' population read-outs are set: 'reference' (default) fits each unit's read-out "
-            "on the reference window (kept only where it predicts the window's last 20% better), "
-            "'none' uses the zero-shot read-out from the unit descriptors alone."
+            "and a population correction on the reference window (kept only where they predict the "
+            "window's last part better), 'reference-dense' the same on windows twice as dense (about "
+            "twice the time), 'none' uses the zero-shot read-out from the unit descriptors alone."
         ),
     )
     refit_every_s: Number | None = Field(

@@ -172,14 +172,15 @@ class NHServe:
 
         The 33 reference features and unit embeddings are computed once and cached (LRU, with a
         time limit, a number per client). fit='reference' (default) fits each unit's population
-        read-out on the reference window; fit='none' is zero-shot. adapt_steps > 0 refines the
+        read-out on the reference window ('reference-dense': on windows twice as dense, about twice the
+        time); fit='none' is zero-shot. adapt_steps > 0 refines the
         embeddings by test-time adaptation, within the server's time budget for the whole
         registration. Fits run in their own pool: predictions never wait behind them.
         """
         req = RegisterRequest.model_construct(**fields)
         return await self._run(
             ctx, "/register", lambda stop, owner: self.handlers.register(req, owner=owner, should_stop=stop),
-            fit=int(req.adapt_steps or 0) > 0 or (req.fit or "reference") == "reference",
+            fit=int(req.adapt_steps or 0) > 0 or (req.fit or "reference") != "none",
         )
 
     @bentoml.api(input_spec=PredictRequest, output_spec=Prediction)

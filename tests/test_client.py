@@ -436,7 +436,7 @@ def test_429_is_retried_after_its_retry_after():
 
 @pytest.mark.service
 @pytest.mark.slow
-@pytest.mark.parametrize("fit", ["reference", "none"])
+@pytest.mark.parametrize("fit", ["reference", "reference-dense", "none"])
 def test_fit_modes_through_the_service_equal_the_local_predictor(server, local, rec, fit):
     """register(fit=...) reaches the server; its read-outs (fitted or zero-shot) give the local answer."""
     t, ids = rec
@@ -449,8 +449,9 @@ def test_fit_modes_through_the_service_equal_the_local_predictor(server, local, 
     token_l = local.register(t[ref], ids[ref], reference_window=(0.0, 60.0), fit=fit)
     s = local.session(token_l)
     assert info["mode"] == fit == s.fit["mode"]
-    if fit == "reference":
+    if fit != "none":
         assert info["units_fitted"] == s.fit["units_fitted"] and info["windows"] == s.fit["windows"]
+        assert info["window_step_s"] == s.fit["window_step_s"] == {"reference": 0.1, "reference-dense": 0.05}[fit]
     else:
         assert float(s.readout.abs().sum()) == 0.0
     here = local.predict(token_l, ct, cids, context_start=62.0)

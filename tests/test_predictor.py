@@ -19,6 +19,7 @@ from nh_serve.data.synth import make_session
 from nh_serve.errors import CheckpointError, InputError
 from nh_serve.inference.model_io import load_model, save_model
 from nh_serve.inference.predictor import Predictor
+from nh_serve.inference.reference_fit import MAX_WINDOWS, WARMUP_S, fit_readout, fit_windows
 from nh_serve.inference.sessions import RegisteredSession, SessionCache
 
 
@@ -222,6 +223,36 @@ def test_reference_fit_is_deterministic_and_keeps_only_units_it_helps(predictor,
     assert info["heldout_nll_fitted"] <= info["heldout_nll_zero_shot"]
     with pytest.raises(InputError, match="fit"):
         predictor.register(rt, rid, reference_window=(0.0, 60.0), fit="all")
+
+
+def test_dense_reference_fit_uses_twice_the_windows_and_refits_alike(predictor, recording):
+    """fit="reference-dense": the same fit on windows every 0.05 s (twice as many, the same span),
+    deterministic, and a streaming refit keeps the registration's spacing."""
+    _, _, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    normal = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)).fit
+    tok = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids, fit="reference-dense")
+    dense = predictor.session(tok)
+    again = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids, fit="reference-dense"))
+    assert dense.fit["mode"] == "reference-dense" and dense.fit["window_step_s"] == 0.05 and normal["window_step_s"] == 0.1
+    assert dense.fit["windows"] == 2 * normal["windows"] - 1  # every 0.05 s from the same first to the same last
+    assert torch.equal(dense.readout, again.readout) and dense.fit["population_judged_gain"] == again.fit["population_judged_gain"]
+    starts = fit_windows(0.0, 600.0, context_s=1.0, horizon_s=1.0, step_s=0.05)
+    assert starts.size == 2 * MAX_WINDOWS and starts[0] == pytest.approx(WARMUP_S) and starts[-1] == pytest.approx(598.0)
+    with pytest.raises(ValueError, match="step_s"):
+        fit_readout(predictor.model, times=rt, units=np.zeros(rt.size, dtype=np.int64), reference=(0.0, 60.0),
+                    unit_features=dense.features, ref_rate_hz=dense.ref_rate_hz, embeddings=dense.embeddings, step_s=0.0)
+    d = make_session(seed=8, n_units=15, duration=115.0)  # a refit while streaming keeps the dense spacing
+    ids = np.asarray(d["unit_ids"]).astype(str)
+    t, ids_s = d["spike_times"], ids[d["unit_index"]]
+    m = t < 60.0
+    tok = predictor.register(t[m], ids_s[m], reference_window=(0.0, 60.0), units=ids, fit="reference-dense",
+                             refit_every_s=50.0, refit_window_s=50.0)
+    for c in np.arange(60.0, 111.0):
+        w = (t >= c) & (t < c + 1.0)
+        predictor.predict(tok, t[w], ids_s[w], context_start=float(c))
+    last = predictor.session(tok).fit["last_refit"]
+    assert last["window_step_s"] == 0.05 and last["windows"] > 1.9 * fit_windows(60.0, 110.0, context_s=1.0, horizon_s=1.0).size
 
 
 def test_population_correction_multiplies_the_network_rates(predictor, recording):

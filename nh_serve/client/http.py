@@ -152,8 +152,8 @@ class Client:
         Same arguments as :meth:`nh_serve.inference.predictor.Predictor.register`: ``spike_times``
         (N,) seconds, ``unit_ids`` (N,) the unit of each spike, ``reference_window``
         ``(start, end)`` seconds (at least 10 s), ``units`` the row order of predictions,
-        ``fit`` ``"reference"`` (fit each unit's read-out on the reference window) or ``"none"``
-        (zero-shot), ``refit_every_s`` (refit while streaming; off by default). What the fit did
+        ``fit`` ``"reference"`` (fit each unit's read-out on the reference window), ``"reference-dense"``
+        (the same on windows twice as dense, about twice the time) or ``"none"`` (zero-shot), ``refit_every_s`` (refit while streaming; off by default). What the fit did
         is in :attr:`last_registration`.
         """
         body: dict[str, Any] = {

@@ -178,13 +178,15 @@ def evaluate_recording(
     max_windows: int | None = None,
     baselines: str = "default",
     shuffled_units: bool = False,
+    dense_fit: bool = False,
     progress: bool = True,
 ) -> dict:
     """Score every predictor, every baseline and (synthetic files) the oracle on one recording.
 
     Rows per checkpoint: ``<name>`` (registered as the Predictor does by default: with the
     reference fit when the model has a read-out), ``<name> zero-shot`` (``fit="none"``),
-    ``<name> offset only``, with ``adapt_steps`` ``<name> adapted``, and with ``shuffled_units``
+    ``<name> offset only``, with ``dense_fit`` ``<name> dense fit`` (``fit="reference-dense"``), with
+    ``adapt_steps`` ``<name> adapted``, and with ``shuffled_units``
     ``<name> shuffled units``: zero-shot with every unit's descriptors and embedding given to
     another unit (a fixed random permutation), which shows what binding each unit to its own
     descriptors is worth.
@@ -232,6 +234,9 @@ def evaluate_recording(
             variants.append(_Variant(name, p, token))
             if p.cfg.readout_dim:  # the same checkpoint with no reference fit: pure zero-shot
                 variants.append(_Variant(f"{name} zero-shot", p, _register(p, ref_t, ref_u, unit_ids, plan, fit="none")))
+                if dense_fit:
+                    variants.append(_Variant(f"{name} dense fit", p,
+                                             _register(p, ref_t, ref_u, unit_ids, plan, fit="reference-dense")))
             if shuffled_units:
                 tok = _register(p, ref_t, ref_u, unit_ids, plan, fit="none")
                 sess = p.session(tok)
@@ -339,6 +344,7 @@ def run_benchmark(
     max_windows: int | None = None,
     baselines: str = "default",
     shuffled_units: bool = False,
+    dense_fit: bool = False,
     progress: bool = True,
 ) -> dict:
     """Score ``checkpoints`` (name -> path or ``"default"``) on every recording; a JSON-serialisable dict.
@@ -370,6 +376,7 @@ def run_benchmark(
             max_windows=max_windows,
             baselines=baselines,
             shuffled_units=shuffled_units,
+            dense_fit=dense_fit,
             progress=progress,
         )
         for path in tqdm(sessions, desc="recordings", unit="recording", disable=not progress)
@@ -399,6 +406,7 @@ def run_benchmark(
             "max_windows": max_windows,
             "baselines": baselines,
             "shuffled_units": shuffled_units,
+            "dense_fit": dense_fit,
         },
         "recordings": recs,
         "summary": summary,

@@ -182,6 +182,7 @@ def _command(args: argparse.Namespace) -> str:
         ("--max-windows", args.max_windows),
         ("--baselines", args.baselines if args.baselines != "default" else None),
         ("--shuffled-units", True if args.shuffled_units else None),
+        ("--dense-fit", True if args.dense_fit else None),
         ("--json", args.json),
         ("--name", args.name if args.name != "model" else None),
     ):
@@ -242,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         max_windows=args.max_windows,
         baselines=args.baselines,
         shuffled_units=args.shuffled_units,
+        dense_fit=args.dense_fit,
         progress=not args.no_progress,
     )
     res["command"] = _command(args)
@@ -304,6 +306,11 @@ def add_cli(subparsers) -> None:
         "--shuffled-units",
         action="store_true",
         help="also score each checkpoint with every unit's descriptors given to another unit (an ablation)",
+    )
+    p.add_argument(
+        "--dense-fit",
+        action="store_true",
+        help="also score each checkpoint with fit='reference-dense' (the reference fit on windows twice as dense)",
     )
     p.add_argument("--title", default=None, help="heading of this run in --report output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

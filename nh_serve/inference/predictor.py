@@ -66,8 +66,9 @@ from nh_serve.prediction import Prediction
 
 #: Most windows x units that predict_batch runs at once (memory: ~50 bins x head width floats each).
 MAX_UNIT_WINDOWS = 16_384
-#: How a registration fits the units' read-outs: on the reference window, or not at all (zero-shot).
-FIT_MODES = ("reference", "none")
+#: How a registration fits the units' read-outs: on the reference window (windows every 0.1 s, or every
+#: 0.05 s: twice the time), or not at all (zero-shot). :data:`nh_serve.inference.reference_fit.FIT_STEPS_S`.
+FIT_MODES = ("reference", "reference-dense", "none")
 
 
 class Predictor:
@@ -163,7 +164,9 @@ class Predictor:
             fit: ``"reference"`` fits each unit's population read-out on the reference window
                 and a population GLM correction on top (deterministic, a few seconds per 100 units),
                 each kept only where it predicts a later part of the reference better than without
-                (:mod:`nh_serve.inference.reference_fit`); ``"none"``: zero-shot. Default: ``"reference"``,
+                (:mod:`nh_serve.inference.reference_fit`); ``"reference-dense"``: the same on windows
+                twice as dense (about twice the time; fits that carry over better, docs/results.md);
+                ``"none"``: zero-shot. Default: ``"reference"``,
                 or ``"none"`` for an exported artifact, which cannot fit.
             refit_every_s: off by default. While the session streams consecutive contexts, fit the
                 read-outs again every this many seconds of stream time on the last ``refit_window_s``
@@ -245,7 +248,7 @@ class Predictor:
         stop()
         if self.cfg.has_history:
             start_stream(
-                session, self.cfg, t, uidx, fit=fit, model=self._fit_model if fit == "reference" else None,
+                session, self.cfg, t, uidx, fit=fit, model=self._fit_model if fit != "none" else None,
                 refit_every_s=refit_every_s, refit_window_s=refit_window_s, stop=stop,
             )
         session.last_used = time.monotonic()  # its time limit starts now, not when the work began

@@ -8,12 +8,13 @@ computes zero-shot (offset, univariate GLM term, head, zero-shot read-out) and
 ``r_u`` is the solution of a convex Poisson regression per unit, solved for every unit
 at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
 
-1. Contexts every :data:`STEP_S` seconds inside the reference window, starting
-   :data:`WARMUP_S` seconds in (so every window has some observed history; the history
-   starts at the reference start, at the reference rates), at most
-   :data:`MAX_WINDOWS` of them; each window's next second is the target.
+1. Contexts every :data:`STEP_S` seconds inside the reference window (``fit="reference"``; every
+   0.05 s with ``fit="reference-dense"``, :data:`FIT_STEPS_S`: twice the windows and about twice the
+   time, for fits that carry over better), starting :data:`WARMUP_S` seconds in (so every window has
+   some observed history; the history starts at the reference start, at the reference rates), at
+   most :data:`MAX_WINDOWS` of them (twice that for the dense fit); each window's next second is the target.
 2. One frozen forward pass per window gives ``eta0`` and ``X``.
-3. On every :data:`READOUT_EVERY`-th window (0.5 s apart; rows are the windows' bins), split
+3. On windows :data:`READOUT_STEP_S` apart (rows are the windows' bins), split
    in time as the correction's (:data:`~nh_serve.core.glm.CORRECTION_SPLIT`): ``r_u`` for each
    L2 penalty of :data:`L2_GRID` on the first 70%; each unit keeps the penalty whose fit
    predicts the next 15% best, and a fit at all only where that beats the zero-shot
@@ -53,9 +54,11 @@ from nh_serve.data.history import ema_rates
 from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
 
 STEP_S = 0.1
+#: Spacing of the fit's windows per fit mode (seconds).
+FIT_STEPS_S = {"reference": STEP_S, "reference-dense": 0.05}
 WARMUP_S = 5.0
-MAX_WINDOWS = 600
-READOUT_EVERY = 5  # the read-out's fit uses every 5th window (0.5 s apart); the population correction all
+MAX_WINDOWS = 600  # at STEP_S; a denser fit may use proportionally more
+READOUT_STEP_S = 0.5  # the read-out's fit uses windows this far apart; the population correction every one
 #: Shorter references leave too few held-out seconds to tell a fit that generalises from one that follows noise.
 MIN_FIT_REFERENCE_S = 45.0
 L2_GRID = (3.0, 30.0)  # penalties tried per unit; the chosen ones are counted in the fit record (l2_chosen)
@@ -64,17 +67,19 @@ FORWARD_CHUNK_UNIT_WINDOWS = 8_192  # windows x units per forward pass
 SOLVE_CHUNK_UNITS = 256  # units per batched Newton solve
 
 
-def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float) -> np.ndarray:
-    """Context starts of the fit inside ``[r0, r1)``: every :data:`STEP_S` from :data:`WARMUP_S` in (from
-    the start of a short reference), at most :data:`MAX_WINDOWS` evenly spread (empty when too short)."""
+def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float, step_s: float = STEP_S) -> np.ndarray:
+    """Context starts of the fit inside ``[r0, r1)``: every ``step_s`` from :data:`WARMUP_S` in (from
+    the start of a short reference), at most :data:`MAX_WINDOWS` ``* STEP_S / step_s`` evenly spread (empty
+    when too short)."""
     last = r1 - context_s - horizon_s
-    first = r0 + WARMUP_S if (last - r0 - WARMUP_S) / STEP_S >= 4 else r0
+    first = r0 + WARMUP_S if (last - r0 - WARMUP_S) / step_s >= 4 else r0
     if last < first:
         return np.zeros(0)
-    n = (last - first) / STEP_S + 1  # windows at the full spacing; never built when there are too many
-    if n > MAX_WINDOWS:
-        return np.linspace(first, last, MAX_WINDOWS)
-    return first + STEP_S * np.arange(int(np.floor(n + 1e-9)))
+    most = int(round(MAX_WINDOWS * STEP_S / step_s))
+    n = (last - first) / step_s + 1  # windows at the full spacing; never built when there are too many
+    if n > most:
+        return np.linspace(first, last, most)
+    return first + step_s * np.arange(int(np.floor(n + 1e-9)))
 
 
 @torch.no_grad()
@@ -106,6 +111,7 @@ def fit_readout(
     embeddings: torch.Tensor,
     history_init=None,
     should_stop=None,
+    step_s: float = STEP_S,
 ) -> tuple[torch.Tensor, PopulationGLM | None, dict]:
     """Fit every unit's read-out on the spikes ``times`` / ``units`` (sorted, unit rows) of ``reference``.
 
@@ -113,7 +119,7 @@ def fit_readout(
     the held-out Poisson NLL per (unit, bin) before and after, the penalties chosen and the
     seconds it took. ``history_init``: the units' smoothed-rate state at ``reference[0]``
     (default: their reference rates, as at registration). ``should_stop``: called between the
-    steps (it raises to abandon the fit).
+    steps (it raises to abandon the fit). ``step_s``: spacing of the fit's windows (:data:`FIT_STEPS_S`).
     """
     stop = should_stop if should_stop is not None else (lambda: None)
     t_start = time.monotonic()
@@ -121,8 +127,10 @@ def fit_readout(
     r0, r1 = (float(x) for x in reference)
     U = int(embeddings.shape[0])
     K1 = cfg.readout_dim + 1
-    starts = fit_windows(r0, r1, context_s=cfg.context_s, horizon_s=cfg.horizon_s)
-    info = {"windows": int(starts.size), "units": U, "units_fitted": 0}
+    if not (math.isfinite(step_s) and 0.01 <= step_s <= 1.0):
+        raise ValueError(f"step_s: the fit's window spacing must be between 0.01 and 1 s, got {step_s!r}")
+    starts = fit_windows(r0, r1, context_s=cfg.context_s, horizon_s=cfg.horizon_s, step_s=step_s)
+    info = {"windows": int(starts.size), "window_step_s": float(step_s), "units": U, "units_fitted": 0}
     zero = torch.zeros(U, K1)
     if r1 - r0 < MIN_FIT_REFERENCE_S or starts.size < 5:
         info.update(seconds=round(time.monotonic() - t_start, 4),
@@ -143,7 +151,7 @@ def fit_readout(
     T = cfg.n_bins
     if design.shape[-1] == 0:  # a model without the population path has no read-out design: zeros stand in
         design = np.zeros((starts.size, T, K1))
-    sub = slice(None, None, READOUT_EVERY)  # the read-out's Poisson fit: every few windows (rows are bins)
+    sub = slice(None, None, max(1, int(round(READOUT_STEP_S / step_s))))  # the read-out's Poisson fit: every few windows
     W = eta0[sub].shape[0]
     X = design[sub].reshape(W * T, K1)  # rows: (window, bin), shared by every unit
     off = eta0[sub].transpose(1, 0, 2).reshape(U, W * T) + math.log(cfg.bin_size_s)  # log expected counts

@@ -19,7 +19,7 @@ from nh_serve.data.history import EmaState
 from nh_serve.data.spikes import check_spikes
 from nh_serve.data.windows import Window
 from nh_serve.errors import InputError
-from nh_serve.inference.reference_fit import MIN_FIT_REFERENCE_S, fit_readout
+from nh_serve.inference.reference_fit import FIT_STEPS_S, MIN_FIT_REFERENCE_S, fit_readout
 from nh_serve.inference.sessions import RegisteredSession
 
 #: A gap between the data a session has seen and a new context longer than this is "history incomplete".
@@ -126,8 +126,9 @@ def start_stream(
     s: RegisteredSession, cfg, times, uidx, *, fit: str, model, refit_every_s, refit_window_s, stop=lambda: None
 ) -> None:
     """A history model's registration after the embeddings: the stream starts at the reference rates at the
-    reference start and takes in the reference spikes; the read-outs are fitted there (``fit="reference"``;
-    ``model()`` returns the model to fit with) and, with ``refit_every_s``, refitted as the session streams."""
+    reference start and takes in the reference spikes; the read-outs are fitted there (``fit`` a mode of
+    :data:`~nh_serve.inference.reference_fit.FIT_STEPS_S`; ``model()`` returns the model to fit with) and, with
+    ``refit_every_s``, refitted as the session streams (with the same window spacing)."""
     r0, r1 = s.reference
     t = np.asarray(times, dtype=np.float64)
     o = np.argsort(t, kind="stable")
@@ -137,10 +138,10 @@ def start_stream(
     s.history_states = collections.deque([(r1, s.history.rates.copy())], maxlen=HISTORY_STATES)
     if cfg.readout_dim:
         s.readout = torch.zeros(s.n_units, cfg.readout_dim + 1)
-        if fit == "reference":
+        if fit in FIT_STEPS_S:
             s.readout, s.population, s.fit = fit_readout(
                 model(), times=ts, units=us, reference=(r0, r1), unit_features=s.features,
-                ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, should_stop=stop,
+                ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, should_stop=stop, step_s=FIT_STEPS_S[fit],
             )
     s.fit = {"mode": fit, **(s.fit or {})}
     if refit_every_s is not None:
@@ -159,6 +160,7 @@ def refit_session(model, s: RegisteredSession) -> None:
     readout, population, info = fit_readout(
         model, times=times, units=units, reference=(start, now), unit_features=s.features,
         ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, history_init=init,
+        step_s=FIT_STEPS_S.get((s.fit or {}).get("mode"), FIT_STEPS_S["reference"]),
     )
     with s.lock:
         s.readout, s.population = readout, population
