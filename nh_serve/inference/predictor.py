@@ -48,12 +48,7 @@ import torch
 from nh_serve.data.coupling import unit_descriptors
 from nh_serve.data.features import MIN_REFERENCE_S, FeatureNorm, reference_rate_hz
 from nh_serve.data.spikes import check_spikes
-from nh_serve.data.windows import (
-    WINDOW_INPUTS,
-    Window,
-    collate,
-    tokenize_window,
-)
+from nh_serve.data.windows import WINDOW_INPUTS, Window, collate, tokenize_window
 from nh_serve.errors import InputError
 from nh_serve.inference.adaptation import adapt_embeddings
 from nh_serve.inference.backends import Backend, make_backend, open_artifact_model
