@@ -176,6 +176,8 @@ def test_compare_adapt_and_report(setup, tmp_path):
             "3",
             "--max-windows",
             "4",
+            "--refit-every",
+            "30",
             "--json",
             str(out),
             "--no-progress",
@@ -186,6 +188,10 @@ def test_compare_adapt_and_report(setup, tmp_path):
     rec = res["recordings"][0]
     assert rec["windows"] == 4
     assert {"model", "model adapted", "noact", "noact adapted", "oracle", "persistence"} <= set(rec["scores"])
+    # a 40 s recording ends before a refit window (45 s at least) has passed since its 10 s reference
+    assert rec["scores"]["model refit every 30 s"]["bits_per_spike"] == rec["scores"]["model"]["bits_per_spike"]
+    assert rec["refits"]["model refit every 30 s"]["refits"] == 0 and res["settings"]["refit_every_s"] == 30.0
+    assert "--refit-every 30" in res["command"]
     assert rec["adaptation"]["model"]["steps"] == 3 and rec["adaptation"]["model"]["seconds"] > 0
     assert res["checkpoints"]["noact"]["head_ablation"] == "no_activity"
     assert res["command"].startswith("nh-serve eval --checkpoint")

@@ -35,6 +35,7 @@ command line and the Markdown tables are :mod:`nh_serve.evaluation.quality_cli`.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +53,7 @@ from nh_serve.errors import InputError
 from nh_serve.evaluation.baselines import DEFAULT_HISTORY_S, baseline_names, checkpoint_univariate_glm
 from nh_serve.evaluation.insample import seen_as
 from nh_serve.evaluation.metrics import paired_bps_interval
+from nh_serve.evaluation.refits import RefitReplay
 from nh_serve.evaluation.reporting import machine_info
 from nh_serve.evaluation.sliding import (
     StreamingMetrics,
@@ -179,6 +181,7 @@ def evaluate_recording(
     baselines: str = "default",
     shuffled_units: bool = False,
     dense_fit: bool = False,
+    refit_every_s: float | None = None,
     progress: bool = True,
 ) -> dict:
     """Score every predictor, every baseline and (synthetic files) the oracle on one recording.
@@ -186,6 +189,8 @@ def evaluate_recording(
     Rows per checkpoint: ``<name>`` (registered as the Predictor does by default: with the
     reference fit when the model has a read-out), ``<name> zero-shot`` (``fit="none"``),
     ``<name> offset only``, with ``dense_fit`` ``<name> dense fit`` (``fit="reference-dense"``), with
+    ``refit_every_s`` ``<name> refit every <S> s`` (the reference fit, then refitted as a streaming
+    session with ``refit_every_s`` would be: :class:`~nh_serve.evaluation.refits.RefitReplay`), with
     ``adapt_steps`` ``<name> adapted``, and with ``shuffled_units``
     ``<name> shuffled units``: zero-shot with every unit's descriptors and embedding given to
     another unit (a fixed random permutation), which shows what binding each unit to its own
@@ -237,6 +242,10 @@ def evaluate_recording(
                 if dense_fit:
                     variants.append(_Variant(f"{name} dense fit", p,
                                              _register(p, ref_t, ref_u, unit_ids, plan, fit="reference-dense")))
+                if refit_every_s is not None:
+                    variants.append(RefitReplay(f"{name} refit every {refit_every_s:g} s", p,
+                                                _register(p, ref_t, ref_u, unit_ids, plan), read=s.spikes,
+                                                every_s=refit_every_s))
             if shuffled_units:
                 tok = _register(p, ref_t, ref_u, unit_ids, plan, fit="none")
                 sess = p.session(tok)
@@ -288,6 +297,7 @@ def evaluate_recording(
                     preds[ORACLE] = oracle
                 acc.update(counts, preds)
                 bar.update(block.stop - block.first)
+        refits = {v.name: v.summary() for v in variants if isinstance(v, RefitReplay)}
         for v in variants:
             v.p.sessions.discard(v.token)
     scores = {n: summarize(acc.result(n, bin_size=plan.bin_size)) for n in names}
@@ -314,6 +324,7 @@ def evaluate_recording(
         "baseline_seconds": round(fit_seconds, 2),
         "model_inputs": inputs,
         "adaptation": adaptation,
+        "refits": refits,
         "_window_nll": {n: acc.window_nll(n) for n in names},
         "_window_spikes": acc.window_spikes(),
     }
@@ -345,6 +356,7 @@ def run_benchmark(
     baselines: str = "default",
     shuffled_units: bool = False,
     dense_fit: bool = False,
+    refit_every_s: float | None = None,
     progress: bool = True,
 ) -> dict:
     """Score ``checkpoints`` (name -> path or ``"default"``) on every recording; a JSON-serialisable dict.
@@ -363,6 +375,8 @@ def run_benchmark(
         raise InputError(f"--adapt-steps: must be >= 0, got {adapt_steps}")
     if stride_s <= 0:
         raise InputError(f"--stride: must be > 0 seconds, got {stride_s}")
+    if refit_every_s is not None and not (math.isfinite(refit_every_s) and refit_every_s >= 1.0):
+        raise InputError(f"--refit-every: must be at least 1 second, got {refit_every_s:g}")
     baseline_names(baselines)  # a bad set name fails before any work
     predictors = {name: Predictor.load(spec, backend="torch") for name, spec in checkpoints.items()}
     recs = [
@@ -377,6 +391,7 @@ def run_benchmark(
             baselines=baselines,
             shuffled_units=shuffled_units,
             dense_fit=dense_fit,
+            refit_every_s=refit_every_s,
             progress=progress,
         )
         for path in tqdm(sessions, desc="recordings", unit="recording", disable=not progress)
@@ -407,6 +422,7 @@ def run_benchmark(
             "baselines": baselines,
             "shuffled_units": shuffled_units,
             "dense_fit": dense_fit,
+            "refit_every_s": refit_every_s,
         },
         "recordings": recs,
         "summary": summary,

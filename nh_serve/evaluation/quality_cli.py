@@ -105,6 +105,13 @@ def markdown_report(result: dict) -> str:
                 f"\nBest baseline in hindsight: {best} ({r['scores'][best]['bits_per_spike']:+.4f}). "
                 + verdict(r["paired"][main][best], main, best)
             )
+        for name, rf in r.get("refits", {}).items():
+            levels = ", ".join(f"{k} {v}" for k, v in rf["levels"].items()) or "none ran"
+            out.append(
+                f"\n{name}: {rf['refits']} refits on the last {rf['window_s']:g} s, {rf['mean_seconds']:.2f} s each; "
+                f"population correction level per refit: {levels}; units keeping it "
+                f"{rf['mean_population_units_corrected']:g} and a read-out fit {rf['mean_units_fitted']:g} on average."
+            )
         out.append("")
     adapt = [(r["recording"], n, a) for r in result["recordings"] for n, a in r["adaptation"].items() if a]
     if adapt:
@@ -183,6 +190,7 @@ def _command(args: argparse.Namespace) -> str:
         ("--baselines", args.baselines if args.baselines != "default" else None),
         ("--shuffled-units", True if args.shuffled_units else None),
         ("--dense-fit", True if args.dense_fit else None),
+        ("--refit-every", args.refit_every),
         ("--json", args.json),
         ("--name", args.name if args.name != "model" else None),
     ):
@@ -244,6 +252,7 @@ def _run(args: argparse.Namespace) -> int:
         baselines=args.baselines,
         shuffled_units=args.shuffled_units,
         dense_fit=args.dense_fit,
+        refit_every_s=args.refit_every,
         progress=not args.no_progress,
     )
     res["command"] = _command(args)
@@ -311,6 +320,14 @@ def add_cli(subparsers) -> None:
         "--dense-fit",
         action="store_true",
         help="also score each checkpoint with fit='reference-dense' (the reference fit on windows twice as dense)",
+    )
+    p.add_argument(
+        "--refit-every",
+        type=float,
+        default=None,
+        metavar="S",
+        help="also score each checkpoint registered with refit_every_s=S: the read-outs fitted again every S "
+        "seconds on the last reference-length stretch, as a session streaming the whole recording would",
     )
     p.add_argument("--title", default=None, help="heading of this run in --report output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -157,13 +157,26 @@ def refit_session(model, s: RegisteredSession) -> None:
         now = s.history.t
         start, times, units, init = s.refit.data(now)
         s.refit.last_fit = now
+    refit_on(model, s, times=times, units=units, window=(start, now), history_init=init)
+    with s.lock:
+        s.refit.refits += 1
+        s.fit = {**(s.fit or {}), "refits": s.refit.refits}
+
+
+def refit_on(model, s: RegisteredSession, *, times, units, window: tuple[float, float], history_init) -> dict:
+    """Replace the session's read-outs by ones fitted on the spikes ``times`` / ``units`` (unit rows, sorted)
+    of ``window`` (``history_init``: the units' smoothed rates at its start), with the spacing of the session's
+    fit mode; the fit's record goes to ``s.fit["last_refit"]`` and is returned. What a streaming refit does,
+    and what ``nh-serve eval --refit-every`` replays on a recording."""
+    start, now = (float(x) for x in window)
     readout, population, info = fit_readout(
         model, times=times, units=units, reference=(start, now), unit_features=s.features,
-        ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, history_init=init,
+        ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, history_init=history_init,
         step_s=FIT_STEPS_S.get((s.fit or {}).get("mode"), FIT_STEPS_S["reference"]),
     )
+    record = {"window": [start, now], **info}
     with s.lock:
         s.readout, s.population = readout, population
-        s.refit.refits += 1
-        s.fit = {**(s.fit or {}), "refits": s.refit.refits, "last_refit": {"window": [start, now], **info}}
+        s.fit = {**(s.fit or {}), "last_refit": record}
+    return record
 
