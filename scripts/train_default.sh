@@ -99,7 +99,7 @@ jsons=(runs/eval/default-synth.json)
 for held in $REALS; do
   name=$(basename "$held" .h5)
   $NH eval --checkpoint "runs/train/loro-$name/best.safetensors" --name "loro-$name" \
-      --title "$name held out (leave-one-recording-out)" --dense-fit --refit-every 60 --json "runs/eval/loro-$name.json" --no-progress "$held"
+      --title "$name held out (leave-one-recording-out)" --dense-fit --refit-every 60 --refit-window 180 --json "runs/eval/loro-$name.json" --no-progress "$held"
   jsons+=("runs/eval/loro-$name.json")
 done
 # Ablations on the unseen synthetic recordings.

@@ -65,6 +65,7 @@ from nh_serve.evaluation.sliding import (
     plan_windows,
 )
 from nh_serve.inference.predictor import Predictor
+from nh_serve.inference.reference_fit import MIN_FIT_REFERENCE_S
 
 ORACLE = "oracle"
 
@@ -182,6 +183,7 @@ def evaluate_recording(
     shuffled_units: bool = False,
     dense_fit: bool = False,
     refit_every_s: float | None = None,
+    refit_window_s: float | None = None,
     progress: bool = True,
 ) -> dict:
     """Score every predictor, every baseline and (synthetic files) the oracle on one recording.
@@ -190,7 +192,7 @@ def evaluate_recording(
     reference fit when the model has a read-out), ``<name> zero-shot`` (``fit="none"``),
     ``<name> offset only``, with ``dense_fit`` ``<name> dense fit`` (``fit="reference-dense"``), with
     ``refit_every_s`` ``<name> refit every <S> s`` (the reference fit, then refitted as a streaming
-    session with ``refit_every_s`` would be: :class:`~nh_serve.evaluation.refits.RefitReplay`), with
+    session with ``refit_every_s`` and ``refit_window_s`` would be: :class:`~nh_serve.evaluation.refits.RefitReplay`), with
     ``adapt_steps`` ``<name> adapted``, and with ``shuffled_units``
     ``<name> shuffled units``: zero-shot with every unit's descriptors and embedding given to
     another unit (a fixed random permutation), which shows what binding each unit to its own
@@ -245,7 +247,7 @@ def evaluate_recording(
                 if refit_every_s is not None:
                     variants.append(RefitReplay(f"{name} refit every {refit_every_s:g} s", p,
                                                 _register(p, ref_t, ref_u, unit_ids, plan), read=s.spikes,
-                                                every_s=refit_every_s))
+                                                every_s=refit_every_s, window_s=refit_window_s))
             if shuffled_units:
                 tok = _register(p, ref_t, ref_u, unit_ids, plan, fit="none")
                 sess = p.session(tok)
@@ -357,6 +359,7 @@ def run_benchmark(
     shuffled_units: bool = False,
     dense_fit: bool = False,
     refit_every_s: float | None = None,
+    refit_window_s: float | None = None,
     progress: bool = True,
 ) -> dict:
     """Score ``checkpoints`` (name -> path or ``"default"``) on every recording; a JSON-serialisable dict.
@@ -377,6 +380,8 @@ def run_benchmark(
         raise InputError(f"--stride: must be > 0 seconds, got {stride_s}")
     if refit_every_s is not None and not (math.isfinite(refit_every_s) and refit_every_s >= 1.0):
         raise InputError(f"--refit-every: must be at least 1 second, got {refit_every_s:g}")
+    if refit_window_s is not None and (refit_every_s is None or not refit_window_s >= MIN_FIT_REFERENCE_S):
+        raise InputError(f"--refit-window: needs --refit-every and at least {MIN_FIT_REFERENCE_S:g} s, got {refit_window_s:g}")
     baseline_names(baselines)  # a bad set name fails before any work
     predictors = {name: Predictor.load(spec, backend="torch") for name, spec in checkpoints.items()}
     recs = [
@@ -392,6 +397,7 @@ def run_benchmark(
             shuffled_units=shuffled_units,
             dense_fit=dense_fit,
             refit_every_s=refit_every_s,
+            refit_window_s=refit_window_s,
             progress=progress,
         )
         for path in tqdm(sessions, desc="recordings", unit="recording", disable=not progress)
@@ -423,6 +429,7 @@ def run_benchmark(
             "shuffled_units": shuffled_units,
             "dense_fit": dense_fit,
             "refit_every_s": refit_every_s,
+            "refit_window_s": refit_window_s,
         },
         "recordings": recs,
         "summary": summary,

@@ -191,6 +191,7 @@ def _command(args: argparse.Namespace) -> str:
         ("--shuffled-units", True if args.shuffled_units else None),
         ("--dense-fit", True if args.dense_fit else None),
         ("--refit-every", args.refit_every),
+        ("--refit-window", args.refit_window),
         ("--json", args.json),
         ("--name", args.name if args.name != "model" else None),
     ):
@@ -253,6 +254,7 @@ def _run(args: argparse.Namespace) -> int:
         shuffled_units=args.shuffled_units,
         dense_fit=args.dense_fit,
         refit_every_s=args.refit_every,
+        refit_window_s=args.refit_window,
         progress=not args.no_progress,
     )
     res["command"] = _command(args)
@@ -328,6 +330,13 @@ def add_cli(subparsers) -> None:
         metavar="S",
         help="also score each checkpoint registered with refit_every_s=S: the read-outs fitted again every S "
         "seconds on the last reference-length stretch, as a session streaming the whole recording would",
+    )
+    p.add_argument(
+        "--refit-window",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --refit-every: refit on the last S seconds (refit_window_s; default the reference length, at least 45)",
     )
     p.add_argument("--title", default=None, help="heading of this run in --report output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
