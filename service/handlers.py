@@ -205,12 +205,16 @@ class Handlers:
         window = _reference_window(req.reference_start, req.reference_end, times)
         steps = int(getattr(req, "adapt_steps", 0) or 0)
         refit = getattr(req, "refit_every_s", None)
+        refit_window = getattr(req, "refit_window_s", None)
+        if refit_window is not None and refit is None:
+            raise InputError("refit_window_s: set refit_every_s too (the window is that of the refits)")
         kwargs: dict[str, Any] = dict(
             reference_window=window,
             units=units,
             adapt_steps=steps,
             fit=getattr(req, "fit", None) or None,  # None: the Predictor's default
             refit_every_s=float(refit) if refit is not None else None,
+            refit_window_s=float(refit_window) if refit_window is not None else None,
             adapt_time_budget_s=lim.adapt_budget_s,
             owner=owner,
             should_stop=should_stop,

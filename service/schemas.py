@@ -213,6 +213,13 @@ class RegisterRequest(BaseModel):
             "recording keeps read-outs of its present); at least 1 s."
         ),
     )
+    refit_window_s: Number | None = Field(
+        None,
+        description=(
+            "With refit_every_s: how many of the last seconds each refit fits on (default: the reference "
+            "length); at least 45 s. docs/model-card.md compares 60, 180 and 300 s on real recordings."
+        ),
+    )
 
 
 class RegisterResponse(BaseModel):

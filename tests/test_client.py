@@ -459,3 +459,10 @@ def test_fit_modes_through_the_service_equal_the_local_predictor(server, local, 
     with Client(server.url) as remote:
         with pytest.raises(RequestRejected, match="fit"):
             remote.register(t[ref], ids[ref], reference_window=(0.0, 60.0), fit="all")
+        if fit == "reference":  # the streaming refit's settings reach the Predictor, which checks them
+            tok = remote.register(t[ref], ids[ref], reference_window=(0.0, 60.0), refit_every_s=60, refit_window_s=180)
+            assert remote.predict(tok, ct, cids, context_start=62.0).rates_hz.shape == r.rates_hz.shape
+            with pytest.raises(RequestRejected, match="refit_window_s"):
+                remote.register(t[ref], ids[ref], reference_window=(0.0, 60.0), refit_every_s=60, refit_window_s=20)
+            with pytest.raises(RequestRejected, match="refit_window_s"):
+                remote.register(t[ref], ids[ref], reference_window=(0.0, 60.0), refit_window_s=180)

@@ -146,6 +146,7 @@ class Client:
         adapt_steps: int = 0,
         fit: str = "reference",
         refit_every_s: float | None = None,
+        refit_window_s: float | None = None,
     ) -> str:
         """Register a recording's units from its reference spikes; returns the session token.
 
@@ -153,7 +154,7 @@ class Client:
         (N,) seconds, ``unit_ids`` (N,) the unit of each spike, ``reference_window``
         ``(start, end)`` seconds (at least 10 s), ``units`` the row order of predictions,
         ``fit`` ``"reference"`` (fit each unit's read-out on the reference window), ``"reference-dense"``
-        (the same on windows twice as dense, about twice the time) or ``"none"`` (zero-shot), ``refit_every_s`` (refit while streaming; off by default). What the fit did
+        (the same on windows twice as dense, about twice the time) or ``"none"`` (zero-shot), ``refit_every_s`` (refit while streaming; off by default) on the last ``refit_window_s`` seconds. What the fit did
         is in :attr:`last_registration`.
         """
         body: dict[str, Any] = {
@@ -163,6 +164,8 @@ class Client:
         }
         if refit_every_s is not None:
             body["refit_every_s"] = float(refit_every_s)
+        if refit_window_s is not None:
+            body["refit_window_s"] = float(refit_window_s)
         if reference_window is not None:
             body["reference_start"], body["reference_end"] = (float(x) for x in reference_window)
         if units is not None:
