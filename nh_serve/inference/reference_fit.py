@@ -194,7 +194,9 @@ def fit_readout(
         # The population correction on top, on every window: a population GLM whose offset is everything
         # fitted so far (the network's log rates with the read-outs just fitted).
         stop()
-        eta = eta0 + math.log(cfg.bin_size_s) + np.einsum("uk,wtk->wut", readout, design)  # (W, U, T)
+        eta = eta0 + math.log(cfg.bin_size_s)  # (W, U, T)
+        if keep.any():  # the read-outs just fitted: (W, T, K1) @ (K1, U), a BLAS product
+            eta += (design @ readout.T).transpose(0, 2, 1)
         R = np.stack([w.history_rates for w in windows]).astype(np.float64)  # (W, U, K) at the context ends
         population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus).fit(R, y, offset=eta)
         info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
