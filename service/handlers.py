@@ -206,8 +206,6 @@ class Handlers:
         steps = int(getattr(req, "adapt_steps", 0) or 0)
         refit = getattr(req, "refit_every_s", None)
         refit_window = getattr(req, "refit_window_s", None)
-        if refit_window is not None and refit is None:
-            raise InputError("refit_window_s: set refit_every_s too (the window is that of the refits)")
         kwargs: dict[str, Any] = dict(
             reference_window=window,
             units=units,

@@ -436,3 +436,5 @@ def test_streaming_refit_fits_the_read_outs_again_on_recent_data(predictor):
         predictor.register(t[m], ids_s[m], reference_window=(0.0, 60.0), refit_every_s=20.0, refit_window_s=20.0)
     with pytest.raises(InputError, match="refit_every_s"):
         predictor.register(t[m], ids_s[m], reference_window=(0.0, 60.0), refit_every_s=0.1)
+    with pytest.raises(InputError, match="set refit_every_s too"):
+        predictor.register(t[m], ids_s[m], reference_window=(0.0, 60.0), refit_window_s=120.0)

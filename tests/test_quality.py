@@ -237,6 +237,10 @@ def test_bad_input(setup, tmp_path):
         _cli(["eval", "--checkpoint", ck])
     with pytest.raises(InputError, match="no prediction window fits outside the reference window"):
         _cli(["eval", "--checkpoint", ck, str(sessions[0]), "--reference-s", "39", "--no-progress"])
+    with pytest.raises(InputError, match="refit-every: must be at least 1 second"):
+        _cli(["eval", "--checkpoint", ck, str(sessions[0]), "--refit-every", "0.5", "--max-windows", "2", "--no-progress"])
+    with pytest.raises(InputError, match="set --refit-every too"):
+        _cli(["eval", "--checkpoint", ck, str(sessions[0]), "--refit-window", "60"])
     with pytest.raises(InputError, match="pass --doc"):
         _cli(["eval", "--report", str(tmp_path / "x.json")])
     with pytest.raises(InputError):

@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from nh_serve.core.config import get_config
-from nh_serve.core.model import NeuroHorizon
-from nh_serve.data.features import FeatureNorm
 from nh_serve.data.history import ema_rates
 from nh_serve.data.synth import make_session
 from nh_serve.data.windows import cut_windows
 from nh_serve.errors import InputError
 from nh_serve.evaluation.refits import RefitReplay
 from nh_serve.evaluation.sliding import WindowPlan
-from nh_serve.inference.model_io import save_model
 from nh_serve.inference.predictor import Predictor
 
 
@@ -25,14 +21,8 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    torch.manual_seed(1)
-    model = NeuroHorizon(get_config("nh-tiny"))
-    rng = np.random.default_rng(1)
-    F = model.cfg.n_features
-    norm = FeatureNorm(mean=rng.normal(size=F).astype(np.float32), std=rng.uniform(0.5, 2, F).astype(np.float32))
-    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
-    save_model(path, model, feature_norm=norm, training={"note": "random weights"})
+def predictor(tmp_path_factory, make_tiny_checkpoint):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors", seed=1, norm_seed=1)
     return Predictor.load(path, backend="torch")
 
 
@@ -62,11 +52,16 @@ def test_replayed_refits_equal_a_live_stream(predictor):
     windows = cut_windows(t, u, ctx, n_units=ids.size, cfg=p.cfg, history_start=0.0, history_rates=hist)
     plan = WindowPlan((0.0, 60.0), ctx, 1.0, p.cfg.n_bins, p.cfg.bin_size_s)
     counts = np.concatenate([replay.rates(windows[i : i + 37], plan) for i in range(0, len(windows), 37)])  # blocks
+    plain = np.stack([pr.rates_hz for pr in p.predict_windows(
+        p.register(t[m], ids[u[m]], reference_window=(0.0, 60.0), units=ids), windows)])  # never refitted
 
     assert [r["window"] for r in replay.records] == [[60.0, 110.0], [110.0, 160.0]]
     assert s_live.fit["refits"] == 2 and s_live.fit["last_refit"]["window"] == pytest.approx([110.0, 160.0])
     assert torch.allclose(p.session(tok).readout, s_live.readout, atol=1e-5)
     np.testing.assert_allclose(counts / p.cfg.bin_size_s, np.stack(live_rates), rtol=1e-4, atol=1e-6)
+    first = int(np.flatnonzero(ctx + 1.0 >= 110.0)[0])  # the first window predicted after a refit
+    np.testing.assert_allclose(counts[:first] / p.cfg.bin_size_s, plain[:first], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(counts[first:] / p.cfg.bin_size_s, plain[first:], rtol=1e-3)  # the refits changed them
     summary = replay.summary()
     assert summary["refits"] == 2 and summary["every_s"] == 50.0 and sum(summary["levels"].values()) == 2
 

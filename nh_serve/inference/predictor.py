@@ -182,6 +182,8 @@ class Predictor:
                 raise InputError("refit_every_s: this model has no read-out to refit; leave refit_every_s unset")
             if not (isinstance(refit_every_s, (int, float)) and math.isfinite(refit_every_s) and refit_every_s >= 1.0):
                 raise InputError(f"refit_every_s: must be at least 1 second, got {refit_every_s!r}")
+        elif refit_window_s is not None:
+            raise InputError("refit_window_s: set refit_every_s too (the window is that of the refits)")
         t_start = time.monotonic()
         stop = stopper(should_stop)
         lim = self.limits
