@@ -11,10 +11,13 @@ from sklearn.linear_model import PoissonRegressor
 
 from nh_serve.core.glm import (
     CORRECTION_LEVELS,
+    GLM_BANDS_MS,
     POP_INTERCEPT_L2,
     GLMRecording,
     PopulationGLM,
     UnivariateGLM,
+    _log_band_sum,
+    _top_right_singular_vectors,
     band_index,
 )
 from nh_serve.core.poisson import fit_poisson, poisson_objective
@@ -214,6 +217,54 @@ def test_poisson_solver_with_shared_columns_solves_the_same_problem():
     np.testing.assert_allclose(split, full, atol=1e-8)
     with pytest.raises(ValueError, match="shared"):
         fit_poisson(shared, y, shared=shared)
+
+
+def test_poisson_solver_groups_that_stop_early_keep_their_own_solution():
+    """Groups converge after different numbers of Newton steps; the ones that stop stay in the batch
+    (computed, not moved) until enough have stopped. Each group's weights must equal those of the same
+    group solved alone, for a shared design and for per-group columns plus shared ones."""
+    rng = np.random.default_rng(11)
+    G, P = 40, 250
+    shared = np.concatenate([rng.normal(size=(P, 3)), np.ones((P, 1))], 1)
+    own = rng.normal(size=(G, P, 2))
+    scale = np.linspace(0.0, 1.5, G)[:, None]  # from no signal (stops at once) to strong (many steps)
+    w_true = scale * rng.normal(size=(G, 6))
+    X = np.concatenate([own, np.broadcast_to(shared, (G, P, 4))], 2)
+    y = rng.poisson(np.exp(np.einsum("gpf,gf->gp", X, w_true) - 0.5)).astype(float)
+    pen = np.r_[np.full(5, 2.0), 0.01]
+    together = fit_poisson(own, y, shared=shared, offset=-0.5, l2=pen)
+    alone = np.stack([fit_poisson(own[g : g + 1], y[g : g + 1], shared=shared, offset=-0.5, l2=pen)[0] for g in range(G)])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    w_shared = fit_poisson(shared, y, offset=-0.5, l2=pen[2:])
+    alone = np.stack([fit_poisson(shared, y[g : g + 1], offset=-0.5, l2=pen[2:])[0] for g in range(G)])
+    np.testing.assert_allclose(w_shared, alone, atol=1e-6)
+    # and each is a minimum: its gradient vanishes
+    obj = poisson_objective(w_shared, shared, y, offset=-0.5, l2=pen[2:])
+    for d in np.eye(4)[:, None, :] * 1e-4:
+        assert np.all(poisson_objective(w_shared + d, shared, y, offset=-0.5, l2=pen[2:]) >= obj - 1e-9)
+        assert np.all(poisson_objective(w_shared - d, shared, y, offset=-0.5, l2=pen[2:]) >= obj - 1e-9)
+
+
+def test_principal_directions_and_band_sums_match_their_definitions():
+    """The population GLM's components (from the smaller Gram matrix) are the SVD's right singular
+    vectors up to sign, with a fixed sign; a band's log expected count is the log of the sum of its bins'."""
+    rng = np.random.default_rng(4)
+    for n, m, k in ((60, 200, 8), (300, 25, 8), (6, 4, 3)):
+        A = rng.normal(size=(n, m)) @ np.diag(np.linspace(3.0, 0.5, m))
+        A -= A.mean(0)
+        V = _top_right_singular_vectors(A, k)
+        vt = np.linalg.svd(A, full_matrices=False)[2][:k]
+        np.testing.assert_allclose(np.abs(V), np.abs(vt.T), atol=1e-9)
+        assert np.all(V[np.abs(V).argmax(0), np.arange(k)] > 0)
+    flat = np.zeros((10, 3))
+    flat[:, 0] = np.arange(10.0) - 4.5  # one direction with variance, none elsewhere
+    np.testing.assert_allclose(_top_right_singular_vectors(flat, 3), np.eye(3)[:, :3] * [1, 0, 0], atol=1e-12)
+    bands = band_index(50, 0.02)
+    x = rng.normal(-3.0, 2.0, size=(7, 5, 50))
+    x[0, 0, 0] = 40.0  # clipped at 10
+    for b in range(len(GLM_BANDS_MS)):
+        want = np.log(np.exp(np.clip(x[:, :, bands == b], -30, 10)).sum(-1))
+        np.testing.assert_allclose(_log_band_sum(x, bands, b), want, rtol=1e-12)
 
 
 def test_poisson_solver_matches_scikit_learn():

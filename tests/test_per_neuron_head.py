@@ -232,3 +232,36 @@ def test_bad_inputs_raise_input_error():
         per_neuron_head(unit_part, bin_part, weights, biases, log_rate_clamp=(2.0, 1.0))
     with pytest.raises(InputError, match="out"):
         per_neuron_head(unit_part, bin_part, weights, biases, out=torch.empty(2, 3, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------
+# The model's head module: the blocked eager path equals the reference
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_layers,B,U,T,H", [(2, 3, 700, 50, 64), (3, 2, 37, 13, 24), (2, 1, 1, 7, 8), (4, 5, 9, 3, 16)])
+def test_head_module_blocked_combine_equals_the_reference(monkeypatch, n_layers, B, U, T, H):
+    """Without gradients on the CPU, PerNeuronHead.combine runs a block of units at a time; it must give
+    the reference's numbers (the path with gradients), with and without the per-unit offset, also when
+    the blocks do not divide the units."""
+    import nh_serve.core.blocks as blocks
+    from nh_serve.core.blocks import PerNeuronHead
+
+    monkeypatch.setattr(blocks, "COMBINE_BLOCK_ELEMENTS", 5 * T * H)  # blocks of 5 units: a partial last one
+    g = torch.Generator().manual_seed(n_layers * 100 + U)
+    head = PerNeuronHead(bin_dim=5, unit_dim=6, hidden=H, n_layers=n_layers)
+    up, bp, off = torch.randn(B, U, H, generator=g), torch.randn(B, T, H, generator=g), torch.randn(B, U, generator=g)
+    for offset in (off, None):
+        want = head.combine(up, bp, offset)  # gradients on: the reference path
+        assert want.requires_grad
+        with torch.no_grad():
+            got = head.combine(up, bp, offset)
+        assert got.shape == (B, U, T)
+        torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-6)
+    # a float64 reference of the same MLP
+    h = torch.nn.functional.gelu(up.double().unsqueeze(2) + bp.double().unsqueeze(1))
+    for layer in head.hidden_layers:
+        h = torch.nn.functional.gelu(h @ layer.weight.double().T + layer.bias.double())
+    ref = (h @ head.out.weight.double().T).squeeze(-1) + head.out.bias.double()
+    with torch.no_grad():
+        torch.testing.assert_close(head.combine(up, bp, None).double(), ref, atol=1e-5, rtol=1e-5)

@@ -61,6 +61,32 @@ def test_rotate_pairs_eager_and_scripted_forms_agree(dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(eager.double(), ref, rtol=0, atol=tol)
     torch.testing.assert_close(scripted.double(), ref, rtol=0, atol=tol)
+    # a view starting at an odd offset cannot be read as complex numbers in place: it is copied first
+    odd_view = kv[..., 1:13].unflatten(-1, (2, 6)).transpose(1, 2)
+    o64 = odd_view.double()
+    want = torch.stack((o64[..., 0::2] * cos - o64[..., 1::2] * sin, o64[..., 1::2] * cos + o64[..., 0::2] * sin), -1)
+    torch.testing.assert_close(rotate_pairs(odd_view, cos, sin).double(), want.flatten(-2), rtol=0, atol=tol)
+
+
+def test_rotary_attention_eager_and_scripted_agree():
+    """rotary_attention in eager mode (keys and values share one complex rotation) gives the scripted
+    (real-valued) form's output, with value rotation, a key mask and strided head views."""
+    gen = torch.Generator().manual_seed(8)
+    B, H, Nq, Nk, Dh = 2, 2, 5, 23, 8
+    q = torch.randn(B, Nq, H * Dh, generator=gen).unflatten(-1, (H, Dh)).transpose(1, 2)
+    kv = torch.randn(B, Nk, 2 * H * Dh, generator=gen)
+    k = kv[..., : H * Dh].unflatten(-1, (H, Dh)).transpose(1, 2)
+    v = kv[..., H * Dh :].unflatten(-1, (H, Dh)).transpose(1, 2)
+    q_t, k_t = torch.rand(B, Nq, generator=gen), torch.rand(B, Nk, generator=gen)
+    freqs = rotary_freqs(head_dim=Dh, t_min=1e-3, t_max=4.0)
+    mask = torch.rand(B, Nk, generator=gen) > 0.3
+    args = (q, k, v, q_t, k_t, freqs)
+    for rotate_value in (True, False):
+        kw = dict(key_mask=mask, rotate_value=rotate_value, causal=False)
+        eager = rotary_attention(*args, **kw)
+        scripted = torch.jit.script(rotary_attention)(*args, **kw)
+        torch.testing.assert_close(eager, scripted, rtol=1e-5, atol=1e-6)
+
 
 def test_apply_rotary_matches_torch_brain():
     gen = torch.Generator().manual_seed(0)

@@ -223,3 +223,25 @@ def test_cut_windows_history_rules_and_targets(setup):
         np.testing.assert_allclose(x.history_rates, want[k], rtol=1e-12)
         assert x.history_counts is None
     assert isinstance(one, Window)
+
+
+def test_target_counts_in_chunks_equal_one_pass(monkeypatch):
+    """target_counts works a few windows at a time; chunks of any size give the same counts, spikes on
+    bin edges included."""
+    import nh_serve.data.windows as windows
+
+    rng = np.random.default_rng(5)
+    t = np.sort(np.concatenate([rng.uniform(0, 30, 4000), np.round(rng.uniform(0, 30, 500), 2)]))  # some on edges
+    u = rng.integers(0, 11, t.size)
+    t_now = 1.0 + 0.1 * np.arange(200)
+    monkeypatch.setattr(windows, "_TARGET_CHUNK_BINS", 1 << 30)
+    whole = target_counts(t, u, t_now, n_units=11, bin_size=0.02, n_bins=50)
+    assert whole.dtype == np.float32 and whole.shape == (200, 11, 50)
+    for chunk in (1, 11 * 50 * 3 + 7, 11 * 50 * 200):
+        monkeypatch.setattr(windows, "_TARGET_CHUNK_BINS", chunk)
+        np.testing.assert_array_equal(target_counts(t, u, t_now, n_units=11, bin_size=0.02, n_bins=50), whole)
+    k = 17  # and by hand
+    h = (t >= t_now[k]) & (t < t_now[k] + 1.0)
+    want = np.zeros((11, 50))
+    np.add.at(want, (u[h], np.floor((t[h] - t_now[k]) / 0.02).astype(int)), 1)
+    np.testing.assert_array_equal(whole[k], want)

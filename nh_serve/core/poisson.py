@@ -26,6 +26,8 @@ import torch
 
 #: |linear predictor| cap inside the solver: exp(30) counts per bin is far beyond any neuron.
 ETA_CLAMP = 30.0
+#: Groups that stopped moving stay in the batch (computed, not updated) until fewer than this share still move.
+SUBSET_BELOW = 0.8
 
 
 def poisson_objective(w, X, y, *, exposure=None, offset=None, l2=0.0, prior=None) -> np.ndarray:
@@ -54,17 +56,20 @@ def fit_poisson(
     p = _Problem(X, y, exposure, offset, l2, prior, shared)
     w = p.prior.clone() if w0 is None else torch.as_tensor(np.asarray(w0), dtype=torch.float64).clone()
     cur, mu = p.evaluate(w)  # (G,) objective, (G, P) expected counts at w
-    eye = torch.eye(p.F, dtype=torch.float64)
-    act = torch.arange(p.G)  # groups still moving; ``q`` is the problem restricted to them
+    act = torch.arange(p.G)  # groups of ``q``, the problem restricted to the groups still moving
     q = p
+    live = torch.ones(p.G, dtype=torch.bool)  # which of q's groups still move (the others stay where they are)
     for _ in range(int(max_iter)):
         wa, ca = w[act], cur[act]
         grad = q.xt_dot(mu - q.y) + q.l2 * (wa - q.prior)  # (A, F)
-        H = q.xt_w_x(mu) + torch.diag_embed(q.l2) + 1e-10 * eye  # (A, F, F)
+        H = q.xt_w_x(mu)  # (A, F, F), a new tensor: the penalty joins its diagonal in place
+        diag = H.diagonal(dim1=-2, dim2=-1)
+        diag += q.l2
+        diag += 1e-10
         step = torch.linalg.solve(H, grad.unsqueeze(-1)).squeeze(-1)
-        t = torch.ones(act.numel(), dtype=torch.float64)
+        t = live.to(torch.float64)
         new, new_mu = q.evaluate(wa - step)
-        worse = torch.nonzero(new > ca).squeeze(1)
+        worse = torch.nonzero((new > ca) & live).squeeze(1)
         for _ in range(30):  # halve the step of every group whose objective rose (only those are evaluated again)
             if worse.numel() == 0:
                 break
@@ -72,16 +77,17 @@ def fit_poisson(
             nw, mw = q.subset(worse).evaluate(wa[worse] - t[worse, None] * step[worse])
             new[worse], new_mu[worse] = nw, mw
             worse = worse[nw > ca[worse]]
-        failed = new > ca  # no decrease found: that group stays where it was
+        failed = (new > ca) | ~live  # no decrease found (or done already): that group stays where it was
         t[failed], new[failed], new_mu[failed] = 0.0, ca[failed], mu[failed]
         w[act] = wa - t[:, None] * step
         cur[act] = new
-        moving = (ca - new) > tol * (1.0 + new.abs())
-        if not moving.all():
-            keep = torch.nonzero(moving).squeeze(1)
-            if keep.numel() == 0:
-                break
-            act, q, new_mu = act[keep], q.subset(keep), new_mu[keep]
+        live = (ca - new) > tol * (1.0 + new.abs())
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        if n_live < SUBSET_BELOW * live.numel():  # copying the moving groups out pays once enough have stopped
+            keep = torch.nonzero(live).squeeze(1)
+            act, q, new_mu, live = act[keep], q.subset(keep), new_mu[keep], live[keep]
         mu = new_mu
     return w.numpy()
 
@@ -93,7 +99,11 @@ def _tensor(a) -> torch.Tensor:
 
 
 class _Problem:
-    """Tensors of one batched problem and the products Newton's method needs."""
+    """Tensors of one batched problem and the products Newton's method needs.
+
+    Per-group columns are kept transposed, ``Xt`` ``(G, F_x, P)``, so that every product with them
+    is a row of weights against contiguous rows; products of shared columns with themselves are kept
+    for the upper triangle only (the Hessian is symmetric)."""
 
     def __init__(self, X, y, exposure, offset, l2, prior, shared=None):
         f64 = torch.float64
@@ -101,57 +111,79 @@ class _Problem:
         if self.y.ndim != 2:
             raise ValueError(f"y must be (groups, rows), got shape {tuple(self.y.shape)}")
         self.G, P = self.y.shape
-        self.X = _tensor(X)
-        self.shared = self.X.ndim == 2
-        if self.X.shape[-2] != P or (not self.shared and self.X.shape[0] != self.G):
-            raise ValueError(f"X has shape {tuple(self.X.shape)} but y has shape {tuple(self.y.shape)}")
-        self.F = self.X.shape[-1]
-        # shared design: X_f X_h of every row once, so the Hessians of all groups are one matrix product
-        self.XX = (self.X.unsqueeze(2) * self.X.unsqueeze(1)).reshape(P, -1) if self.shared else None
+        X = _tensor(X)
+        self.shared = X.ndim == 2
+        if X.shape[-2] != P or (not self.shared and X.shape[0] != self.G):
+            raise ValueError(f"X has shape {tuple(X.shape)} but y has shape {tuple(self.y.shape)}")
+        self.F = X.shape[-1]
+        if shared is not None and self.shared:
+            raise ValueError("shared columns need a per-group X of shape (groups, rows, features)")
         self.S = None
-        if shared is not None:  # per-group columns X, then columns S shared by every group
-            if self.shared:
-                raise ValueError("shared columns need a per-group X of shape (groups, rows, features)")
-            self.S = _tensor(shared)
-            if self.S.ndim != 2 or self.S.shape[0] != P:
-                raise ValueError(f"shared has shape {tuple(self.S.shape)} but y has {P} rows")
-            self.Fx, self.Fs = self.X.shape[-1], self.S.shape[1]
-            self.SS = (self.S.unsqueeze(2) * self.S.unsqueeze(1)).reshape(P, -1)
-            self.F = self.Fx + self.Fs
+        if self.shared:  # one design for every group: its pair products once, the Hessians one matrix product
+            self.S, self.Fx, self.Fs = X, 0, self.F
+            self.Xt = None
+        else:
+            self.Xt = X.transpose(1, 2).contiguous()  # (G, F_x, P)
+            self.Fx, self.Fs = self.F, 0
+            if shared is not None:  # per-group columns X, then columns S shared by every group
+                self.S = _tensor(shared)
+                if self.S.ndim != 2 or self.S.shape[0] != P:
+                    raise ValueError(f"shared has shape {tuple(self.S.shape)} but y has {P} rows")
+                self.Fs = self.S.shape[1]
+                self.F = self.Fx + self.Fs
+        if self.S is not None:
+            iu = torch.triu_indices(self.Fs, self.Fs)
+            r, c = iu[0] + self.Fx, iu[1] + self.Fx  # the shared block's place in the (F, F) Hessian
+            self.tri = (r * self.F + c, c * self.F + r)  # flat upper / mirrored positions
+            self.SS = (self.S[:, iu[0]] * self.S[:, iu[1]]).contiguous()  # (P, F_s (F_s + 1) / 2)
         one = torch.ones(self.G, P, dtype=f64)
-        self.exposure = one if exposure is None else _tensor(exposure).expand(self.G, P)
+        self.exposure = None if exposure is None else _tensor(exposure).expand(self.G, P)
+        if self.exposure is not None and bool((self.exposure == 1.0).all()):
+            self.exposure = None  # exposure 1 everywhere: nothing to multiply
         self.offset = 0 * one if offset is None else _tensor(offset).expand(self.G, P)
         self.l2 = _tensor(l2).expand(self.G, self.F).clone()
         zero = torch.zeros(self.G, self.F, dtype=f64)
         self.prior = zero if prior is None else _tensor(prior).expand(self.G, self.F).clone()
 
     def lin(self, w):  # (G, F) -> (G, P)
-        if self.shared:
-            return w @ self.X.T
+        out = None
+        if self.Xt is not None:
+            out = torch.bmm(w[:, None, : self.Fx], self.Xt).squeeze(1)
         if self.S is not None:
-            return torch.bmm(self.X, w[:, : self.Fx].unsqueeze(-1)).squeeze(-1) + w[:, self.Fx :] @ self.S.T
-        return torch.bmm(self.X, w.unsqueeze(-1)).squeeze(-1)
+            s = w[:, self.Fx :] @ self.S.T
+            out = s if out is None else out + s
+        return out
 
     def xt_dot(self, r):  # (G, P) -> (G, F)
-        if self.shared:
-            return r @ self.X
+        parts = []
+        if self.Xt is not None:
+            parts.append(torch.bmm(self.Xt, r.unsqueeze(-1)).squeeze(-1))
         if self.S is not None:
-            return torch.cat([torch.bmm(r.unsqueeze(1), self.X).squeeze(1), r @ self.S], 1)
-        return torch.bmm(r.unsqueeze(1), self.X).squeeze(1)
+            parts.append(r @ self.S)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
-    def xt_w_x(self, mu):  # (G, P) -> (G, F, F)
-        if self.shared:
-            return (mu @ self.XX).reshape(self.G, self.F, self.F)
-        xm = (self.X * mu.unsqueeze(-1)).transpose(1, 2)  # (G, F_x, P)
-        if self.S is not None:
-            xx, xs = torch.bmm(xm, self.X), xm @ self.S  # (G, F_x, F_x), (G, F_x, F_s)
-            ss = (mu @ self.SS).reshape(self.G, self.Fs, self.Fs)
-            return torch.cat([torch.cat([xx, xs], 2), torch.cat([xs.transpose(1, 2), ss], 2)], 1)
-        return torch.bmm(xm, self.X)
+    def xt_w_x(self, mu):  # (G, P) -> (G, F, F), a new tensor
+        H = torch.empty(self.G, self.F, self.F, dtype=torch.float64)
+        fx = self.Fx
+        if self.S is not None:  # the shared block from its upper triangle, written into H and mirrored
+            tri = mu @ self.SS  # (G, F_s (F_s + 1) / 2)
+            flat = H.view(self.G, self.F * self.F)
+            flat.index_copy_(1, self.tri[0], tri)
+            flat.index_copy_(1, self.tri[1], tri)
+        if self.Xt is not None:
+            xm = self.Xt * mu.unsqueeze(1)  # (G, F_x, P)
+            H[:, :fx, :fx] = torch.bmm(xm, self.Xt.transpose(1, 2))
+            if self.S is not None:
+                xs = (xm.reshape(-1, xm.shape[-1]) @ self.S).view(self.G, fx, self.Fs)  # (G, F_x, F_s)
+                H[:, :fx, fx:] = xs
+                H[:, fx:, :fx] = xs.transpose(1, 2)
+        return H
 
     def evaluate(self, w):  # (G, F) -> objective (G,), expected counts (G, P)
-        eta = (self.offset + self.lin(w)).clamp(-ETA_CLAMP, ETA_CLAMP)
-        mu = self.exposure * torch.exp(eta)
+        eta = (self.offset + self.lin(w)).clamp_(-ETA_CLAMP, ETA_CLAMP)
+        mu = torch.exp(eta)
+        if self.exposure is not None:
+            mu *= self.exposure
         d = w - self.prior
         return (mu - self.y * eta).sum(1) + 0.5 * (self.l2 * d * d).sum(1), mu
 
@@ -162,8 +194,10 @@ class _Problem:
         """The same problem for the groups ``idx`` only (shared columns and designs are not copied)."""
         q = copy.copy(self)
         q.G = int(idx.numel())
-        for name in ("y", "exposure", "offset", "l2", "prior"):
+        for name in ("y", "offset", "l2", "prior"):
             setattr(q, name, getattr(self, name)[idx])
-        if not self.shared:
-            q.X = self.X[idx]
+        if self.exposure is not None:
+            q.exposure = self.exposure[idx]
+        if self.Xt is not None:
+            q.Xt = self.Xt[idx]
         return q

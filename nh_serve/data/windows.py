@@ -182,6 +182,9 @@ def cut_window(times, units, ctx_start: float, **kwargs: Any) -> Window:
     return cut_windows(times, units, [ctx_start], **kwargs)[0]  # one context start
 
 
+_TARGET_CHUNK_BINS = 1 << 18  # (window, unit, bin) counts per chunk of target_counts
+
+
 def target_counts(times, units, t_now, *, n_units: int, bin_size: float, n_bins: int) -> np.ndarray:
     """``(W, U, T)`` float32 observed spike counts in the ``n_bins`` bins of ``bin_size`` s after each ``t_now``.
 
@@ -192,15 +195,21 @@ def target_counts(times, units, t_now, *, n_units: int, bin_size: float, n_bins:
     units = np.asarray(units, dtype=np.int64)
     t_now = np.asarray(t_now, dtype=np.float64).reshape(-1)  # (W,)
     w, T = t_now.size, int(n_bins)
+    out = np.empty((w, int(n_units), T), dtype=np.float32)
     lo = np.searchsorted(times, t_now, side="left")
     hi = np.searchsorted(times, t_now + T * bin_size, side="left")
-    lens = hi - lo
-    win = np.repeat(np.arange(w), lens)  # (M,) window of each (window, spike) pair
-    idx = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(lo, lens)
-    k = np.floor((times[idx] - t_now[win]) / bin_size).astype(np.int64)
-    ok = (k >= 0) & (k < T)
-    flat = (win[ok] * n_units + units[idx][ok]) * T + k[ok]
-    return np.bincount(flat, minlength=w * n_units * T).reshape(w, n_units, T).astype(np.float32)
+    # a few windows at a time, so that the (window, spike) pairs and their counts stay small
+    step = max(1, _TARGET_CHUNK_BINS // max(1, int(n_units) * T))
+    for w0 in range(0, w, step):
+        w1 = min(w, w0 + step)
+        lens = hi[w0:w1] - lo[w0:w1]
+        win = np.repeat(np.arange(w1 - w0), lens)  # (M,) window of each (window, spike) pair
+        idx = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(lo[w0:w1], lens)
+        k = np.floor((times[idx] - t_now[w0:w1][win]) / bin_size).astype(np.int64)
+        ok = (k >= 0) & (k < T)
+        flat = (win[ok] * n_units + units[idx][ok]) * T + k[ok]
+        out[w0:w1] = np.bincount(flat, minlength=(w1 - w0) * n_units * T).reshape(w1 - w0, n_units, T)
+    return out
 
 
 class RecordedInputs(NamedTuple):
