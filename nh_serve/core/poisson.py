@@ -12,7 +12,8 @@ weight (0 leaves a weight free) pulling toward ``prior`` (default 0). Each
 Newton step solves every group's ``(F, F)`` system at once and halves a
 group's step until its objective does not rise, so no objective ever
 increases; a group stops when its decrease falls below ``tol`` and is not
-computed again (a halving re-evaluates only the groups that rose). With ``e = 1``,
+moved again (it leaves the batch once fewer than :data:`SUBSET_BELOW` of the
+groups still move; a halving re-evaluates only the groups that rose). With ``e = 1``,
 ``o = 0`` and ``l2 = n * alpha`` on the coefficients (0 on the intercept) the
 minimiser is scikit-learn's ``PoissonRegressor(alpha=alpha)`` (tested).
 """
