@@ -80,7 +80,7 @@ def fit_poisson(
             worse = worse[nw > ca[worse]]
         failed = (new > ca) | ~live  # no decrease found (or done already): that group stays where it was
         t[failed], new[failed], new_mu[failed] = 0.0, ca[failed], mu[failed]
-        w[act] = wa - t[:, None] * step
+        w[act] = torch.where(t[:, None] > 0, wa - t[:, None] * step, wa)  # t = 0: unmoved, whatever the step
         cur[act] = new
         live = (ca - new) > tol * (1.0 + new.abs())
         n_live = int(live.sum())
