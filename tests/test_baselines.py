@@ -11,6 +11,7 @@ from sklearn.linear_model import PoissonRegressor
 
 from nh_serve.core.glm import (
     CORRECTION_LEVELS,
+    CORRECTION_TOL,
     GLM_BANDS_MS,
     POP_INTERCEPT_L2,
     GLMRecording,
@@ -219,10 +220,15 @@ def test_poisson_solver_with_shared_columns_solves_the_same_problem():
         fit_poisson(shared, y, shared=shared)
 
 
-def test_poisson_solver_groups_that_stop_early_keep_their_own_solution():
+@pytest.mark.parametrize("subset_below", [0.0, 0.8, 1.0])
+def test_poisson_solver_groups_that_stop_early_keep_their_own_solution(monkeypatch, subset_below):
     """Groups converge after different numbers of Newton steps; the ones that stop stay in the batch
-    (computed, not moved) until enough have stopped. Each group's weights must equal those of the same
-    group solved alone, for a shared design and for per-group columns plus shared ones."""
+    (computed, not moved) until fewer than ``SUBSET_BELOW`` still move (0: they never leave; 1: at once).
+    Each group's weights must equal those of the same group solved alone, for a shared design and for
+    per-group columns plus shared ones."""
+    import nh_serve.core.poisson as poisson
+
+    monkeypatch.setattr(poisson, "SUBSET_BELOW", subset_below)
     rng = np.random.default_rng(11)
     G, P = 40, 250
     shared = np.concatenate([rng.normal(size=(P, 3)), np.ones((P, 1))], 1)
@@ -243,6 +249,25 @@ def test_poisson_solver_groups_that_stop_early_keep_their_own_solution():
     for d in np.eye(4)[:, None, :] * 1e-4:
         assert np.all(poisson_objective(w_shared + d, shared, y, offset=-0.5, l2=pen[2:]) >= obj - 1e-9)
         assert np.all(poisson_objective(w_shared - d, shared, y, offset=-0.5, l2=pen[2:]) >= obj - 1e-9)
+
+
+def test_registration_tolerance_fits_the_same_correction():
+    """The fits at registration stop Newton at CORRECTION_TOL instead of 1e-9: the correction must be
+    the same (same units and bands kept, weights within 1e-4)."""
+    rng = np.random.default_rng(2)
+    P, U = 400, 12
+    R = np.exp(rng.normal(2.5, 0.6, size=(P, U, len(HISTORY_TAUS))))  # smoothed rates, Hz
+    eta = np.log(0.02 * R[:, :, -1:]) + rng.normal(0, 0.1, size=(P, U, 50))  # the predictor it corrects
+    y = rng.poisson(np.exp(eta + 0.5 * np.log(R[:, :, [1]] / R[:, :, [-1]]))).astype(float)  # it misses a recent-rate term
+    fits = {}
+    for tol in (1e-9, CORRECTION_TOL):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("nh_serve.core.glm.CORRECTION_TOL", tol)
+            fits[tol] = PopulationGLM(n_bins=50, bin_size=0.02).fit(R, y, offset=eta)
+    a, b = fits[1e-9], fits[CORRECTION_TOL]
+    assert a.level == b.level == "strict" and np.abs(a.W).sum() > 0
+    np.testing.assert_array_equal(a.W != 0, b.W != 0)
+    np.testing.assert_allclose(b.W, a.W, atol=1e-4)
 
 
 def test_principal_directions_and_band_sums_match_their_definitions():

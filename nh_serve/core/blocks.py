@@ -140,7 +140,7 @@ class PerNeuronHead(nn.Module):
     def _combine_blocked(self, unit_part: Tensor, bin_part: Tensor, unit_offset: Tensor | None) -> Tensor:
         """:meth:`combine` without gradients, a few units at a time: each block's ``(units, T, H)``
         activations stay in the CPU's cache and are changed in place, instead of three passes over
-        a ``(B, U, T, H)`` tensor in memory (about 5x faster at 1,000 units; the same numbers)."""
+        a ``(B, U, T, H)`` tensor in memory (the same numbers)."""
         B, U, H = unit_part.shape
         T = bin_part.shape[1]
         rows = max(1, COMBINE_BLOCK_ELEMENTS // max(1, T * H))  # units per block

@@ -113,14 +113,14 @@ class _Problem:
             raise ValueError(f"y must be (groups, rows), got shape {tuple(self.y.shape)}")
         self.G, P = self.y.shape
         X = _tensor(X)
-        self.shared = X.ndim == 2
-        if X.shape[-2] != P or (not self.shared and X.shape[0] != self.G):
+        one_design = X.ndim == 2
+        if X.shape[-2] != P or (not one_design and X.shape[0] != self.G):
             raise ValueError(f"X has shape {tuple(X.shape)} but y has shape {tuple(self.y.shape)}")
         self.F = X.shape[-1]
-        if shared is not None and self.shared:
+        if shared is not None and one_design:
             raise ValueError("shared columns need a per-group X of shape (groups, rows, features)")
         self.S = None
-        if self.shared:  # one design for every group: its pair products once, the Hessians one matrix product
+        if one_design:  # one design for every group: its pair products once, the Hessians one matrix product
             self.S, self.Fx, self.Fs = X, 0, self.F
             self.Xt = None
         else:

@@ -100,8 +100,8 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos = cos.to(x.dtype)
     sin = sin.to(x.dtype)
     if not torch.jit.is_scripting():
-        if _complex_eager(x):
-            return _rotate_complex(x, torch.complex(cos, sin))
+        if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+            return _rotate_pairs_complex(x, cos, sin)
     x_even = x[..., 0::2]  # (..., Dh/2)
     x_odd = x[..., 1::2]  # (..., Dh/2)
     out = torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1)  # (..., Dh/2, 2)
@@ -110,20 +110,13 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @torch.jit.unused
-def _complex_eager(x: Tensor) -> bool:
-    """Whether :func:`rotate_pairs` may multiply ``x`` as complex numbers (eager float32 / float64)."""
-    return x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
-
-
-@torch.jit.unused
-def _rotate_complex(x: Tensor, rot: Tensor) -> Tensor:
-    """:func:`rotate_pairs` as a complex product: ``(x_even + i x_odd) * rot`` with ``rot = cos + i sin``
-    ``(..., Dh/2)`` complex. ``x`` is read in place where its strides allow (a head's slice of a
-    projection usually does), else copied once."""
+def _rotate_pairs_complex(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`rotate_pairs` as a complex product: ``(x_even + i x_odd) * (cos + i sin)``. ``x`` is read
+    in place where its strides allow (a head's slice of a projection usually does), else copied once."""
     xp = x.unflatten(-1, (-1, 2))  # (..., Dh/2, 2)
     if xp.stride(-1) != 1 or xp.storage_offset() % 2 or any(st % 2 for st in xp.stride()[:-1]):
         xp = xp.contiguous()
-    return torch.view_as_real(torch.view_as_complex(xp) * rot).flatten(-2)  # (..., Dh)
+    return torch.view_as_real(torch.view_as_complex(xp) * torch.complex(cos, sin)).flatten(-2)  # (..., Dh)
 
 def rotary_attention(
     q: Tensor,
@@ -163,18 +156,9 @@ def rotary_attention(
     k_cos = torch.cos(k_angles)
     k_sin = torch.sin(k_angles)
     q = rotate_pairs(q, q_cos, q_sin)
-    kv_done = False
-    if not torch.jit.is_scripting():
-        if _complex_eager(k) and k.dtype == v.dtype:  # keys and values share one complex rotation
-            k_rot = torch.complex(k_cos.to(k.dtype), k_sin.to(k.dtype))  # (B, 1, Nk, Dh/2)
-            k = _rotate_complex(k, k_rot)
-            if rotate_value:
-                v = _rotate_complex(v, k_rot)
-            kv_done = True
-    if not kv_done:
-        k = rotate_pairs(k, k_cos, k_sin)
-        if rotate_value:
-            v = rotate_pairs(v, k_cos, k_sin)
+    k = rotate_pairs(k, k_cos, k_sin)
+    if rotate_value:
+        v = rotate_pairs(v, k_cos, k_sin)
 
     mask: Tensor | None = None
     if key_mask is not None:

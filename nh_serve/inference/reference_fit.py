@@ -69,7 +69,7 @@ READOUT_STEP_S = 0.5  # the read-out's fit uses windows this far apart; the popu
 MIN_FIT_REFERENCE_S = 45.0
 L2_GRID = (3.0, 30.0)  # penalties tried per unit; the chosen ones are counted in the fit record (l2_chosen)
 MAX_ITER = 12
-FORWARD_CHUNK_UNIT_WINDOWS = 4_096  # windows x units per forward pass (measured best on 2 cores at 100 and 1,000 units)
+FORWARD_CHUNK_UNIT_WINDOWS = 4_096  # windows x units per forward pass (smaller chunks stay in cache)
 SOLVE_CHUNK_UNITS = 256  # units per batched Newton solve
 
 
