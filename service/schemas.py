@@ -199,8 +199,8 @@ class RegisterRequest(BaseModel):
     fit: Literal["reference", "reference-dense", "none"] = Field(
         "reference",
         description=(
-            "How the units' population read-outs are set: 'reference' (default) fits each unit's read-out "
-            "and a population correction on the reference window (kept only where they predict the "
+            "How the units' population read-outs are set: 'reference' (default) fits each unit's read-out, "
+            "a population correction and the recording's calibration on the reference window (kept only where they predict the "
             "window's last part better), 'reference-dense' the same on windows twice as dense (about "
             "twice the time), 'none' uses the zero-shot read-out from the unit descriptors alone."
         ),

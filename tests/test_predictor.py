@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from nh_serve.core.calibration import FLOOR_HZ, Calibration
 from nh_serve.core.config import COUNT_HISTORY, get_config
 from nh_serve.core.glm import CORRECTION_LEVELS, PopulationGLM
 from nh_serve.core.model import NeuroHorizon
 from nh_serve.data.coupling import unit_descriptors
 from nh_serve.data.features import FeatureNorm
-from nh_serve.data.history import ema_rates
+from nh_serve.data.history import LOG_FLOOR_HZ, SLOW_TAU, ema_rates
 from nh_serve.data.synth import make_session
 from nh_serve.errors import CheckpointError, InputError
 from nh_serve.inference.model_io import load_model, save_model
 from nh_serve.inference.predictor import Predictor
-from nh_serve.inference.reference_fit import MAX_WINDOWS, WARMUP_S, fit_readout, fit_windows
+from nh_serve.inference.reference_fit import MAX_WINDOWS, WARMUP_S, RateCorrection, fit_readout, fit_windows
 from nh_serve.inference.sessions import RegisteredSession, SessionCache
 
 
@@ -96,10 +97,10 @@ def test_predict_matches_the_model_called_directly(predictor, recording):
             assert readout.abs().sum() == 0
         with torch.inference_mode():
             want = torch.exp(model(**model.collate([item]), unit_readout=readout.unsqueeze(0)))[0].numpy()
-        population = predictor.session(tok).population  # a reference fit may keep a correction
-        assert population is None or fit == "reference"
-        if population is not None:  # the reference fit's population correction on top of the network
-            want = want * np.exp(population.log_correction(hist[None].astype(np.float64))[0])
+        correction = predictor.session(tok).correction  # a reference fit may keep a correction
+        assert correction is None or fit == "reference"
+        if correction is not None:  # the reference fit's rate correction on top of the network
+            want = correction.apply(want[None], hist[None].astype(np.float64))[0]
         np.testing.assert_allclose(got.rates_hz, want, rtol=1e-5, atol=1e-6)
 
 
@@ -255,30 +256,40 @@ def test_dense_reference_fit_uses_twice_the_windows_and_refits_alike(predictor, 
     assert last["window_step_s"] == 0.05 and last["windows"] > 1.9 * fit_windows(60.0, 110.0, context_s=1.0, horizon_s=1.0).size
 
 
-def test_population_correction_multiplies_the_network_rates(predictor, recording):
-    """fit="reference" also fits a population GLM on top of the network (every backend applies it alike):
-    a session without it predicts the network's rates, and the ratio is exp(correction) of the window's history."""
+def test_rate_correction_multiplies_the_network_rates(predictor, recording):
+    """fit="reference" also fits a population GLM and the recording's calibration on top of the network (every
+    backend applies them alike): a session without them predicts the network's rates, and the ratio is
+    exp(population correction) times the calibration's factor of the window's history and rates."""
     _, _, all_ids = recording
     rt, rid = _window(recording, 0.0, 60.0)
     tok = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)
     s = predictor.session(tok)
     assert s.fit["population_level"] in ("none", *CORRECTION_LEVELS)
-    if s.population is None:  # this recording's reference did not earn a correction: give it one to apply
-        rng = np.random.default_rng(0)
-        R = np.stack([h for _, h in s.history_states] * 20) * np.exp(0.3 * rng.normal(size=(20, *s.history_states[0][1].shape)))
-        s.population = PopulationGLM(n_bins=predictor.cfg.n_bins, bin_size=predictor.cfg.bin_size_s,
-                                     taus=predictor.cfg.history_taus).fit(R, rng.poisson(0.1, (20, len(all_ids), predictor.cfg.n_bins)))
-        s.population.W *= 0.1
-        s.population.max_log = CORRECTION_LEVELS["strict"]["max_log"]
+    assert 0.0 <= s.fit["floor_beta"] <= 1.0 and 0.0 <= s.fit["shrink_gamma"] <= 1.0
+    # whatever this reference earned, apply a known correction: a population GLM, half the floor, a third of
+    # the departures
+    rng = np.random.default_rng(0)
+    R = np.stack([h for _, h in s.history_states] * 20) * np.exp(0.3 * rng.normal(size=(20, *s.history_states[0][1].shape)))
+    population = PopulationGLM(n_bins=predictor.cfg.n_bins, bin_size=predictor.cfg.bin_size_s,
+                               taus=predictor.cfg.history_taus).fit(R, rng.poisson(0.1, (20, len(all_ids), predictor.cfg.n_bins)))
+    population.W *= 0.1
+    population.max_log = CORRECTION_LEVELS["strict"]["max_log"]
+    i_slow = list(predictor.cfg.history_taus).index(SLOW_TAU)
+    cal = Calibration(beta=0.5, gamma=1 / 3, i_slow=i_slow, n_bins=predictor.cfg.n_bins, bin_size=predictor.cfg.bin_size_s)
+    s.correction = RateCorrection(population=population, calibration=cal)
     bare = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids))
-    bare.population = None
+    bare.correction = None
     ct, cid = _window(recording, 60.0, 61.0)
     with_c = predictor.predict(tok, ct, cid, context_start=60.0)
     without = predictor.predict(bare.token, ct, cid, context_start=60.0)
     hist = s.history_states[-1][1][None]  # (1, U, K) at the context end
-    want = without.rates_hz * np.exp(s.population.log_correction(hist.astype(np.float64))[0])
+    slow = hist[0, :, i_slow].astype(np.float64)
+    corrected = without.rates_hz * np.exp(population.log_correction(hist.astype(np.float64))[0])  # (U, T)
+    bands = cal.bands
+    band_mean = np.stack([corrected[:, bands == b].mean(1) for b in range(bands.max() + 1)], 1)[:, bands]  # (U, T)
+    want = corrected * np.sqrt((slow + FLOOR_HZ) / (slow + LOG_FLOOR_HZ))[:, None] * ((slow + LOG_FLOOR_HZ)[:, None] / band_mean) ** (1 / 3)
     np.testing.assert_allclose(with_c.rates_hz, want, rtol=1e-4, atol=1e-6)
-    assert predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), fit="none")).population is None
+    assert predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), fit="none")).correction is None
 
 
 def test_adaptation_lowers_the_reference_loss_and_stays_within_budget(predictor, recording):
@@ -429,9 +440,10 @@ def test_streaming_refit_fits_the_read_outs_again_on_recent_data(predictor):
         predictor.predict(token2, t[w], ids_s[w], context_start=float(c))
     s2 = predictor.session(token2)
     assert torch.equal(s2.readout, s.readout) and s2.fit["last_refit"]["population_judged_gain"] == last["population_judged_gain"]
-    assert (s2.population is None) == (s.population is None)
-    if s.population is not None:
-        np.testing.assert_array_equal(s2.population.W, s.population.W)
+    assert (last["floor_beta"], last["shrink_gamma"]) == (s2.fit["last_refit"]["floor_beta"], s2.fit["last_refit"]["shrink_gamma"])
+    assert (s2.correction is None) == (s.correction is None)
+    if s.correction is not None and s.correction.population is not None:
+        np.testing.assert_array_equal(s2.correction.population.W, s.correction.population.W)
     with pytest.raises(InputError, match="refit_window_s"):
         predictor.register(t[m], ids_s[m], reference_window=(0.0, 60.0), refit_every_s=20.0, refit_window_s=20.0)
     with pytest.raises(InputError, match="refit_every_s"):

@@ -192,6 +192,9 @@ def test_compare_adapt_and_report(setup, tmp_path):
     assert rec["scores"]["model refit every 30 s"]["bits_per_spike"] == rec["scores"]["model"]["bits_per_spike"]
     assert rec["refits"]["model refit every 30 s"]["refits"] == 0 and res["settings"]["refit_every_s"] == 30.0
     assert "--refit-every 30" in res["command"]
+    # what each registration fit kept is recorded: here a 10 s reference, too short to fit; zero-shot rows have none
+    assert rec["fits"]["model"]["mode"] == "reference" and "45 s" in rec["fits"]["model"]["note"]
+    assert "model zero-shot" not in rec["fits"] and "model offset only" not in rec["fits"]
     assert rec["adaptation"]["model"]["steps"] == 3 and rec["adaptation"]["model"]["seconds"] > 0
     assert res["checkpoints"]["noact"]["head_ablation"] == "no_activity"
     assert res["command"].startswith("nh-serve eval --checkpoint")
@@ -200,6 +203,7 @@ def test_compare_adapt_and_report(setup, tmp_path):
     assert _cli(["eval", "--report", str(out), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "keep me" in text and "<!-- quality:start -->" in text and "| noact adapted |" in text
+    assert "model's registration fit on these 1 recordings: no fit on 1 (a fit needs at least 45 s" in text
 
 
 def test_no_activity_ablation_ignores_activity_inputs(setup):

@@ -4,7 +4,8 @@ For each unit count (default 100 and 1000) a synthetic recording
 (:func:`nh_serve.data.synth.make_session`) gives a 60 s reference window, registered
 ``--repeats`` times in one Predictor with ``fit="none"`` (descriptors, embeddings, the
 history stream) and with ``fit="reference"`` (the same plus each unit's read-out and
-population correction fitted on the reference window, :mod:`nh_serve.inference.reference_fit`), and
+population correction and the recording's calibration fitted on the reference window,
+:mod:`nh_serve.inference.reference_fit`), and
 with ``fit="reference-dense"`` (the same on windows twice as dense).
 Reported: median and slowest wall time of the whole ``register`` call, the fit's own seconds,
 and how many units kept each fit. Torch uses ``--threads`` threads (default 2, the target machine's cores).
@@ -42,7 +43,8 @@ def measure(p: Predictor, n_units: int, *, repeats: int, seed: int) -> list[dict
             secs.append(time.perf_counter() - t0)
             info = p.session(tok).fit or {}
             fit_secs.append(float(info.get("seconds", 0.0)))
-            kept.append((int(info.get("units_fitted", 0)), int(info.get("population_units_corrected", 0))))
+            kept.append((int(info.get("units_fitted", 0)), int(info.get("population_units_corrected", 0)),
+                         f"{info.get('floor_beta', 0.0):.2f}, {info.get('shrink_gamma', 0.0):.2f}"))
             p.sessions.discard(tok)
         rows.append(
             {
@@ -54,6 +56,7 @@ def measure(p: Predictor, n_units: int, *, repeats: int, seed: int) -> list[dict
                 "of which the fit (s)": float(np.median(fit_secs)),
                 "units kept a read-out fit": kept[-1][0] if fit != "none" else "",
                 "units kept a population correction": kept[-1][1] if fit != "none" else "",
+                "calibration (floor, departures)": kept[-1][2] if fit != "none" else "",
                 "load": round(os.getloadavg()[0], 2),
             }
         )

@@ -104,6 +104,12 @@ class _Variant:
         return np.stack([pr.expected_counts for pr in preds])  # (w, U, T)
 
 
+def fit_record(fit: dict) -> dict:
+    """What a registration fit kept (a session's ``fit`` record), for the JSON and the report."""
+    keys = ("mode", "units_fitted", "population_level", "floor_beta", "shrink_gamma", "note")
+    return {k: fit[k] for k in keys if k in fit}
+
+
 def _register(p, times, units, unit_ids, plan, *, adapt_steps=0, adapt_budget_s=30.0, seed=0, fit="reference") -> str:
     r0, r1 = plan.reference
     a, b = np.searchsorted(times, [r0, r1])
@@ -298,6 +304,8 @@ def evaluate_recording(
                 acc.update(counts, preds)
                 bar.update(block.stop - block.first)
         refits = {v.name: v.summary() for v in variants if isinstance(v, RefitReplay)}
+        fits = {v.name: fit_record(v.p.session(v.token).fit) for v in variants
+                if isinstance(v, _Variant) and not v.offset_only and (v.p.session(v.token).fit or {}).get("mode", "none") != "none"}
         for v in variants:
             v.p.sessions.discard(v.token)
     scores = {n: summarize(acc.result(n, bin_size=plan.bin_size)) for n in names}
@@ -325,6 +333,7 @@ def evaluate_recording(
         "model_inputs": inputs,
         "adaptation": adaptation,
         "refits": refits,
+        "fits": fits,
         "_window_nll": {n: acc.window_nll(n) for n in names},
         "_window_spikes": acc.window_spikes(),
     }

@@ -58,6 +58,28 @@ def verdict(p: dict, name: str, best: str) -> str:
     return f"{name} − {best} = {p['diff']:+.4f} bits/spike [{p['lo']:+.4f}, {p['hi']:+.4f}]: {what}."
 
 
+def _synthetic_fits(result: dict) -> str:
+    """One line on what the main checkpoint's registration fits kept on the held-out synthetic recordings."""
+    main = result["main"]
+    fits = [r.get("fits", {}).get(main) for r in result["recordings"] if r["synthetic"] and not r["in_sample"].get(main)]
+    fits = [f for f in fits if f]
+    if not fits:
+        return ""
+    done = [f for f in fits if "floor_beta" in f]
+    line = f"{main}'s registration fit on these {len(fits)} recordings:"
+    if len(done) < len(fits):
+        line += f" no fit on {len(fits) - len(done)} ({next(f['note'] for f in fits if 'note' in f)});"
+    if done:
+        cal = [f for f in done if f["floor_beta"] or f["shrink_gamma"]]
+        pop = sum(f.get("population_level", "none") != "none" for f in done)
+        line += f" population correction kept on {pop} of {len(done)}, calibration on {len(cal)} of {len(done)}"
+        if cal:
+            line += (f" (floor taken out {np.mean([f['floor_beta'] for f in cal]):.2f}, departures shrunk by "
+                     f"{np.mean([f['shrink_gamma'] for f in cal]):.2f} on average where kept)")
+        line += "."
+    return line + "\n"
+
+
 def markdown_report(result: dict) -> str:
     """Markdown tables of one :func:`run_benchmark` result."""
     out = []
@@ -82,6 +104,7 @@ def markdown_report(result: dict) -> str:
                 f"Best baseline in hindsight, per recording, on average {s['best_baseline_mean_bps']:+.4f} bits/spike. "
                 + verdict(sp[main]["best_baseline"], main, "best baseline") + "\n"
             )
+        out.append(_synthetic_fits(result))
     in_sample = s.get("in_sample", {})
     if in_sample:
         out.append(
@@ -105,6 +128,15 @@ def markdown_report(result: dict) -> str:
                 f"\nBest baseline in hindsight: {best} ({r['scores'][best]['bits_per_spike']:+.4f}). "
                 + verdict(r["paired"][main][best], main, best)
             )
+        for name, fr in r.get("fits", {}).items():
+            if "note" in fr:
+                out.append(f"\n{name}: no registration fit ({fr['note']}).")
+            elif "floor_beta" in fr:
+                out.append(
+                    f"\n{name}: the registration fit kept read-outs of {fr['units_fitted']} units, population correction "
+                    f"{fr.get('population_level', 'none')}, calibration: floor taken out {fr['floor_beta']:.2f}, the "
+                    f"network's departures shrunk by {fr['shrink_gamma']:.2f}."
+                )
         for name, rf in r.get("refits", {}).items():
             levels = ", ".join(f"{k} {v}" for k, v in rf["levels"].items()) or "none ran"
             out.append(

@@ -1,6 +1,6 @@
 """Streaming refits replayed on a recording: ``nh-serve eval --refit-every S``.
 
-A session registered with ``refit_every_s=S`` fits its read-outs and population correction again
+A session registered with ``refit_every_s=S`` fits its read-outs, population correction and calibration again
 every ``S`` seconds of stream time on the last ``refit_window_s`` seconds it saw
 (:mod:`nh_serve.inference.streaming`; here the window is the reference length, at least
 :data:`~nh_serve.inference.reference_fit.MIN_FIT_REFERENCE_S`). The evaluation scores

@@ -157,7 +157,7 @@ class Predictor:
             adapt_time_budget_s: wall-clock budget of the whole registration, counted from this
                 call's start; adaptation stops stepping when it is spent.
             fit: ``"reference"`` fits each unit's population read-out on the reference window
-                and a population GLM correction on top (deterministic, a few seconds per 100 units),
+                and a population GLM correction and the recording's calibration on top (deterministic, seconds),
                 each kept only where it predicts a later part of the reference better than without
                 (:mod:`nh_serve.inference.reference_fit`); ``"reference-dense"``: the same on windows
                 twice as dense (about twice the time; fits that carry over better, docs/results.md);
@@ -340,8 +340,8 @@ class Predictor:
         with torch.inference_mode():
             log_rate = self._backend(batch, emb)  # (B, U, T)
         rates = torch.exp(log_rate).float().numpy()
-        if s.population is not None:  # the reference fit's population correction, for every backend alike
-            rates *= np.exp(s.population.log_correction(batch["history_rates"].double().numpy()))
+        if s.correction is not None:  # the reference fit's rate correction, for every backend alike
+            rates = s.correction.apply(rates, batch["history_rates"].double().numpy())
         return rates
 
     def _horizon_bins(self, horizon_s: float | None) -> int:

@@ -28,6 +28,12 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    70% of the windows; each unit and band keeps it only where it predicts the next 15% better
    (by :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`); whether to correct at all is decided
    on the last 15%, which none of the fits saw; both in two folds, the second mirrored in time.
+5. The recording's calibration (:mod:`nh_serve.core.calibration`): two numbers per recording,
+   how much of the slow rate's 0.1 Hz floor to take out of the corrected rates (it sets the level
+   of units that fire at a fraction of a hertz) and how much of the network's departure from the
+   slow rate to keep (a recording without short-term structure keeps less), fitted and judged on
+   the read-out's windows with the same split. Steps 4 and 5 together are the
+   :class:`RateCorrection` the Predictor applies.
 
 The read-out is kept only for units firing at least 1 Hz in both parts of the reference and only
 where the held-out gain exceeds :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; a reference
@@ -48,6 +54,7 @@ import time
 import numpy as np
 import torch
 
+from nh_serve.core.calibration import Calibration
 from nh_serve.core.glm import (
     CORRECTION_MARGIN_NATS,
     CORRECTION_TOL,
@@ -56,7 +63,7 @@ from nh_serve.core.glm import (
     too_sparse_to_fit,
 )
 from nh_serve.core.poisson import fit_poisson
-from nh_serve.data.history import ema_rates
+from nh_serve.data.history import SLOW_TAU, ema_rates
 from nh_serve.data.windows import collate, cut_windows, target_counts, tokenize_window
 
 STEP_S = 0.1
@@ -71,6 +78,26 @@ L2_GRID = (3.0, 30.0)  # penalties tried per unit; the chosen ones are counted i
 MAX_ITER = 12
 FORWARD_CHUNK_UNIT_WINDOWS = 4_096  # windows x units per forward pass (smaller chunks stay in cache)
 SOLVE_CHUNK_UNITS = 256  # units per batched Newton solve
+
+
+class RateCorrection:
+    """What the registration fit does to the network's rates (the Predictor applies it on every backend
+    alike): the population GLM's correction, where one was kept, then the recording's calibration
+    (:mod:`nh_serve.core.calibration`), where one was kept."""
+
+    def __init__(self, *, population: PopulationGLM | None, calibration: Calibration | None):
+        self.population, self.calibration = population, calibration
+
+    def apply(self, rates_hz: np.ndarray, R: np.ndarray) -> np.ndarray:
+        """Corrected ``(W, U, T)`` float32 rates from the network's rates (Hz) and the smoothed rates ``R``
+        ``(W, U, K)`` at the context ends."""
+        R = np.asarray(R, dtype=np.float64)
+        log_r = np.log(np.maximum(np.asarray(rates_hz, dtype=np.float64), 1e-30))
+        if self.population is not None:
+            log_r = log_r + self.population.log_correction(R)
+        if self.calibration is not None:
+            log_r = log_r + self.calibration.log_factor(log_r, R)
+        return np.exp(log_r).astype(np.float32)
 
 
 def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float, step_s: float = STEP_S) -> np.ndarray:
@@ -121,10 +148,10 @@ def fit_readout(
     history_init=None,
     should_stop=None,
     step_s: float = STEP_S,
-) -> tuple[torch.Tensor, PopulationGLM | None, dict]:
+) -> tuple[torch.Tensor, RateCorrection | None, dict]:
     """Fit every unit's read-out on the spikes ``times`` / ``units`` (sorted, unit rows) of ``reference``.
 
-    Returns ``(readout (U, K + 1) float32, population correction or None, info)``; ``info`` says how many units kept a fit,
+    Returns ``(readout (U, K + 1) float32, rate correction (:class:`RateCorrection`) or None, info)``; ``info`` says how many units kept a fit,
     the held-out Poisson NLL per (unit, bin) before and after, the penalties chosen and the
     seconds it took. ``history_init``: the units' smoothed-rate state at ``reference[0]``
     (default: their reference rates, as at registration). ``should_stop``: called between the
@@ -199,10 +226,10 @@ def fit_readout(
         if k.size:
             readout[k] = fit_poisson(X, Y[k], offset=off[k], l2=best_l2[k][:, None], w0=best_w[k], max_iter=MAX_ITER,
                                     tol=CORRECTION_TOL)
-    population = None
+    correction = None
     if PopulationGLM.supports(cfg.history_taus) and starts.size >= 10:
         # The population correction on top, on every window: a population GLM whose offset is everything
-        # fitted so far (the network's log rates with the read-outs just fitted).
+        # fitted so far (the network's log rates with the read-outs just fitted); then the recording's calibration.
         stop()
         eta = eta0  # (W, U, T), the log expected counts from here on (eta0 is not needed again)
         eta += math.log(cfg.bin_size_s)
@@ -215,6 +242,14 @@ def fit_readout(
         info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
         if population.level == "none":
             population = None
+        stop()
+        # the recording's calibration (floor, departures) on the read-out's windows, with everything above as offset
+        e = eta[sub] if population is None else eta[sub] + population.log_correction(R[sub])  # (w, U, T)
+        cal, cal_info = Calibration.fit(log_expected=e, counts=y[sub], R=R[sub],
+                                        i_slow=list(cfg.history_taus).index(SLOW_TAU), bin_size=cfg.bin_size_s)
+        info.update(cal_info)
+        if population is not None or cal.active:
+            correction = RateCorrection(population=population, calibration=cal if cal.active else None)
     n_judge = max(1, W * T - judge.start) * U
     info.update(
         units_fitted=int(keep.sum()),
@@ -224,4 +259,4 @@ def fit_readout(
         l2_chosen={f"{l2:g}": int(np.sum(best_l2[keep] == l2)) for l2 in L2_GRID},
         seconds=round(time.monotonic() - t_start, 4),
     )
-    return torch.from_numpy(readout.astype(np.float32)), population, info
+    return torch.from_numpy(readout.astype(np.float32)), correction, info

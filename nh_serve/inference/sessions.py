@@ -29,15 +29,15 @@ class RegisteredSession:
     history: object | None = None  # nh_serve.data.history.EmaState of history models: each unit's smoothed rates
     history_states: object | None = None  # deque of (time, (U, K) rates) at recent context ends
     readout: torch.Tensor | None = None  # (U, readout_dim + 1) per-unit read-out fitted on the reference
-    population: object | None = None  # nh_serve.core.glm.PopulationGLM correction fitted with the read-out
+    correction: object | None = None  # nh_serve.inference.reference_fit.RateCorrection fitted with the read-out
     fit: dict | None = None  # what the reference fit did
     refit: object | None = None  # nh_serve.inference.reference_fit.Refitter when refit_every_s is set
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards history and readout
 
     def take_fit(self, other: RegisteredSession) -> None:
-        """Use ``other``'s fitted read-outs and population correction (an exported artifact cannot fit, so
+        """Use ``other``'s fitted read-outs and rate correction (an exported artifact cannot fit, so
         parity checks run it with the eager registration's fit)."""
-        self.readout, self.population = other.readout, other.population
+        self.readout, self.correction = other.readout, other.correction
 
     @property
     def n_units(self) -> int:

@@ -139,7 +139,7 @@ def start_stream(
     if cfg.readout_dim:
         s.readout = torch.zeros(s.n_units, cfg.readout_dim + 1)
         if fit in FIT_STEPS_S:
-            s.readout, s.population, s.fit = fit_readout(
+            s.readout, s.correction, s.fit = fit_readout(
                 model(), times=ts, units=us, reference=(r0, r1), unit_features=s.features,
                 ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, should_stop=stop, step_s=FIT_STEPS_S[fit],
             )
@@ -169,14 +169,14 @@ def refit_on(model, s: RegisteredSession, *, times, units, window: tuple[float, 
     fit mode; the fit's record goes to ``s.fit["last_refit"]`` and is returned. What a streaming refit does,
     and what ``nh-serve eval --refit-every`` replays on a recording."""
     start, now = (float(x) for x in window)
-    readout, population, info = fit_readout(
+    readout, correction, info = fit_readout(
         model, times=times, units=units, reference=(start, now), unit_features=s.features,
         ref_rate_hz=s.ref_rate_hz, embeddings=s.embeddings, history_init=history_init,
         step_s=FIT_STEPS_S.get((s.fit or {}).get("mode"), FIT_STEPS_S["reference"]),
     )
     record = {"window": [start, now], **info}
     with s.lock:
-        s.readout, s.population = readout, population
+        s.readout, s.correction = readout, correction
         s.fit = {**(s.fit or {}), "last_refit": record}
     return record
 
