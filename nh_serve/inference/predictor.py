@@ -340,8 +340,8 @@ class Predictor:
         with torch.inference_mode():
             log_rate = self._backend(batch, emb)  # (B, U, T)
         rates = torch.exp(log_rate).float().numpy()
-        if s.correction is not None:  # the reference fit's rate correction, for every backend alike
-            rates = s.correction.apply(rates, batch["history_rates"].double().numpy())
+        if (corr := s.correction) is not None:  # the fit's rate correction, for every backend alike (read once:
+            rates = corr.apply(rates, batch["history_rates"].double().numpy())  # a refit may replace it meanwhile)
         return rates
 
     def _horizon_bins(self, horizon_s: float | None) -> int:
