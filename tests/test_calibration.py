@@ -130,3 +130,16 @@ def test_calibration_fit_from_per_bin_predictions_matches_the_band_fit():
     none, _ = Calibration.fit(log_expected=log_expected, counts=rng.poisson(np.exp(log_expected)), R=R, i_slow=i_slow,
                               bin_size=BIN_S)
     assert not none.active
+
+
+def test_rate_correction_keeps_rates_finite():
+    """An infinite or zero rate from a backend stays finite and non-negative through the calibration."""
+    from nh_serve.inference.reference_fit import RateCorrection
+
+    rates = np.full((1, 3, T), 5.0, dtype=np.float32)
+    rates[0, 0, 3], rates[0, 1, :] = np.inf, 0.0
+    R = np.full((1, 3, 6), 2.0)
+    cal = Calibration(beta=0.5, gamma=0.5, i_slow=4, n_bins=T, bin_size=BIN_S)
+    out = RateCorrection(population=None, calibration=cal).apply(rates, R)
+    assert np.all(np.isfinite(out)) and np.all(out >= 0.0)
+    np.testing.assert_allclose(out[0, 2], rates[0, 2] * np.exp(cal.log_factor(np.log(rates[:, 2:]), R[:, 2:])[0, 0]), rtol=1e-6)

@@ -256,6 +256,33 @@ def test_dense_reference_fit_uses_twice_the_windows_and_refits_alike(predictor, 
     assert last["window_step_s"] == 0.05 and last["windows"] > 1.9 * fit_windows(60.0, 110.0, context_s=1.0, horizon_s=1.0).size
 
 
+def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, recording, monkeypatch):
+    """The calibration's offset is the population GLM's offset on the read-out's windows plus the kept correction."""
+    import nh_serve.inference.reference_fit as rf
+
+    seen = {}
+    real_pop_fit, real_cal_fit = rf.PopulationGLM.fit, rf.Calibration.fit
+
+    def pop_fit(self, R, y, *, offset=None):
+        out = real_pop_fit(self, R, y, offset=offset)
+        seen["offset"] = offset.copy()  # (W, U, T) log expected counts
+        out.level = "strict"  # kept, with a known correction
+        out.log_correction = lambda R: np.full((*R.shape[:2], predictor.cfg.n_bins), 0.25, np.float32)
+        return out
+
+    def cal_fit(cls, **kw):
+        seen["log_expected"] = kw["log_expected"].copy()
+        return real_cal_fit(**kw)
+
+    monkeypatch.setattr(rf.PopulationGLM, "fit", pop_fit)
+    monkeypatch.setattr(rf.Calibration, "fit", classmethod(cal_fit))
+    _, _, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)
+    step = int(round(rf.READOUT_STEP_S / rf.STEP_S))
+    np.testing.assert_allclose(seen["log_expected"], seen["offset"][::step] + 0.25, rtol=1e-12)
+
+
 def test_rate_correction_multiplies_the_network_rates(predictor, recording):
     """fit="reference" also fits a population GLM and the recording's calibration on top of the network (every
     backend applies them alike): a session without them predicts the network's rates, and the ratio is

@@ -25,7 +25,9 @@ and ``o - log m_b`` with the model's band counts as offset (a convex problem in 
 solved by Newton's method on the box). As the population correction (:mod:`nh_serve.core.glm`)
 they are fitted on the first 70% of the fit times and judged on the last 15%, in two folds (the
 second mirrored in time), and kept only where the two held-out parts together gain at least
-:data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; then refitted on all.
+:data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; then refitted on all. The held-out parts are held
+out from the calibration only: the read-outs and the population correction in its offset were refitted
+on every fit time after their own held-out choices.
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ def _newton(F: np.ndarray, c: np.ndarray, m: np.ndarray, fixed: dict[int, float]
 def _solve(F: np.ndarray, c: np.ndarray, m: np.ndarray) -> np.ndarray:
     """``(beta, gamma)`` in the box ``[0, 1]^2`` that maximises the pooled likelihood: the unconstrained
     optimum if it lies inside; else the best of the optima on the edges whose bound that optimum breaks,
-    each clipped to the box (the likelihood is strictly concave, so a bound that holds at the unconstrained
-    optimum is active at the box's optimum only at a corner, which clipping on the other edge reaches)."""
+    each clipped to the box (the likelihood is concave, so a bound that holds at the unconstrained optimum
+    is active at the box's optimum only at a corner, which clipping on the other edge reaches)."""
     w = _newton(F, c, m, {})
     broken = [(j, v) for j in range(2) for v in (0.0, 1.0) if (w[j] < 0.0 if v == 0.0 else w[j] > 1.0)]
     if not broken:

@@ -92,7 +92,7 @@ class RateCorrection:
         """Corrected ``(W, U, T)`` float32 rates from the network's rates (Hz) and the smoothed rates ``R``
         ``(W, U, K)`` at the context ends."""
         R = np.asarray(R, dtype=np.float64)
-        log_r = np.log(np.maximum(np.asarray(rates_hz, dtype=np.float64), 1e-30))
+        log_r = np.log(np.clip(np.asarray(rates_hz, dtype=np.float64), 1e-30, 1e12))  # finite, whatever the backend gave
         if self.population is not None:
             log_r = log_r + self.population.log_correction(R)
         if self.calibration is not None:
