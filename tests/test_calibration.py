@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nh_serve.core.calibration import FLOOR_HZ, Calibration, band_sums, fit_calibration, floor_feature
-from nh_serve.core.glm import band_index
+from nh_serve.core.calibration import FLOOR_HZ, Calibration, fit_calibration, floor_feature
+from nh_serve.core.glm import band_index, band_sums
 from nh_serve.data.history import LOG_FLOOR_HZ
 
 BIN_S, T = 0.02, 50
@@ -107,6 +107,9 @@ def test_band_sums_add_the_bins_of_each_band():
     x = np.random.default_rng(2).random((3, 4, T))
     want = np.stack([x[..., BANDS == b].sum(-1) for b in range(BANDS.max() + 1)], -1)
     np.testing.assert_allclose(band_sums(x, BANDS), want, rtol=1e-12)
+    padded = band_sums(x, BANDS, BANDS.max() + 3)  # bands past the last bin's sum to 0
+    np.testing.assert_array_equal(padded[..., : BANDS.max() + 1], band_sums(x, BANDS))
+    assert padded.shape[-1] == BANDS.max() + 3 and not padded[..., BANDS.max() + 1 :].any()
     with pytest.raises(ValueError, match="in order"):
         band_sums(x, BANDS[::-1])
 

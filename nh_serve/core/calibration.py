@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nh_serve.core.glm import CORRECTION_MARGIN_NATS, band_index, correction_split
+from nh_serve.core.glm import CORRECTION_MARGIN_NATS, band_index, band_sums, correction_split
 from nh_serve.data.history import LOG_FLOOR_HZ
 
 #: The floor the factor moves toward (Hz): the baselines' smallest predicted rate.
@@ -47,15 +47,6 @@ def floor_feature(r_slow: np.ndarray) -> np.ndarray:
     unit, down to ``log(0.1)`` for a silent one."""
     r = np.maximum(np.asarray(r_slow, dtype=np.float64), 0.0)
     return np.log(r + FLOOR_HZ) - np.log(r + LOG_FLOOR_HZ)
-
-
-def band_sums(x: np.ndarray, bands: np.ndarray) -> np.ndarray:
-    """``(..., T)`` -> ``(..., n_bands)`` sums over the bins of each band (``bands``: each bin's band, in
-    order, as :func:`~nh_serve.core.glm.band_index` gives them)."""
-    if np.any(np.diff(bands) < 0):
-        raise ValueError("band_sums: bands must be in order (each band a run of consecutive bins)")
-    starts = np.flatnonzero(np.r_[True, np.diff(bands) > 0])  # the first bin of each band
-    return np.add.reduceat(x, starts, axis=-1)
 
 
 def _features(f: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -104,9 +104,20 @@ def band_index(n_bins: int, bin_size: float, bands_ms=GLM_BANDS_MS) -> np.ndarra
     return np.searchsorted(edges, start_ms + 1e-9, side="right")
 
 
+def band_sums(x: np.ndarray, bands: np.ndarray, n_bands: int | None = None) -> np.ndarray:
+    """``(..., T)`` -> ``(..., n_bands)`` sums over each band's bins (``bands``: each bin's band, in order, as
+    :func:`band_index` gives them; default ``n_bands``: up to the last one; a band with no bins sums to 0)."""
+    if np.any(np.diff(bands) < 0):
+        raise ValueError("band_sums: bands must be in order (each band a run of consecutive bins)")
+    present, starts = np.unique(bands, return_index=True)  # each band's first bin
+    out = np.zeros((*x.shape[:-1], int(bands.max()) + 1 if n_bands is None else int(n_bands)), dtype=x.dtype)
+    out[..., present] = np.add.reduceat(x, starts, axis=-1)
+    return out
+
+
 def _band_targets(counts: np.ndarray, bands: np.ndarray, n_bands: int) -> tuple[np.ndarray, np.ndarray]:
     """``(P, U, T)`` counts -> per-band sums ``(n_bands, P, U)`` and bins per band ``(n_bands,)``."""
-    per = np.stack([counts[:, :, bands == b].sum(-1) for b in range(n_bands)])
+    per = np.ascontiguousarray(np.moveaxis(band_sums(counts, bands, n_bands), -1, 0))
     return per, np.bincount(bands, minlength=n_bands).astype(np.float64)
 
 

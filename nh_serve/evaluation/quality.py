@@ -304,8 +304,8 @@ def evaluate_recording(
                 acc.update(counts, preds)
                 bar.update(block.stop - block.first)
         refits = {v.name: v.summary() for v in variants if isinstance(v, RefitReplay)}
-        fits = {v.name: fit_record(v.p.session(v.token).fit) for v in variants
-                if isinstance(v, _Variant) and not v.offset_only and (v.p.session(v.token).fit or {}).get("mode", "none") != "none"}
+        fits = {v.name: fit_record(f) for v in variants if isinstance(v, _Variant) and not v.offset_only
+                if (f := v.p.session(v.token).fit or {}).get("mode", "none") != "none"}
         for v in variants:
             v.p.sessions.discard(v.token)
     scores = {n: summarize(acc.result(n, bin_size=plan.bin_size)) for n in names}
