@@ -208,7 +208,8 @@ class RegisterRequest(BaseModel):
     refit_every_s: Number | None = Field(
         None,
         description=(
-            "Off by default. While the session streams consecutive contexts, fit the read-outs again every "
+            "Off by default. While the session streams consecutive contexts, fit the read-outs, the "
+            "population correction and the calibration (with the time scale of each unit's level) again every "
             "this many seconds of stream time on the last reference-length stretch it saw (a drifting "
             "recording keeps read-outs of its present); at least 1 s."
         ),

@@ -1,12 +1,19 @@
 """A recording's calibration (nh_serve.core.calibration): the pooled weights are the Poisson maximum-likelihood
-ones on the box [0, 1]^2, kept only where held-out data gain, and applied as the documented factor."""
+ones on the box [0, 1]^n, kept only where held-out data gain, and applied as the documented factor."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nh_serve.core.calibration import FLOOR_HZ, Calibration, fit_calibration, floor_feature
+from nh_serve.core.calibration import (
+    FLOOR_HZ,
+    LEVEL_TAUS,
+    Calibration,
+    fit_calibration,
+    floor_feature,
+    level_features,
+)
 from nh_serve.core.glm import band_index, band_sums
 from nh_serve.data.history import LOG_FLOOR_HZ
 
@@ -42,7 +49,7 @@ def test_floor_feature_is_zero_for_busy_units_and_log_ratio_for_silent():
 @pytest.mark.parametrize(("beta", "gamma"), [(0.3, 0.0), (0.8, 0.5), (0.0, 0.7), (0.5, 1.0)])
 def test_fit_recovers_both_weights(beta, gamma):
     f, d, c, m = _recording(beta, gamma)
-    b, g, info = fit_calibration(f, d, c, m)
+    (b, g), info = fit_calibration(f, d, c, m)
     assert b == pytest.approx(beta, abs=0.1) and g == pytest.approx(gamma, abs=0.1)
     assert info["calibration_judged_gain_nats"] > 2.0
     # the maximum of the pooled likelihood in the box: no nearby feasible point fits better
@@ -56,15 +63,15 @@ def test_fit_recovers_both_weights(beta, gamma):
 
 def test_weights_outside_the_box_land_on_its_edge():
     f, d, c, m = _recording(1.6, 0.4)
-    b, g, _ = fit_calibration(f, d, c, m)
+    (b, g), _ = fit_calibration(f, d, c, m)
     assert b == 1.0 and g == pytest.approx(0.4, abs=0.1)
     f, d, c, m = _recording(0.5, -0.8, seed=2)  # the data want the departures amplified: the box keeps none of that
-    assert fit_calibration(f, d, c, m)[1] == 0.0
+    assert fit_calibration(f, d, c, m)[0][1] == 0.0
 
 
 def test_nothing_to_calibrate_keeps_none():
     f, d, c, m = _recording(0.0, 0.0, seed=3)
-    b, g, info = fit_calibration(f, d, c, m)
+    (b, g), info = fit_calibration(f, d, c, m)
     assert (b, g) == (0.0, 0.0) and info["calibration_judged_gain_nats"] <= 2.0
 
 
@@ -75,7 +82,7 @@ def test_a_gain_that_does_not_carry_over_is_not_kept():
     c = c.copy()
     c[280:] = c0[280:]  # the effect only in times 120-280, which both folds fit on (the first 70% forward,
     c[:120] = c0[:120]  # the last 70% mirrored) and neither judges on (the last 15%, the first 15%)
-    b, g, info = fit_calibration(f, d, c, m)
+    (b, g), info = fit_calibration(f, d, c, m)
     assert info["calibration_judged_gain_nats"] < 2.0 and (b, g) == (0.0, 0.0)
 
 
@@ -125,9 +132,10 @@ def test_calibration_fit_from_per_bin_predictions_matches_the_band_fit():
     f = floor_feature(slow)
     counts = rng.poisson(np.exp(log_expected + 0.6 * f[..., None] - 0.5 * d_band[..., BANDS]))
     cal, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=i_slow, bin_size=BIN_S)
+    assert cal.lam.size == 0 and info["level_lambda"] == {}  # no time scales given: no level weights
     assert cal.active and cal.beta == pytest.approx(0.6, abs=0.15) and cal.gamma == pytest.approx(0.5, abs=0.1)
     per_band = np.bincount(BANDS)
-    b, g, _ = fit_calibration(f, np.log(band_sums(np.exp(log_expected), BANDS) / (per_band * BIN_S)) - np.log(slow + LOG_FLOOR_HZ)[..., None],
+    (b, g), _ = fit_calibration(f, np.log(band_sums(np.exp(log_expected), BANDS) / (per_band * BIN_S)) - np.log(slow + LOG_FLOOR_HZ)[..., None],
                               band_sums(counts, BANDS), band_sums(np.exp(log_expected), BANDS))
     assert (cal.beta, cal.gamma) == pytest.approx((b, g), abs=1e-9) and info["floor_beta"] == pytest.approx(b, abs=1e-6)
     none, _ = Calibration.fit(log_expected=log_expected, counts=rng.poisson(np.exp(log_expected)), R=R, i_slow=i_slow,
@@ -146,3 +154,57 @@ def test_rate_correction_keeps_rates_finite():
     out = RateCorrection(population=None, calibration=cal).apply(rates, R)
     assert np.all(np.isfinite(out)) and np.all(out >= 0.0)
     np.testing.assert_allclose(out[0, 2], rates[0, 2] * np.exp(cal.log_factor(np.log(rates[:, 2:]), R[:, 2:])[0, 0]), rtol=1e-6)
+
+
+def _level_recording(lam: tuple[float, float], *, P: int = 300, U: int = 40, seed: int = 0):
+    """Smoothed rates at the history's time scales (r5 and r120 wander around r30), a model that predicts r30 + 0.1 Hz
+    with noisy departures, and per-bin counts drawn with the level moved toward r5 and r120 by ``lam``."""
+    rng = np.random.default_rng(seed)
+    taus = (0.05, 0.25, 1.0, 5.0, 30.0, 120.0)
+    r30 = rng.uniform(1.0, 15.0, U)[None] * np.exp(0.3 * rng.normal(size=(P, U)))
+    R = np.repeat(r30[..., None], len(taus), -1) * np.exp(0.5 * rng.normal(size=(P, U, len(taus))))
+    R[..., taus.index(30.0)] = r30
+    d = 0.2 * rng.normal(size=(P, U, BANDS.max() + 1))
+    log_expected = np.log((r30 + LOG_FLOOR_HZ) * BIN_S)[..., None] + d[..., BANDS]  # (P, U, T)
+    lv = level_features(R, taus.index(30.0), [taus.index(t) for t in LEVEL_TAUS])  # (P, U, 2)
+    counts = rng.poisson(np.exp(log_expected + (lv @ np.asarray(lam))[..., None]))
+    return taus, R, log_expected, counts
+
+
+@pytest.mark.parametrize("lam", [(0.0, 0.8), (0.5, 0.0), (0.3, 0.4)])
+def test_fit_recovers_the_level_time_scale(lam):
+    taus, R, log_expected, counts = _level_recording(lam)
+    cal, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus)
+    assert cal.levels == LEVEL_TAUS and cal.active
+    np.testing.assert_allclose(cal.lam, lam, atol=0.08)
+    assert info["level_lambda"] == {f"{t:g}": pytest.approx(x, abs=1e-6) for t, x in zip(LEVEL_TAUS, cal.lam)}
+
+
+def test_level_time_scales_are_fitted_only_where_asked():
+    """level_taus picks the time scales the level may move toward; () (a registration's reference) fits none."""
+    taus, R, log_expected, counts = _level_recording((0.0, 0.8))
+    cal, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus,
+                                level_taus=(120.0,))
+    assert cal.levels == (120.0,) and list(info["level_lambda"]) == ["120"] and cal.lam[0] == pytest.approx(0.8, abs=0.08)
+    none, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus,
+                                 level_taus=())
+    assert none.lam.size == 0 and info["level_lambda"] == {}
+
+
+def test_level_weights_apply_the_documented_factor():
+    rng = np.random.default_rng(4)
+    W, U, i_slow = 2, 6, 4
+    R = rng.uniform(0.0, 6.0, size=(W, U, 6))
+    log_r = np.log(rng.uniform(0.5, 8.0, size=(W, U, T)))
+    cal = Calibration(beta=1.0, gamma=1.0, i_slow=i_slow, n_bins=T, bin_size=BIN_S, lam=[0.0, 1.0], i_levels=[3, 5],
+                      levels=LEVEL_TAUS)
+    # every weight at 1: each band's mean rate is the long average with the small floor
+    out = np.exp(log_r + cal.log_factor(log_r, R))
+    np.testing.assert_allclose(band_sums(out, BANDS) / np.bincount(BANDS), np.repeat((R[..., 5] + FLOOR_HZ)[..., None], BANDS.max() + 1, -1),
+                               rtol=1e-9)
+    half = Calibration(beta=0.0, gamma=0.0, i_slow=i_slow, n_bins=T, bin_size=BIN_S, lam=[0.5, 0.0], i_levels=[3, 5],
+                       levels=LEVEL_TAUS)
+    want = 0.5 * np.log((R[..., 3] + FLOOR_HZ) / (R[..., i_slow] + FLOOR_HZ))
+    np.testing.assert_allclose(half.log_factor(log_r, R), np.repeat(want[..., None], T, -1), rtol=1e-10)
+    with pytest.raises(ValueError, match="level weights"):
+        Calibration(beta=0.0, gamma=0.0, i_slow=i_slow, n_bins=T, bin_size=BIN_S, lam=[0.5], i_levels=[3, 5], levels=LEVEL_TAUS)

@@ -256,6 +256,27 @@ def test_dense_reference_fit_uses_twice_the_windows_and_refits_alike(predictor, 
     assert last["window_step_s"] == 0.05 and last["windows"] > 1.9 * fit_windows(60.0, 110.0, context_s=1.0, horizon_s=1.0).size
 
 
+def test_short_reference_gets_the_calibration_alone(predictor, recording, monkeypatch):
+    """A reference of 20-45 s is too short for per-unit fits: no read-outs and no population correction, but the
+    pooled calibration is fitted (and judged) on it; under 20 s nothing is fitted."""
+    import nh_serve.inference.reference_fit as rf
+
+    _, _, all_ids = recording
+    seen = []
+    real_fit = rf.Calibration.fit
+    monkeypatch.setattr(rf.Calibration, "fit", lambda **kw: seen.append(kw) or real_fit(**kw))
+    monkeypatch.setattr(rf.PopulationGLM, "fit", lambda *a, **k: pytest.fail("no population GLM on a 30 s reference"))
+    rt, rid = _window(recording, 0.0, 30.0)
+    s = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 30.0), units=all_ids))
+    assert s.fit["calibration_only"] and s.fit["units_fitted"] == 0 and "population_level" not in s.fit
+    assert "floor_beta" in s.fit and "note" not in s.fit and not s.readout.any()
+    assert s.correction is None or s.correction.population is None
+    assert len(seen) == 1 and seen[0]["level_taus"] == ()  # a registration: no level time scale
+    rt, rid = _window(recording, 0.0, 15.0)
+    s = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 15.0), units=all_ids))
+    assert "20 s" in s.fit["note"] and "floor_beta" not in s.fit and s.correction is None and len(seen) == 1
+
+
 def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, recording, monkeypatch):
     """The calibration's offset is the population GLM's offset on the read-out's windows plus the kept correction."""
     import nh_serve.inference.reference_fit as rf
@@ -468,6 +489,10 @@ def test_streaming_refit_fits_the_read_outs_again_on_recent_data(predictor):
     s2 = predictor.session(token2)
     assert torch.equal(s2.readout, s.readout) and s2.fit["last_refit"]["population_judged_gain"] == last["population_judged_gain"]
     assert (last["floor_beta"], last["shrink_gamma"]) == (s2.fit["last_refit"]["floor_beta"], s2.fit["last_refit"]["shrink_gamma"])
+    # a refit's rates come from the stream that ran before its window: it may move the level toward every time scale
+    # the history holds; a registration (whose rates inside the reference start at its mean) toward none
+    assert last["level_lambda"] == s2.fit["last_refit"]["level_lambda"] and set(last["level_lambda"]) == {"5", "120"}
+    assert s.fit["level_lambda"] == {}
     assert (s2.correction is None) == (s.correction is None)
     if s.correction is not None and s.correction.population is not None:
         np.testing.assert_array_equal(s2.correction.population.W, s.correction.population.W)

@@ -193,7 +193,7 @@ def test_compare_adapt_and_report(setup, tmp_path):
     assert rec["refits"]["model refit every 30 s"]["refits"] == 0 and res["settings"]["refit_every_s"] == 30.0
     assert "--refit-every 30" in res["command"]
     # what each registration fit kept is recorded: here a 10 s reference, too short to fit; zero-shot rows have none
-    assert rec["fits"]["model"]["mode"] == "reference" and "45 s" in rec["fits"]["model"]["note"]
+    assert rec["fits"]["model"]["mode"] == "reference" and "20 s" in rec["fits"]["model"]["note"]
     assert "model zero-shot" not in rec["fits"] and "model offset only" not in rec["fits"]
     assert rec["adaptation"]["model"]["steps"] == 3 and rec["adaptation"]["model"]["seconds"] > 0
     assert res["checkpoints"]["noact"]["head_ablation"] == "no_activity"
@@ -203,7 +203,7 @@ def test_compare_adapt_and_report(setup, tmp_path):
     assert _cli(["eval", "--report", str(out), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "keep me" in text and "<!-- quality:start -->" in text and "| noact adapted |" in text
-    assert "model's registration fit on these 1 recordings: no fit on 1 (a fit needs at least 45 s" in text
+    assert "model's registration fit on these 1 recordings: no fit on 1 (a fit needs at least 20 s" in text
 
 
 def test_no_activity_ablation_ignores_activity_inputs(setup):

@@ -58,6 +58,15 @@ def verdict(p: dict, name: str, best: str) -> str:
     return f"{name} − {best} = {p['diff']:+.4f} bits/spike [{p['lo']:+.4f}, {p['hi']:+.4f}]: {what}."
 
 
+def _level_text(fits: list[dict]) -> str:
+    """``, level moved toward r5 0.10, r120 0.60`` (the mean level weights of fit records), or nothing."""
+    taus = sorted({k for f in fits for k in f.get("level_lambda", {})}, key=float)
+    if not taus:
+        return ""
+    return ", level moved toward " + ", ".join(
+        f"r{k} {np.mean([f.get('level_lambda', {}).get(k, 0.0) for f in fits]):.2f}" for k in taus)
+
+
 def _synthetic_fits(result: dict) -> str:
     """One line on what the main checkpoint's registration fits kept on the held-out synthetic recordings."""
     main = result["main"]
@@ -70,12 +79,12 @@ def _synthetic_fits(result: dict) -> str:
     if len(done) < len(fits):
         line += f" no fit on {len(fits) - len(done)} ({next(f['note'] for f in fits if 'note' in f)});"
     if done:
-        cal = [f for f in done if f["floor_beta"] or f["shrink_gamma"]]
+        cal = [f for f in done if f["floor_beta"] or f["shrink_gamma"] or any(f.get("level_lambda", {}).values())]
         pop = sum(f.get("population_level", "none") != "none" for f in done)
         line += f" population correction kept on {pop} of {len(done)}, calibration on {len(cal)} of {len(done)}"
         if cal:
             line += (f" (floor taken out {np.mean([f['floor_beta'] for f in cal]):.2f}, departures shrunk by "
-                     f"{np.mean([f['shrink_gamma'] for f in cal]):.2f} on average where kept)")
+                     f"{np.mean([f['shrink_gamma'] for f in cal]):.2f}{_level_text(cal)} on average where kept)")
         line += "."
     return line + "\n"
 
@@ -135,14 +144,16 @@ def markdown_report(result: dict) -> str:
                 out.append(
                     f"\n{name}: the registration fit kept read-outs of {fr['units_fitted']} units, population correction "
                     f"{fr.get('population_level', 'none')}, calibration: floor taken out {fr['floor_beta']:.2f}, the "
-                    f"network's departures shrunk by {fr['shrink_gamma']:.2f}."
+                    f"network's departures shrunk by {fr['shrink_gamma']:.2f}{_level_text([fr])}."
                 )
         for name, rf in r.get("refits", {}).items():
             levels = ", ".join(f"{k} {v}" for k, v in rf["levels"].items()) or "none ran"
             out.append(
                 f"\n{name}: {rf['refits']} refits on the last {rf['window_s']:g} s, {rf['mean_seconds']:.2f} s each; "
                 f"population correction level per refit: {levels}; units keeping it "
-                f"{rf['mean_population_units_corrected']:g} and a read-out fit {rf['mean_units_fitted']:g} on average."
+                f"{rf['mean_population_units_corrected']:g} and a read-out fit {rf['mean_units_fitted']:g} on average"
+                + (f"; calibration on average: {', '.join(f'{k} {v:.2f}' for k, v in rf['calibration'].items())}."
+                   if rf.get("calibration") else ".")
             )
         out.append("")
     adapt = [(r["recording"], n, a) for r in result["recordings"] for n, a in r["adaptation"].items() if a]

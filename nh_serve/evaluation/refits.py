@@ -72,6 +72,7 @@ class RefitReplay:
             "population_units_corrected": info.get("population_units_corrected", 0),
             "population_level": info.get("population_level", "none"),
             "seconds": info.get("seconds", 0.0),
+            **{k: info[k] for k in ("floor_beta", "shrink_gamma", "level_lambda") if k in info},
         })
 
     def rates(self, windows, plan) -> np.ndarray:
@@ -103,4 +104,7 @@ class RefitReplay:
             "mean_population_units_corrected": mean("population_units_corrected"),
             "levels": {lv: sum(r["population_level"] == lv for r in self.records)
                        for lv in sorted({r["population_level"] for r in self.records})},
+            "calibration": {k: mean(k) for k in ("floor_beta", "shrink_gamma") if n and all(k in r for r in self.records)}
+            | {f"level_{t}": round(float(np.mean([r["level_lambda"].get(t, 0.0) for r in self.records])), 2)
+               for t in sorted({t for r in self.records for t in r.get("level_lambda", {})}, key=float)},
         }

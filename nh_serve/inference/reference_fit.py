@@ -32,12 +32,15 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    how much of the slow rate's 0.1 Hz floor to take out of the corrected rates (it sets the level
    of units that fire at a fraction of a hertz) and how much of the network's departure from the
    slow rate to keep (a recording without short-term structure keeps less), fitted and judged on
-   the read-out's windows with the same split. Steps 4 and 5 together are the
-   :class:`RateCorrection` the Predictor applies.
+   the read-out's windows with the same split; in a streaming refit (``history_init`` given: rates
+   the stream carried, not started at the window's own mean) also which time scale sets the level.
+   Steps 4 and 5 together are the :class:`RateCorrection` the Predictor applies.
 
 The read-out is kept only for units firing at least 1 Hz in both parts of the reference and only
-where the held-out gain exceeds :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; a reference
-shorter than :data:`MIN_FIT_REFERENCE_S` is not fitted at all (zero-shot, with a note). On real
+where the held-out gain exceeds :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`. A reference
+shorter than :data:`MIN_FIT_REFERENCE_S` leaves too few held-out seconds for per-unit fits: it gets the
+calibration alone (a few numbers pooled over every unit, judged the same way; ``calibration_only`` in the
+record), and one shorter than :data:`MIN_CALIBRATION_REFERENCE_S` no fit at all (zero-shot, with a note). On real
 recordings a reference-window fit can still fail to carry over to an hour of drift:
 ``refit_every_s`` refits on the recent stream.
 
@@ -54,7 +57,7 @@ import time
 import numpy as np
 import torch
 
-from nh_serve.core.calibration import Calibration
+from nh_serve.core.calibration import LEVEL_TAUS, Calibration
 from nh_serve.core.glm import (
     CORRECTION_MARGIN_NATS,
     CORRECTION_TOL,
@@ -74,6 +77,8 @@ MAX_WINDOWS = 600  # at STEP_S; a denser fit may use proportionally more
 READOUT_STEP_S = 0.5  # the read-out's fit uses windows this far apart; the population correction every one
 #: Shorter references leave too few held-out seconds to tell a fit that generalises from one that follows noise.
 MIN_FIT_REFERENCE_S = 45.0
+#: A shorter reference, down to this, gets the recording's calibration alone (a few numbers pooled over units).
+MIN_CALIBRATION_REFERENCE_S = 20.0
 L2_GRID = (3.0, 30.0)  # penalties tried per unit; the chosen ones are counted in the fit record (l2_chosen)
 MAX_ITER = 12
 FORWARD_CHUNK_UNIT_WINDOWS = 4_096  # windows x units per forward pass (smaller chunks stay in cache)
@@ -166,11 +171,13 @@ def fit_readout(
     if not (math.isfinite(step_s) and 0.01 <= step_s <= 1.0):
         raise ValueError(f"step_s: the fit's window spacing must be between 0.01 and 1 s, got {step_s!r}")
     starts = fit_windows(r0, r1, context_s=cfg.context_s, horizon_s=cfg.horizon_s, step_s=step_s)
-    info = {"windows": int(starts.size), "window_step_s": float(step_s), "units": U, "units_fitted": 0}
+    info = {"windows": int(starts.size), "window_step_s": float(step_s), "units": U, "units_fitted": 0,
+            "calibration_only": r1 - r0 < MIN_FIT_REFERENCE_S}
     zero = torch.zeros(U, K1)
-    if r1 - r0 < MIN_FIT_REFERENCE_S or starts.size < 5:
+    calibration_only = info["calibration_only"]  # too short for per-unit fits: the pooled calibration alone
+    if r1 - r0 < MIN_CALIBRATION_REFERENCE_S or starts.size < 10:
         info.update(seconds=round(time.monotonic() - t_start, 4),
-                    note=f"a fit needs at least {MIN_FIT_REFERENCE_S:g} s of reference (its later parts judge it); zero-shot")
+                    note=f"a fit needs at least {MIN_CALIBRATION_REFERENCE_S:g} s of reference (its later parts judge it); zero-shot")
         return zero, None, info
     times = np.asarray(times, dtype=np.float64)
     units = np.asarray(units, dtype=np.int64)
@@ -204,7 +211,7 @@ def fit_readout(
     sparse = too_sparse_to_fit(y[sub][:w_b], w_a, cfg.bin_size_s)  # (U,)
     best_l2, best_w = np.full(U, np.inf), np.zeros((U, K1))
     judged_zero, judged_fit = 0.0, 0.0
-    for c0 in range(0, U, SOLVE_CHUNK_UNITS):  # units are independent: chunks bound the solver's memory
+    for c0 in range(0, 0 if calibration_only else U, SOLVE_CHUNK_UNITS):  # units are independent: chunks bound memory
         g = slice(c0, min(U, c0 + SOLVE_CHUNK_UNITS))
         # as for the population correction: a gain of a margin, and only units with enough spikes
         b = np.where(sparse[g], -np.inf, nll(np.zeros((g.stop - g.start, K1)), g, choose) - CORRECTION_MARGIN_NATS)
@@ -227,7 +234,7 @@ def fit_readout(
             readout[k] = fit_poisson(X, Y[k], offset=off[k], l2=best_l2[k][:, None], w0=best_w[k], max_iter=MAX_ITER,
                                     tol=CORRECTION_TOL)
     correction = None
-    if PopulationGLM.supports(cfg.history_taus) and starts.size >= 10:
+    if PopulationGLM.supports(cfg.history_taus):
         # The population correction on top, on every window: a population GLM whose offset is everything
         # fitted so far (the network's log rates with the read-outs just fitted); then the recording's calibration.
         stop()
@@ -236,17 +243,21 @@ def fit_readout(
         if keep.any():  # the read-outs just fitted: (W, T, K1) @ (K1, U), a BLAS product
             eta += (design @ readout.T).transpose(0, 2, 1)
         R = np.stack([w.history_rates for w in windows]).astype(np.float64)  # (W, U, K) at the context ends
-        population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus).fit(R, y, offset=eta)
-        info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
-        info["population_level"] = population.level
-        info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
-        if population.level == "none":
-            population = None
+        population = None
+        if not calibration_only:
+            population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus).fit(R, y, offset=eta)
+            info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
+            info["population_level"] = population.level
+            info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
+            if population.level == "none":
+                population = None
         stop()
         # the recording's calibration (floor, departures) on the read-out's windows, with everything above as offset
         e = eta[sub] if population is None else eta[sub] + population.log_correction(R[sub])  # (w, U, T)
-        cal, cal_info = Calibration.fit(log_expected=e, counts=y[sub], R=R[sub],
-                                        i_slow=list(cfg.history_taus).index(SLOW_TAU), bin_size=cfg.bin_size_s)
+        # the level's time scale only where the rates are causal: a refit's come from the stream before its window
+        cal, cal_info = Calibration.fit(log_expected=e, counts=y[sub], R=R[sub], taus=cfg.history_taus,
+                                        i_slow=list(cfg.history_taus).index(SLOW_TAU), bin_size=cfg.bin_size_s,
+                                        level_taus=LEVEL_TAUS if history_init is not None else ())
         info.update(cal_info)
         if population is not None or cal.active:
             correction = RateCorrection(population=population, calibration=cal if cal.active else None)
