@@ -105,6 +105,6 @@ class RefitReplay:
             "levels": {lv: sum(r["population_level"] == lv for r in self.records)
                        for lv in sorted({r["population_level"] for r in self.records})},
             "calibration": {k: mean(k) for k in ("floor_beta", "shrink_gamma") if n and all(k in r for r in self.records)}
-            | {f"level_{t}": round(float(np.mean([r["level_lambda"].get(t, 0.0) for r in self.records])), 2)
+            | {f"level_{t}": round(float(np.mean([r.get("level_lambda", {}).get(t, 0.0) for r in self.records])), 2)
                for t in sorted({t for r in self.records for t in r.get("level_lambda", {})}, key=float)},
         }
