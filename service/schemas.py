@@ -210,7 +210,7 @@ class RegisterRequest(BaseModel):
         description=(
             "Off by default. While the session streams consecutive contexts, fit the read-outs, the "
             "population correction and the calibration (with the time scale of each unit's level) again every "
-            "this many seconds of stream time on the last reference-length stretch it saw (a drifting "
+            "this many seconds of stream time on the last refit_window_s seconds it saw (a drifting "
             "recording keeps read-outs of its present); at least 1 s."
         ),
     )
@@ -218,7 +218,7 @@ class RegisterRequest(BaseModel):
         None,
         description=(
             "With refit_every_s: how many of the last seconds each refit fits on (default: the reference "
-            "length); at least 45 s. docs/model-card.md compares 60, 180 and 300 s on real recordings."
+            "length, at least 180 s); at least 45 s. docs/model-card.md compares 60, 180 and 300 s on real recordings."
         ),
     )
 

@@ -256,6 +256,19 @@ def test_dense_reference_fit_uses_twice_the_windows_and_refits_alike(predictor, 
     assert last["window_step_s"] == 0.05 and last["windows"] > 1.9 * fit_windows(60.0, 110.0, context_s=1.0, horizon_s=1.0).size
 
 
+def test_default_refit_window_is_the_reference_length_and_at_least_three_minutes(predictor, recording):
+    from nh_serve.inference.streaming import DEFAULT_REFIT_WINDOW_S, default_refit_window
+
+    _, _, all_ids = recording
+    rt, rid = _window(recording, 0.0, 60.0)
+    s = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids, refit_every_s=60.0))
+    assert DEFAULT_REFIT_WINDOW_S == 180.0 and s.refit.window_s == 180.0
+    s = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids, refit_every_s=60.0,
+                                             refit_window_s=50.0))
+    assert s.refit.window_s == 50.0
+    assert default_refit_window((10.0, 310.0)) == 300.0 and default_refit_window((0.0, 30.0)) == 180.0
+
+
 def test_short_reference_gets_the_calibration_alone(predictor, recording, monkeypatch):
     """A reference of 20-45 s is too short for per-unit fits: no read-outs and no population correction, but the
     pooled calibration is fitted (and judged) on it; under 20 s nothing is fitted."""

@@ -379,7 +379,7 @@ def add_cli(subparsers) -> None:
         type=float,
         default=None,
         metavar="S",
-        help="with --refit-every: refit on the last S seconds (refit_window_s; default the reference length, at least 45)",
+        help="with --refit-every: refit on the last S seconds (refit_window_s; default the reference length, at least 180; at least 45)",
     )
     p.add_argument("--title", default=None, help="heading of this run in --report output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -2,8 +2,8 @@
 
 A session registered with ``refit_every_s=S`` fits its read-outs, population correction and calibration again
 every ``S`` seconds of stream time on the last ``refit_window_s`` seconds it saw
-(:mod:`nh_serve.inference.streaming`; here the window is the reference length, at least
-:data:`~nh_serve.inference.reference_fit.MIN_FIT_REFERENCE_S`). The evaluation scores
+(:mod:`nh_serve.inference.streaming`; by default the reference length, at least
+:data:`~nh_serve.inference.streaming.DEFAULT_REFIT_WINDOW_S`). The evaluation scores
 windows a block at a time with the history the recording gives, not through a stream, so
 :class:`RefitReplay` makes the same refits at the same stream times, as if a tool had streamed the
 whole recording after the reference window: before the first scored window whose context ends at
@@ -24,7 +24,7 @@ import numpy as np
 from nh_serve.data.history import EmaState
 from nh_serve.errors import InputError
 from nh_serve.inference.reference_fit import MIN_FIT_REFERENCE_S
-from nh_serve.inference.streaming import refit_on
+from nh_serve.inference.streaming import default_refit_window, refit_on
 
 
 class RefitReplay:
@@ -44,8 +44,8 @@ class RefitReplay:
         s = p.session(token)
         r0, r1 = s.reference
         self.every_s = float(every_s)
-        # a live session's default is the reference length, which must then be long enough to fit on
-        self.window_s = float(window_s) if window_s is not None else max(r1 - r0, MIN_FIT_REFERENCE_S)
+        # a live session's default
+        self.window_s = float(window_s) if window_s is not None else default_refit_window((r0, r1))
         if not (math.isfinite(self.window_s) and self.window_s >= MIN_FIT_REFERENCE_S):
             raise InputError(f"refit window: must be at least {MIN_FIT_REFERENCE_S:g} s, got {self.window_s:g} s")
         self.reference_end = self.last_fit = float(r1)

@@ -165,7 +165,7 @@ class Predictor:
                 or ``"none"`` for an exported artifact, which cannot fit.
             refit_every_s: off by default. While the session streams consecutive contexts, fit the
                 read-outs again every this many seconds of stream time on the last ``refit_window_s``
-                seconds it saw (default: the reference length), so a drifting recording keeps read-outs
+                seconds it saw (default: the reference length, at least 180 s), so a drifting recording keeps read-outs
                 of its present; the fit runs inside the ``predict`` call that reaches that time (a second
                 or two per 100 units). Models with a read-out only.
             owner: who registers (e.g. a client of the service): an owner keeps at most
