@@ -174,20 +174,21 @@ def _level_recording(lam: tuple[float, float], *, P: int = 300, U: int = 40, see
 @pytest.mark.parametrize("lam", [(0.0, 0.8), (0.5, 0.0), (0.3, 0.4)])
 def test_fit_recovers_the_level_time_scale(lam):
     taus, R, log_expected, counts = _level_recording(lam)
-    cal, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus)
+    cal, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus,
+                                level_taus=LEVEL_TAUS)
     assert cal.levels == LEVEL_TAUS and cal.active
     np.testing.assert_allclose(cal.lam, lam, atol=0.08)
     assert info["level_lambda"] == {f"{t:g}": pytest.approx(x, abs=1e-6) for t, x in zip(LEVEL_TAUS, cal.lam)}
 
 
 def test_level_time_scales_are_fitted_only_where_asked():
-    """level_taus picks the time scales the level may move toward; () (a registration's reference) fits none."""
+    """level_taus picks the time scales the level may move toward; () (a registration's reference, and the default)
+    fits none."""
     taus, R, log_expected, counts = _level_recording((0.0, 0.8))
     cal, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus,
                                 level_taus=(120.0,))
     assert cal.levels == (120.0,) and list(info["level_lambda"]) == ["120"] and cal.lam[0] == pytest.approx(0.8, abs=0.08)
-    none, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus,
-                                 level_taus=())
+    none, info = Calibration.fit(log_expected=log_expected, counts=counts, R=R, i_slow=4, bin_size=BIN_S, taus=taus)
     assert none.lam.size == 0 and info["level_lambda"] == {}
 
 

@@ -277,17 +277,25 @@ def test_short_reference_gets_the_calibration_alone(predictor, recording, monkey
     _, _, all_ids = recording
     seen = []
     real_fit = rf.Calibration.fit
-    monkeypatch.setattr(rf.Calibration, "fit", lambda **kw: seen.append(kw) or real_fit(**kw))
+
+    def fit(**kw):  # the real fit, then a known floor weight, so that the calibration is kept whatever the data say
+        seen.append(kw)
+        cal, info = real_fit(**kw)
+        cal.beta = 0.5
+        return cal, info
+
+    monkeypatch.setattr(rf.Calibration, "fit", fit)
     monkeypatch.setattr(rf.PopulationGLM, "fit", lambda *a, **k: pytest.fail("no population GLM on a 30 s reference"))
     rt, rid = _window(recording, 0.0, 30.0)
     s = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 30.0), units=all_ids))
     assert s.fit["calibration_only"] and s.fit["units_fitted"] == 0 and "population_level" not in s.fit
-    assert "floor_beta" in s.fit and "note" not in s.fit and not s.readout.any()
-    assert s.correction is None or s.correction.population is None
+    assert "floor_beta" in s.fit and "note" not in s.fit and "heldout_nll_fitted" not in s.fit and not s.readout.any()
+    assert s.correction.population is None and s.correction.calibration.beta == 0.5
     assert len(seen) == 1 and seen[0]["level_taus"] == ()  # a registration: no level time scale
     rt, rid = _window(recording, 0.0, 15.0)
     s = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 15.0), units=all_ids))
-    assert "20 s" in s.fit["note"] and "floor_beta" not in s.fit and s.correction is None and len(seen) == 1
+    assert "20 s" in s.fit["note"] and "floor_beta" not in s.fit and "calibration_only" not in s.fit
+    assert s.correction is None and len(seen) == 1
 
 
 def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, recording, monkeypatch):

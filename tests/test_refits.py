@@ -64,6 +64,7 @@ def test_replayed_refits_equal_a_live_stream(predictor):
     assert not np.allclose(counts[first:] / p.cfg.bin_size_s, plain[first:], rtol=1e-3)  # the refits changed them
     summary = replay.summary()
     assert summary["refits"] == 2 and summary["every_s"] == 50.0 and sum(summary["levels"].values()) == 2
+    assert set(summary["calibration"]) == {"floor_beta", "shrink_gamma", "level_5", "level_120"}
 
 
 def test_replay_refuses_bad_settings(predictor):
@@ -75,3 +76,8 @@ def test_replay_refuses_bad_settings(predictor):
         RefitReplay("m", predictor, tok, read=None, every_s=0.5)
     with pytest.raises(InputError, match="refit window"):
         RefitReplay("m", predictor, tok, read=None, every_s=30.0, window_s=20.0)
+    # without a window the replay refits on what a live session would: the reference length, at least 180 s
+    assert RefitReplay("m", predictor, tok, read=None, every_s=30.0).window_s == 180.0
+    live = predictor.register(d["spike_times"][m], ids[d["unit_index"][m]], reference_window=(0.0, 60.0), units=ids,
+                              refit_every_s=30.0)
+    assert predictor.session(live).refit.window_s == 180.0

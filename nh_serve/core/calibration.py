@@ -15,7 +15,8 @@ each once for the whole recording:
   forecast best by a long average (``r120``), one whose rates follow a task from trial to trial by
   a short one (``r5``); the network was trained around ``r30``.
 
-So the registration fits pooled weights per recording, each in ``[0, 1]``, of the factor applied to
+So each fit (the registration's, and every streaming refit's) finds pooled weights per recording, each
+in ``[0, 1]``, of the factor applied to
 every bin ``t`` of horizon band ``b`` (:data:`~nh_serve.core.glm.GLM_BANDS_MS`)::
 
     ((r30 + FLOOR_HZ) / (r30 + 0.1)) ** beta  *  (exp(o) / m_b) ** gamma
@@ -24,9 +25,9 @@ every bin ``t`` of horizon band ``b`` (:data:`~nh_serve.core.glm.GLM_BANDS_MS`):
 where ``m_b`` is the band's mean predicted rate: ``beta = 1`` replaces the floor by
 :data:`FLOOR_HZ` (the smallest rate any baseline predicts), ``gamma = 1`` brings each band's level
 back to the slow rate (the shape within the band stays), ``lam_tau`` moves the level toward the
-smoothed rate of time scale ``tau`` (with the floor taken out, ``beta = lam_120 = 1`` predicts
-``r120 + FLOOR_HZ``) (:data:`LEVEL_TAUS`, those the model's history holds), and all
-zeros leave the rates as they are. They are the pooled Poisson maximum-likelihood weights of the
+smoothed rate of time scale ``tau`` (:data:`LEVEL_TAUS`, those the model's history holds; with
+``beta = gamma = lam_120 = 1`` each band's mean rate is ``r120 + FLOOR_HZ``), and all zeros leave the
+rates as they are. They are the pooled Poisson maximum-likelihood weights of the
 features ``log(r30 + FLOOR_HZ) - o``, ``o - log m_b`` and ``log(r_tau + FLOOR_HZ) - log(r30 + FLOOR_HZ)`` with the model's
 band counts as offset (a convex problem in a few variables, solved on the box by L-BFGS-B, which is
 deterministic). As the population correction (:mod:`nh_serve.core.glm`) they are fitted on the
@@ -92,6 +93,8 @@ def _solve(F: np.ndarray, c: np.ndarray, m: np.ndarray) -> np.ndarray:
     res = minimize(lambda w: tuple(x / scale for x in _nll_grad(w, F, c, m)), np.zeros(n), jac=True,
                    method="L-BFGS-B", bounds=[(0.0, 1.0)] * n,
                    options={"maxiter": MAX_ITER, "ftol": 1e-13, "gtol": 1e-10})
+    if not res.success and _nll_grad(np.clip(res.x, 0.0, 1.0), F, c, m)[0] > _nll_grad(np.zeros(n), F, c, m)[0]:
+        return np.zeros(n)  # a solve that stopped short and fits worse than no calibration: none
     return np.clip(res.x, 0.0, 1.0)
 
 
@@ -144,12 +147,12 @@ class Calibration:
 
     @classmethod
     def fit(cls, *, log_expected: np.ndarray, counts: np.ndarray, R: np.ndarray, i_slow: int, bin_size: float,
-            taus=None, level_taus=LEVEL_TAUS) -> tuple[Calibration, dict]:
+            taus=None, level_taus=()) -> tuple[Calibration, dict]:
         """Fitted on fit times in time order (:func:`fit_calibration`): ``log_expected`` ``(P, U, T)`` the log
         counts the model expects in each bin, ``counts`` ``(P, U, T)`` the observed ones, ``R`` ``(P, U, K)``
         the smoothed rates at the context ends (the slow rate at ``i_slow``). ``taus``: the time scales of
-        ``R`` (the level weights need them; none without); ``level_taus``: those the level may move toward
-        (where ``taus`` holds them; ``()`` for none). Returns it and the fit's record."""
+        ``R`` (the level weights need them); ``level_taus``: those the level may move toward (where ``taus``
+        holds them; none by default, :data:`LEVEL_TAUS` in a streaming refit). Returns it and the fit's record."""
         taus = () if taus is None else tuple(float(t) for t in taus)
         i_lv = [taus.index(float(t)) for t in level_taus if float(t) in taus]
         cal = cls(beta=0.0, gamma=0.0, i_slow=i_slow, n_bins=log_expected.shape[-1], bin_size=bin_size,

@@ -94,9 +94,9 @@ def fit_poisson(
 
 
 def _spd_solve(H: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``H^-1 b`` for a batch of symmetric positive definite ``H`` ``(G, F, F)`` by Cholesky (a quarter faster than
-    a general solve at these sizes); a system whose factorisation fails (not numerically positive definite) is
-    solved by LU instead."""
+    """``H^-1 b`` for a batch of symmetric positive definite ``H`` ``(G, F, F)`` by Cholesky (cheaper than a
+    general LU solve); a system whose factorisation fails (not numerically positive definite) is solved by LU
+    instead."""
     L, info = torch.linalg.cholesky_ex(H)
     x = torch.cholesky_solve(b, L)
     bad = torch.nonzero(info).squeeze(1)

@@ -77,7 +77,7 @@ def _synthetic_fits(result: dict) -> str:
     done = [f for f in fits if "floor_beta" in f]
     line = f"{main}'s registration fit on these {len(fits)} recordings:"
     if len(done) < len(fits):
-        line += f" no fit on {len(fits) - len(done)} ({next(f['note'] for f in fits if 'note' in f)});"
+        line += f" no calibration on {len(fits) - len(done)} ({next((f['note'] for f in fits if 'note' in f), 'no note')});"
     if done:
         cal = [f for f in done if f["floor_beta"] or f["shrink_gamma"] or any(f.get("level_lambda", {}).values())]
         pop = sum(f.get("population_level", "none") != "none" for f in done)
@@ -141,9 +141,11 @@ def markdown_report(result: dict) -> str:
             if "note" in fr:
                 out.append(f"\n{name}: no registration fit ({fr['note']}).")
             elif "floor_beta" in fr:
+                kept = ("a reference this short gets the calibration alone" if fr.get("calibration_only") else
+                        f"the registration fit kept read-outs of {fr['units_fitted']} units, population correction "
+                        f"{fr.get('population_level', 'none')}")
                 out.append(
-                    f"\n{name}: the registration fit kept read-outs of {fr['units_fitted']} units, population correction "
-                    f"{fr.get('population_level', 'none')}, calibration: floor taken out {fr['floor_beta']:.2f}, the "
+                    f"\n{name}: {kept}, calibration: floor taken out {fr['floor_beta']:.2f}, the "
                     f"network's departures shrunk by {fr['shrink_gamma']:.2f}{_level_text([fr])}."
                 )
         for name, rf in r.get("refits", {}).items():
@@ -372,7 +374,7 @@ def add_cli(subparsers) -> None:
         default=None,
         metavar="S",
         help="also score each checkpoint registered with refit_every_s=S: the read-outs fitted again every S "
-        "seconds on the last reference-length stretch, as a session streaming the whole recording would",
+        "seconds on the last --refit-window seconds, as a session streaming the whole recording would",
     )
     p.add_argument(
         "--refit-window",

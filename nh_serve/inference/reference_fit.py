@@ -171,14 +171,21 @@ def fit_readout(
     if not (math.isfinite(step_s) and 0.01 <= step_s <= 1.0):
         raise ValueError(f"step_s: the fit's window spacing must be between 0.01 and 1 s, got {step_s!r}")
     starts = fit_windows(r0, r1, context_s=cfg.context_s, horizon_s=cfg.horizon_s, step_s=step_s)
-    info = {"windows": int(starts.size), "window_step_s": float(step_s), "units": U, "units_fitted": 0,
-            "calibration_only": r1 - r0 < MIN_FIT_REFERENCE_S}
+    info = {"windows": int(starts.size), "window_step_s": float(step_s), "units": U, "units_fitted": 0}
     zero = torch.zeros(U, K1)
-    calibration_only = info["calibration_only"]  # too short for per-unit fits: the pooled calibration alone
-    if r1 - r0 < MIN_CALIBRATION_REFERENCE_S or starts.size < 10:
-        info.update(seconds=round(time.monotonic() - t_start, 4),
-                    note=f"a fit needs at least {MIN_CALIBRATION_REFERENCE_S:g} s of reference (its later parts judge it); zero-shot")
+    calibration_only = r1 - r0 < MIN_FIT_REFERENCE_S  # too short for per-unit fits: the pooled calibration alone
+    why = None
+    if r1 - r0 < MIN_CALIBRATION_REFERENCE_S:
+        why = f"a fit needs at least {MIN_CALIBRATION_REFERENCE_S:g} s of reference (its later parts judge it)"
+    elif starts.size < 10:
+        why = f"the reference holds {starts.size} fit windows of this model's context and horizon; a fit needs 10"
+    elif calibration_only and not PopulationGLM.supports(cfg.history_taus):
+        why = (f"a reference under {MIN_FIT_REFERENCE_S:g} s gets the calibration alone, and this model's history "
+               "lacks the time scales it reads")
+    if why is not None:
+        info.update(seconds=round(time.monotonic() - t_start, 4), note=why + "; zero-shot")
         return zero, None, info
+    info["calibration_only"] = calibration_only
     times = np.asarray(times, dtype=np.float64)
     units = np.asarray(units, dtype=np.int64)
     if history_init is None:
@@ -262,12 +269,13 @@ def fit_readout(
         if population is not None or cal.active:
             correction = RateCorrection(population=population, calibration=cal if cal.active else None)
     n_judge = max(1, W * T - judge.start) * U
-    info.update(
-        units_fitted=int(keep.sum()),
-        heldout_nll_zero_shot=judged_zero / n_judge,  # per (unit, bin) on the last part of the fit windows
-        heldout_nll_fitted=min(judged_fit, judged_zero) / n_judge,
-        readout_judged_gain=(judged_zero - judged_fit) / n_judge,
-        l2_chosen={f"{l2:g}": int(np.sum(best_l2[keep] == l2)) for l2 in L2_GRID},
-        seconds=round(time.monotonic() - t_start, 4),
-    )
+    if not calibration_only:  # the read-outs' record (none were tried on a short reference)
+        info.update(
+            units_fitted=int(keep.sum()),
+            heldout_nll_zero_shot=judged_zero / n_judge,  # per (unit, bin) on the last part of the fit windows
+            heldout_nll_fitted=min(judged_fit, judged_zero) / n_judge,
+            readout_judged_gain=(judged_zero - judged_fit) / n_judge,
+            l2_chosen={f"{l2:g}": int(np.sum(best_l2[keep] == l2)) for l2 in L2_GRID},
+        )
+    info["seconds"] = round(time.monotonic() - t_start, 4)
     return torch.from_numpy(readout.astype(np.float32)), correction, info
