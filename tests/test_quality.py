@@ -250,3 +250,11 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(InputError):
         _cli(["eval", "--checkpoint", str(tmp_path / "missing.safetensors"), str(sessions[0])])
     assert Path(sessions[0]).is_file()
+
+
+def test_refit_calibration_reads_as_words():
+    from nh_serve.evaluation.quality_cli import _refit_calibration_text
+
+    text = _refit_calibration_text({"floor_beta": 0.94, "shrink_gamma": 0.912, "level_5": 0.01, "level_120": 0.99})
+    assert text == "floor taken out 0.94, departures shrunk by 0.91, level moved toward r5 0.01, r120 0.99"
+    assert _refit_calibration_text({"level_120": 0.5}) == "level moved toward r120 0.50"

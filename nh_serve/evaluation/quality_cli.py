@@ -67,6 +67,14 @@ def _level_text(fits: list[dict]) -> str:
         f"r{k} {np.mean([f.get('level_lambda', {}).get(k, 0.0) for f in fits]):.2f}" for k in taus)
 
 
+def _refit_calibration_text(cal: dict) -> str:
+    """``floor taken out 0.94, departures shrunk by 0.91, level moved toward r5 0.01, r120 0.99`` from a refit summary."""
+    parts = [f"floor taken out {cal['floor_beta']:.2f}"] if "floor_beta" in cal else []
+    parts += [f"departures shrunk by {cal['shrink_gamma']:.2f}"] if "shrink_gamma" in cal else []
+    levels = [f"r{k.removeprefix('level_')} {v:.2f}" for k, v in cal.items() if k.startswith("level_")]
+    return ", ".join(parts + (["level moved toward " + ", ".join(levels)] if levels else []))
+
+
 def _synthetic_fits(result: dict) -> str:
     """One line on what the main checkpoint's registration fits kept on the held-out synthetic recordings."""
     main = result["main"]
@@ -154,8 +162,7 @@ def markdown_report(result: dict) -> str:
                 f"\n{name}: {rf['refits']} refits on the last {rf['window_s']:g} s, {rf['mean_seconds']:.2f} s each; "
                 f"population correction level per refit: {levels}; units keeping it "
                 f"{rf['mean_population_units_corrected']:g} and a read-out fit {rf['mean_units_fitted']:g} on average"
-                + (f"; calibration on average: {', '.join(f'{k} {v:.2f}' for k, v in rf['calibration'].items())}."
-                   if rf.get("calibration") else ".")
+                + (f"; calibration on average: {_refit_calibration_text(rf['calibration'])}." if rf.get("calibration") else ".")
             )
         out.append("")
     adapt = [(r["recording"], n, a) for r in result["recordings"] for n, a in r["adaptation"].items() if a]
