@@ -4,6 +4,7 @@ Start a server first (``bash scripts/serve.sh``), then::
 
     .venv/bin/python examples/stream_predictions.py                     # the demo recording (made if missing)
     .venv/bin/python examples/stream_predictions.py --session my.h5 --url http://127.0.0.1:3000
+    .venv/bin/python examples/stream_predictions.py --session my.h5 --windows 1800 --refit-every 60  # long, drifting
 
 The first 60 s of the recording register the session (one request); then one
 context window per second goes to ``/predict``, as a closed-loop tool would
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--json", action="store_true", help="send JSON lists instead of the compact base64 encoding"
     )
+    ap.add_argument(
+        "--refit-every", type=float, default=None, metavar="S",
+        help="refit the session every S seconds of the stream on its last 3 minutes (refit_every_s; off by "
+        "default; worth it for recordings that drift over minutes, see docs/model-card.md)",
+    )
     args = ap.parse_args(argv)
 
     path = Path(args.session) if args.session else Path("demo") / "demo.h5"
@@ -82,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         r0, r1 = plan.reference
         ref_t, ref_u = s.spikes(r0, r1)
         t0 = time.perf_counter()
-        token = client.register(ref_t, s.unit_ids[ref_u], reference_window=(r0, r1), units=s.unit_ids)
+        token = client.register(ref_t, s.unit_ids[ref_u], reference_window=(r0, r1), units=s.unit_ids,
+                                refit_every_s=args.refit_every)
         print(
             f"{path}: {s.n_units} units; registered [{r0:g}, {r1:g}) s ({ref_t.size} spikes) in "
             f"{(time.perf_counter() - t0) * 1e3:.0f} ms; streaming {len(plan)} windows"

@@ -319,6 +319,8 @@ def test_stream_predictions_example_runs(server, tmp_path):
         "2",
         "--out",
         str(out),
+        "--refit-every",
+        "60",
     ]
     assert mod.main(argv) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
