@@ -252,9 +252,15 @@ def test_bad_input(setup, tmp_path):
     assert Path(sessions[0]).is_file()
 
 
-def test_refit_calibration_reads_as_words():
-    from nh_serve.evaluation.quality_cli import _refit_calibration_text
+def test_calibration_reads_as_words_and_records_average():
+    from nh_serve.core.calibration import mean_record
+    from nh_serve.evaluation.quality_cli import _calibration_text
 
-    text = _refit_calibration_text({"floor_beta": 0.94, "shrink_gamma": 0.912, "level_5": 0.01, "level_120": 0.99})
-    assert text == "floor taken out 0.94, departures shrunk by 0.91, level moved toward r5 0.01, r120 0.99"
-    assert _refit_calibration_text({"level_120": 0.5}) == "level moved toward r120 0.50"
+    fit = {"floor_beta": 0.94, "shrink_gamma": 0.912, "level_lambda": {"5": 0.01, "120": 0.99}}
+    assert _calibration_text(fit) == "floor taken out 0.94, departures shrunk by 0.91, level moved toward r5 0.01, r120 0.99"
+    assert _calibration_text({"floor_beta": 0.5, "shrink_gamma": 0.0, "level_lambda": {}}) == "floor taken out 0.50, departures shrunk by 0.00"
+    # a registration record has no level weights: they count as 0 in the mean; records without a calibration are left out
+    mean = mean_record([fit, {"floor_beta": 0.06, "shrink_gamma": 0.088}, {"note": "too short"}])
+    assert mean["floor_beta"] == pytest.approx(0.5) and mean["shrink_gamma"] == pytest.approx(0.5)
+    assert mean["level_lambda"] == {"5": pytest.approx(0.005), "120": pytest.approx(0.495)}
+    assert mean_record([{"note": "too short"}]) == {}

@@ -64,7 +64,8 @@ def test_replayed_refits_equal_a_live_stream(predictor):
     assert not np.allclose(counts[first:] / p.cfg.bin_size_s, plain[first:], rtol=1e-3)  # the refits changed them
     summary = replay.summary()
     assert summary["refits"] == 2 and summary["every_s"] == 50.0 and sum(summary["levels"].values()) == 2
-    assert set(summary["calibration"]) == {"floor_beta", "shrink_gamma", "level_5", "level_120"}
+    assert set(summary["calibration"]) == {"floor_beta", "shrink_gamma", "level_lambda"}
+    assert set(summary["calibration"]["level_lambda"]) == {"5", "120"}
 
 
 def test_replay_refuses_bad_settings(predictor):

@@ -130,6 +130,18 @@ def fit_calibration(f, d, counts, expected, *, levels=None) -> tuple[np.ndarray,
     return w, info
 
 
+def mean_record(records: list[dict]) -> dict:
+    """The mean weights of fit records (``floor_beta``, ``shrink_gamma``, ``level_lambda``) that hold a calibration;
+    a level time scale missing from a record counts as 0. Empty when none holds one."""
+    recs = [r for r in records if "floor_beta" in r]
+    if not recs:
+        return {}
+    taus = sorted({t for r in recs for t in r.get("level_lambda", {})}, key=float)
+    return {"floor_beta": float(np.mean([r["floor_beta"] for r in recs])),
+            "shrink_gamma": float(np.mean([r["shrink_gamma"] for r in recs])),
+            "level_lambda": {t: float(np.mean([r.get("level_lambda", {}).get(t, 0.0) for r in recs])) for t in taus}}
+
+
 class Calibration:
     """Fitted weights (:func:`fit_calibration`) applied to predicted rates. ``i_slow``: the slow rate's place
     in the smoothed rates; ``i_levels``: the places of the level time scales (``levels``, same order) the

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nh_serve.core.calibration import mean_record
 from nh_serve.errors import InputError
 from nh_serve.evaluation.quality import run_benchmark
 from nh_serve.evaluation.reporting import machine_line, markdown_table, write_doc_section
@@ -58,21 +59,12 @@ def verdict(p: dict, name: str, best: str) -> str:
     return f"{name} − {best} = {p['diff']:+.4f} bits/spike [{p['lo']:+.4f}, {p['hi']:+.4f}]: {what}."
 
 
-def _level_text(fits: list[dict]) -> str:
-    """``, level moved toward r5 0.10, r120 0.60`` (the mean level weights of fit records), or nothing."""
-    taus = sorted({k for f in fits for k in f.get("level_lambda", {})}, key=float)
-    if not taus:
-        return ""
-    return ", level moved toward " + ", ".join(
-        f"r{k} {np.mean([f.get('level_lambda', {}).get(k, 0.0) for f in fits]):.2f}" for k in taus)
-
-
-def _refit_calibration_text(cal: dict) -> str:
-    """``floor taken out 0.94, departures shrunk by 0.91, level moved toward r5 0.01, r120 0.99`` from a refit summary."""
-    parts = [f"floor taken out {cal['floor_beta']:.2f}"] if "floor_beta" in cal else []
-    parts += [f"departures shrunk by {cal['shrink_gamma']:.2f}"] if "shrink_gamma" in cal else []
-    levels = [f"r{k.removeprefix('level_')} {v:.2f}" for k, v in cal.items() if k.startswith("level_")]
-    return ", ".join(parts + (["level moved toward " + ", ".join(levels)] if levels else []))
+def _calibration_text(cal: dict) -> str:
+    """``floor taken out 0.94, departures shrunk by 0.91, level moved toward r5 0.01, r120 0.99`` from a fit record
+    or :func:`~nh_serve.core.calibration.mean_record` of several."""
+    text = f"floor taken out {cal['floor_beta']:.2f}, departures shrunk by {cal['shrink_gamma']:.2f}"
+    levels = cal.get("level_lambda", {})
+    return text + (", level moved toward " + ", ".join(f"r{t} {w:.2f}" for t, w in levels.items()) if levels else "")
 
 
 def _synthetic_fits(result: dict) -> str:
@@ -91,8 +83,7 @@ def _synthetic_fits(result: dict) -> str:
         pop = sum(f.get("population_level", "none") != "none" for f in done)
         line += f" population correction kept on {pop} of {len(done)}, calibration on {len(cal)} of {len(done)}"
         if cal:
-            line += (f" (floor taken out {np.mean([f['floor_beta'] for f in cal]):.2f}, departures shrunk by "
-                     f"{np.mean([f['shrink_gamma'] for f in cal]):.2f}{_level_text(cal)} on average where kept)")
+            line += f" ({_calibration_text(mean_record(cal))} on average where kept)"
         line += "."
     return line + "\n"
 
@@ -152,17 +143,14 @@ def markdown_report(result: dict) -> str:
                 kept = ("a reference this short gets the calibration alone" if fr.get("calibration_only") else
                         f"the registration fit kept read-outs of {fr['units_fitted']} units, population correction "
                         f"{fr.get('population_level', 'none')}")
-                out.append(
-                    f"\n{name}: {kept}, calibration: floor taken out {fr['floor_beta']:.2f}, the "
-                    f"network's departures shrunk by {fr['shrink_gamma']:.2f}{_level_text([fr])}."
-                )
+                out.append(f"\n{name}: {kept}, calibration: {_calibration_text(fr)}.")
         for name, rf in r.get("refits", {}).items():
             levels = ", ".join(f"{k} {v}" for k, v in rf["levels"].items()) or "none ran"
             out.append(
                 f"\n{name}: {rf['refits']} refits on the last {rf['window_s']:g} s, {rf['mean_seconds']:.2f} s each; "
                 f"population correction level per refit: {levels}; units keeping it "
                 f"{rf['mean_population_units_corrected']:g} and a read-out fit {rf['mean_units_fitted']:g} on average"
-                + (f"; calibration on average: {_refit_calibration_text(rf['calibration'])}." if rf.get("calibration") else ".")
+                + (f"; calibration on average: {_calibration_text(rf['calibration'])}." if rf.get("calibration") else ".")
             )
         out.append("")
     adapt = [(r["recording"], n, a) for r in result["recordings"] for n, a in r["adaptation"].items() if a]

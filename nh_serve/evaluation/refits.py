@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from nh_serve.core.calibration import mean_record
 from nh_serve.data.history import EmaState
 from nh_serve.errors import InputError
 from nh_serve.inference.reference_fit import MIN_FIT_REFERENCE_S
@@ -104,7 +105,5 @@ class RefitReplay:
             "mean_population_units_corrected": mean("population_units_corrected"),
             "levels": {lv: sum(r["population_level"] == lv for r in self.records)
                        for lv in sorted({r["population_level"] for r in self.records})},
-            "calibration": {k: mean(k) for k in ("floor_beta", "shrink_gamma") if n and all(k in r for r in self.records)}
-            | {f"level_{t}": round(float(np.mean([r.get("level_lambda", {}).get(t, 0.0) for r in self.records])), 2)
-               for t in sorted({t for r in self.records for t in r.get("level_lambda", {})}, key=float)},
+            "calibration": mean_record(self.records),
         }
