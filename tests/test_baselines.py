@@ -15,14 +15,13 @@ from nh_serve.core.glm import (
     CORRECTION_TOL,
     GLM_BANDS_MS,
     POP_INTERCEPT_L2,
-    GLMRecording,
     PopulationGLM,
-    UnivariateGLM,
     _log_band_sum,
     _top_right_singular_vectors,
     band_index,
 )
 from nh_serve.core.poisson import fit_poisson, poisson_objective
+from nh_serve.core.univariate_glm import GLMRecording, UnivariateGLM
 from nh_serve.data.features import DEFAULT_REFERENCE_S, reference_rate_hz
 from nh_serve.data.history import HISTORY_TAUS, EmaState, ema_rates, log_history
 from nh_serve.data.spikes import bin_counts
@@ -393,6 +392,7 @@ def test_population_glm_matches_scikit_learn_per_unit():
     counts = target_counts(rec.times, rec.units, pos, n_units=5, bin_size=BS, n_bins=NB)
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts)
     design, slow = pop._design(R)
+    design = design[0]  # the same design for every band
     X = design.full()  # (U, P, F)
     F = X.shape[-1]
     for b, (u0, u1) in ((0, (0, 2)), (5, (35, 50))):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nh_serve.core.config import get_config
-from nh_serve.core.glm import UnivariateGLM, band_index
+from nh_serve.core.glm import band_index
 from nh_serve.core.model import NeuroHorizon
+from nh_serve.core.univariate_glm import UnivariateGLM
 from nh_serve.data.history import HISTORY_TAUS, ema_rates, log_history
 from nh_serve.data.windows import collate, tokenize
 

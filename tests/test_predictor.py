@@ -100,7 +100,7 @@ def test_predict_matches_the_model_called_directly(predictor, recording):
         correction = predictor.session(tok).correction  # a reference fit may keep a correction
         assert correction is None or fit == "reference"
         if correction is not None:  # the reference fit's rate correction on top of the network
-            want = correction.apply(want[None], hist[None].astype(np.float64))[0]
+            want = correction.apply(want[None], hist[None].astype(np.float64), item["unit_bins"][None].numpy())[0]
         np.testing.assert_allclose(got.rates_hz, want, rtol=1e-5, atol=1e-6)
 
 
@@ -305,11 +305,11 @@ def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, re
     seen = {}
     real_pop_fit, real_cal_fit = rf.PopulationGLM.fit, rf.Calibration.fit
 
-    def pop_fit(self, R, y, *, offset=None):
-        out = real_pop_fit(self, R, y, offset=offset)
+    def pop_fit(self, R, y, *, offset=None, bins=None):
+        out = real_pop_fit(self, R, y, offset=offset, bins=bins)
         seen["offset"] = offset.copy()  # (W, U, T) log expected counts
         out.level = "strict"  # kept, with a known correction
-        out.log_correction = lambda R: np.full((*R.shape[:2], predictor.cfg.n_bins), 0.25, np.float32)
+        out.log_correction = lambda R, bins=None: np.full((*R.shape[:2], predictor.cfg.n_bins), 0.25, np.float32)
         return out
 
     def cal_fit(cls, **kw):

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nh_serve.core.glm import GLMRecording, UnivariateGLM, band_index
+from nh_serve.core.glm import band_index
 from nh_serve.core.model import poisson_loss
+from nh_serve.core.univariate_glm import GLMRecording, UnivariateGLM
 from nh_serve.data.history import HISTORY_TAUS
 from nh_serve.data.windows import cut_windows, target_counts
 from nh_serve.evaluation.metrics import bits_per_spike

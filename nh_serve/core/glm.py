@@ -48,7 +48,10 @@ import numpy as np
 import torch
 
 from nh_serve.core.poisson import fit_poisson
-from nh_serve.data.history import HISTORY_TAUS, LOG_FLOOR_HZ, SLOW_TAU, ema_rates, log_history
+from nh_serve.core.population_forecast import PopulationForecast
+from nh_serve.core.population_forecast import top_right_singular_vectors as _top_right_singular_vectors
+from nh_serve.data.history import HISTORY_TAUS, LOG_FLOOR_HZ, SLOW_TAU, ema_rates
+from nh_serve.data.tokens import context_counts
 from nh_serve.data.windows import target_counts
 from nh_serve.errors import InputError
 
@@ -78,9 +81,10 @@ CORRECTION_MARGIN_NATS = CORRECTION_LEVELS["strict"]["margin_nats"]
 #: in time: fitted on the last 70%, judged on the first 15%); the kept fits are refitted on all.
 CORRECTION_SPLIT = (0.70, 0.85)
 POP_CLIP_SD = 5.0
+#: The context bins ``(seconds, number)`` the ``population_glm_forecast`` baseline reads: the default model's.
+BASELINE_CONTEXT_BINS = (0.1, 10)
 RECENT_EVERY_S = 30.0
 RECENT_SPAN_S = 120.0
-UNI_L2 = 1e-3  # tiny ridge so the 36 weights are unique even for degenerate data
 
 
 def correction_split(n: int) -> tuple[int, int]:
@@ -121,22 +125,6 @@ def _band_targets(counts: np.ndarray, bands: np.ndarray, n_bands: int) -> tuple[
     return per, np.bincount(bands, minlength=n_bands).astype(np.float64)
 
 
-def _top_right_singular_vectors(A: np.ndarray, k: int) -> np.ndarray:
-    """``(n, m)`` -> ``(m, k)``: the right singular vectors of the ``k`` largest singular values, from the
-    eigenvectors of the smaller Gram matrix (quicker than an SVD for the wide matrices of a registration).
-    Each vector's largest entry is positive; directions with no variance are left 0."""
-    n, m = A.shape
-    lam, vec = np.linalg.eigh(A @ A.T if n < m else A.T @ A)  # ascending
-    lam, vec = lam[::-1][:k], vec[:, ::-1][:, :k]
-    s = np.sqrt(np.maximum(lam, 0.0))  # singular values
-    ok = s > 1e-9 * (float(s[0]) if s.size else 0.0)
-    V = np.zeros((m, k))
-    V[:, : s.size][:, ok] = (A.T @ vec[:, ok]) / s[ok] if n < m else vec[:, ok]
-    big = np.abs(V).argmax(0)
-    V *= np.where(V[big, np.arange(k)] < 0, -1.0, 1.0)
-    return V
-
-
 def _log_band_sum(log_counts: np.ndarray, bands: np.ndarray, b: int) -> np.ndarray:
     """``(P, U, T)`` log expected counts per bin -> ``(P, U)`` log of their sum over band ``b``'s bins
     (each clipped to [-30, 10]; a band's bins are consecutive)."""
@@ -148,111 +136,6 @@ def _log_band_sum(log_counts: np.ndarray, bands: np.ndarray, b: int) -> np.ndarr
 def _expand(rates_per_band: np.ndarray, bands: np.ndarray, bin_size: float) -> np.ndarray:
     """``(W, U, n_bands)`` Hz -> ``(W, U, T)`` float32 expected counts per bin."""
     return (rates_per_band[:, :, bands] * bin_size).astype(np.float32)
-
-
-# ================================================================================================
-# Univariate GLM
-# ================================================================================================
-
-
-@dataclass
-class UnivariateGLM:
-    """Weights ``(n_bands, n_features + 1)`` of the univariate GLM (see the module docstring)."""
-
-    weights: np.ndarray
-    taus: tuple[float, ...] = HISTORY_TAUS
-    bands_ms: tuple[tuple[float, float], ...] = GLM_BANDS_MS
-    fitted_on: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {
-            "weights": np.asarray(self.weights, dtype=np.float64).round(8).tolist(),
-            "taus": list(self.taus),
-            "bands_ms": [list(b) for b in self.bands_ms],
-            "fitted_on": list(self.fitted_on),
-            "feature_order": [f"log(r_{t:g}s + {LOG_FLOOR_HZ:g}) - log(r_{SLOW_TAU:g}s + {LOG_FLOOR_HZ:g})" for t in self.taus if t != SLOW_TAU] + ["1"],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UnivariateGLM:
-        try:
-            w = np.asarray(d["weights"], dtype=np.float64)
-            taus = tuple(float(t) for t in d.get("taus", HISTORY_TAUS))
-            bands = tuple((float(a), float(b)) for a, b in d.get("bands_ms", GLM_BANDS_MS))
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"univariate GLM weights: not a valid weights record ({e}); refit with `nh-serve fit-baselines`") from None
-        if SLOW_TAU not in taus or w.shape != (len(bands), len(taus)) or not np.all(np.isfinite(w)):
-            raise InputError(
-                f"univariate GLM weights: expected a finite ({len(bands)}, {len(taus)}) array for time scales "
-                f"{taus} including {SLOW_TAU:g} s, got shape {w.shape}; refit with `nh-serve fit-baselines`"
-            )
-        return cls(weights=w, taus=taus, bands_ms=bands, fitted_on=tuple(d.get("fitted_on", ())))
-
-    def features(self, rates_hz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Smoothed rates ``(..., K)`` at ``taus`` -> design ``(..., F)`` (with the 1) and offset ``(...)`` (log Hz)."""
-        rel, slow = log_history(rates_hz, self.taus)
-        return np.concatenate([rel, np.ones(rel.shape[:-1] + (1,))], axis=-1), slow
-
-    def predict(self, rates_hz: np.ndarray, *, n_bins: int, bin_size: float) -> np.ndarray:
-        """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""
-        X, slow = self.features(rates_hz)
-        eta = slow[..., None] + X @ self.weights.T  # (W, U, n_bands) log Hz
-        return _expand(np.exp(np.clip(eta, -20.0, 10.0)), band_index(n_bins, bin_size, self.bands_ms), bin_size)
-
-    @classmethod
-    def fit(cls, recordings, *, n_bins: int = 50, bin_size: float = 0.02, step_s: float = 0.5, progress: bool = False,
-            taus=HISTORY_TAUS) -> UnivariateGLM:
-        """Fit on recordings: an iterable of :class:`GLMRecording` (each weighs the same in total);
-        ``taus``: the smoothed rates' time constants (default :data:`HISTORY_TAUS`; must hold the slow rate's)."""
-        taus = tuple(float(t) for t in taus)
-        from tqdm.auto import tqdm
-
-        rows_X, rows_y, rows_e, rows_o, names = [], [], [], [], []
-        bands = band_index(n_bins, bin_size)
-        n_bands = len(GLM_BANDS_MS)
-        for rec in tqdm(list(recordings), desc="univariate GLM data", unit="recording", disable=not progress, leave=False):
-            span = n_bins * bin_size
-            pos = np.arange(rec.reference[1], rec.end - span + 1e-9, step_s)
-            if pos.size == 0:
-                continue
-            R = ema_rates(rec.times, rec.units, n_units=rec.n_units, t_eval=pos, start=rec.start,
-                          ref_rate_hz=rec.ref_rate_hz, taus=taus)  # (P, U, K)
-            glm = cls(weights=np.zeros((n_bands, len(taus))), taus=taus)
-            X, off = glm.features(R)  # (P, U, F), (P, U)
-            counts = target_counts(rec.times, rec.units, pos, n_units=rec.n_units, bin_size=bin_size, n_bins=n_bins)
-            per, nb = _band_targets(counts, bands, n_bands)  # (n_bands, P, U), (n_bands,)
-            weight = rec.weight / (pos.size * rec.n_units)  # every recording weighs `weight` in total
-            rows_X.append(X.reshape(-1, X.shape[-1]))
-            rows_o.append(off.reshape(-1) + math.log(bin_size))
-            rows_y.append(per.reshape(n_bands, -1) * weight)
-            rows_e.append(np.full(per.shape[1] * per.shape[2], weight))
-            names.append(rec.name)
-        if not rows_X:
-            raise InputError("fit-baselines: no recording is long enough for one prediction window after its reference")
-        X = np.concatenate(rows_X)
-        o = np.concatenate(rows_o)
-        y = np.concatenate(rows_y, axis=1)  # (n_bands, rows)
-        e = np.concatenate(rows_e)
-        F = X.shape[1]
-        W = np.zeros((n_bands, F))
-        for b in range(n_bands):
-            W[b] = fit_poisson(X, y[b : b + 1], exposure=(e * nb[b])[None], offset=o[None], l2=UNI_L2, max_iter=50)[0]
-        return cls(weights=W, taus=taus, fitted_on=tuple(names))
-
-
-@dataclass
-class GLMRecording:
-    """What fitting the univariate GLM needs from one recording (times in seconds)."""
-
-    name: str
-    times: np.ndarray
-    units: np.ndarray
-    n_units: int
-    start: float
-    end: float
-    reference: tuple[float, float]
-    ref_rate_hz: np.ndarray
-    weight: float = 1.0
 
 
 # ================================================================================================
@@ -292,10 +175,14 @@ class _Design:
 class PopulationGLM:
     """Per-unit, per-band Poisson GLM on own and population history, fitted on one stretch of a recording."""
 
-    def __init__(self, *, n_bins: int, bin_size: float, components: int = POP_COMPONENTS, taus=HISTORY_TAUS):
+    def __init__(self, *, n_bins: int, bin_size: float, components: int = POP_COMPONENTS, taus=HISTORY_TAUS,
+                 context_bins: tuple[float, int] | None = None):
         """``taus``: the time constants of the smoothed rates ``R`` it is given (they must include
-        :data:`POP_TAUS` and the slow rate's)."""
+        :data:`POP_TAUS` and the slow rate's). ``context_bins``: ``(bin seconds, number of bins)`` of the
+        context counts it is given; then each unit reads the population forecast of its band
+        (:mod:`nh_serve.core.population_forecast`) instead of every component."""
         self.n_bins, self.bin_size, self.components = int(n_bins), float(bin_size), int(components)
+        self.context_bins = None if context_bins is None else (float(context_bins[0]), int(context_bins[1]))
         self.bands = band_index(n_bins, bin_size)
         self.n_bands = len(GLM_BANDS_MS)
         taus = [float(t) for t in taus]
@@ -313,8 +200,13 @@ class PopulationGLM:
         slow = logs[..., self.i_slow]
         return logs, slow
 
-    def _design(self, R: np.ndarray, *, fitting: bool = False) -> tuple[_Design, np.ndarray]:
-        """Smoothed rates ``(P, U, K)`` -> design (``F`` columns per unit) and offset ``(U, P)`` (log Hz)."""
+    def _design(self, R: np.ndarray, bins=None, *, fitting: bool = False, targets=None, rows: slice = slice(None)
+                ) -> tuple[list[_Design], np.ndarray]:
+        """Smoothed rates ``(P, U, K)`` (and with ``context_bins`` the context counts ``bins`` ``(P, U, nb)``)
+        -> each band's design (``F`` columns per unit) and the offset ``(U, P)`` (log Hz). ``targets``: the
+        fit's ``(per-band counts, bins per band)``, which the population forecast is fitted on (on the times ``rows``)."""
+        if self.context_bins is not None and bins is None:
+            raise ValueError("PopulationGLM: this GLM reads the population forecast; pass the context counts (bins)")
         logs, slow = self._logs(R)
         own = np.stack([logs[..., i] - slow for i in self.i_scales], -1)  # (P, U, 4)
         pcs = np.concatenate(
@@ -325,36 +217,56 @@ class PopulationGLM:
             self.pc_sd = pcs.std(0) + 1e-6
         own = np.clip(own, self.own_lo, self.own_hi)
         pcs = np.clip(pcs / self.pc_sd, -POP_CLIP_SD, POP_CLIP_SD)
-        shared = np.concatenate([pcs, np.ones((pcs.shape[0], 1))], 1)  # (P, 4 K + 1)
-        return _Design(np.ascontiguousarray(own.transpose(1, 0, 2)), shared), np.ascontiguousarray(slow.T)
+        own, one = np.ascontiguousarray(own.transpose(1, 0, 2)), np.ones((pcs.shape[0], 1))
+        if self.context_bins is None:
+            X = _Design(own, np.concatenate([pcs, one], 1))  # shared: (P, 4 K + 1), alike for every band
+            return [X] * self.n_bands, np.ascontiguousarray(slow.T)
+        r_slow = np.maximum(R[..., self.i_slow], 0.0)
+        if fitting:
+            per, nb = targets
+            self.forecast = PopulationForecast(components=self.components, bin_s=self.context_bins[0],
+                                               n_bins=self.context_bins[1]).fit(pcs[rows], bins[rows], r_slow[rows],
+                                                                                 per[:, rows], nb)
+        fc = self.forecast.features(pcs, bins, r_slow)  # (n_bands, P, rank)
+        return [_Design(own, np.concatenate([f, one], 1)) for f in fc], np.ascontiguousarray(slow.T)
 
-    def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None) -> PopulationGLM:
+    def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None, bins=None) -> PopulationGLM:
         """Fit on smoothed rates ``R`` ``(P, U, K)`` at prediction times in time order and their
-        next-horizon counts ``(P, U, T)``.
+        next-horizon counts ``(P, U, T)`` (with ``context_bins``: and the context counts ``bins`` ``(P, U, nb)``;
+        the population forecast is fitted on the same times as the weights it is judged with, then on all).
 
         ``offset``: ``(P, U, T)`` log expected counts per bin of another predictor. The GLM then
         *corrects* that predictor (:meth:`_fit_correction`): a band's expected count is the predictor's
         times ``exp(w_b . x_u)`` (:meth:`log_correction`).
         """
         self._fit_pcs(R)
-        X, slow = self._design(R, fitting=True)
-        if offset is not None:
-            return self._fit_correction(X, counts, offset)
         per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
-        P, U, F = R.shape[0], R.shape[1], X.F
+        P, U = R.shape[0], R.shape[1]
         n_fit = max(1, min(P - 1, int(round(0.8 * P))))
+        if offset is not None:
+            a, _ = correction_split(P)
+            fold_rows = (slice(0, a), slice(P - a, P))  # the fit parts of the correction's two folds
+        else:
+            fold_rows = (slice(0, n_fit),)
+        folds = [] if self.context_bins is None else [
+            self._design(R, bins, fitting=True, targets=(per, nb), rows=r)[0] for r in fold_rows]
+        X, slow = self._design(R, bins, fitting=True, targets=(per, nb))  # the last fit (on all times) is kept
+        folds = folds or [X] * len(fold_rows)  # without the forecast nothing in the design saw the targets
+        if offset is not None:
+            return self._fit_correction(X, folds, counts, offset)
+        F = X[0].F
         self.W = np.zeros((self.n_bands, U, F))
         self.l2 = np.zeros((self.n_bands, U))
         o = slow + math.log(self.bin_size)
         for b in range(self.n_bands):
             y = per[b].T  # (U, P)
             e = np.full_like(y, nb[b])
-            path = self._l2_path(X, y, e, o, slice(None, n_fit), slice(n_fit, None))
+            path = self._l2_path(folds[0][b], y, e, o, slice(None, n_fit), slice(n_fit, None))
             nll = np.stack([h for _, h in path])  # (L2s, U) held-out NLL
             pick = nll.argmin(0)
             best_w = np.stack([w for w, _ in path])[pick, np.arange(U)]
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
-            self.W[b] = self._refit(X, y, e, o, self.l2[b], best_w)
+            self.W[b] = self._refit(X[b], y, e, o, self.l2[b], best_w)
         return self
 
     def _fit_pcs(self, R: np.ndarray) -> None:
@@ -395,7 +307,7 @@ class PopulationGLM:
         pen[:, -1] = POP_INTERCEPT_L2
         return fit_poisson(X.own, y, shared=X.shared, exposure=e, offset=o, l2=pen, w0=w0, max_iter=15, tol=tol)
 
-    def _fit_correction(self, X: _Design, counts: np.ndarray, offset: np.ndarray) -> PopulationGLM:
+    def _fit_correction(self, X: list[_Design], folds: list[list[_Design]], counts: np.ndarray, offset: np.ndarray) -> PopulationGLM:
         """The GLM as a correction of the predictor whose log expected counts per bin are ``offset`` ``(P, U, T)``.
 
         The fit times split in time (:data:`CORRECTION_SPLIT`, two folds): the L2 path is fitted on the
@@ -405,11 +317,11 @@ class PopulationGLM:
         (``self.level``: "none" then, and every weight 0). Real recordings drift and a correction that helps
         one minute can hurt the next: this choice is made on data none of the fits saw.
         """
-        U, P, F = X.own.shape[0], X.own.shape[1], X.F
+        U, P, F = X[0].own.shape[0], X[0].own.shape[1], X[0].F
         per, _ = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
         n_a, n_b = correction_split(P)
         # two folds, forward and mirrored in time: (fit, choose, judge) times
-        folds = ((slice(0, n_a), slice(n_a, n_b), slice(n_b, P)), (slice(P - n_a, P), slice(P - n_b, P - n_a), slice(0, P - n_b)))
+        parts = ((slice(0, n_a), slice(n_a, n_b), slice(n_b, P)), (slice(P - n_a, P), slice(P - n_b, P - n_a), slice(0, P - n_b)))
         levels = list(CORRECTION_LEVELS.items())
         keep = {name: np.zeros((self.n_bands, U), dtype=bool) for name, _ in levels}
         sparse = {name: too_sparse_to_fit(counts[:n_b], n_a, self.bin_size, lv["min_rate_hz"]) for name, lv in levels}
@@ -424,25 +336,25 @@ class PopulationGLM:
             o = _log_band_sum(offset, self.bands, b).T  # (U, P)
             os_.append(o)
             ys.append(y)
-            paths = [self._l2_path(X, y, e, o, fit, choose, CORRECTION_TOL) for fit, choose, _ in folds]
+            paths = [self._l2_path(Xf[b], y, e, o, fit, choose, CORRECTION_TOL) for Xf, (fit, choose, _) in zip(folds, parts)]
             nll = sum(np.stack([h for _, h in path]) for path in paths)  # (L2s, U) on both choosing parts
             pick = nll.argmin(0)
-            base = sum((np.exp(o[:, c]) - y[:, c] * o[:, c]).sum(1) for _, c, _ in folds)
+            base = sum((np.exp(o[:, c]) - y[:, c] * o[:, c]).sum(1) for _, c, _ in parts)
             gain = base - nll[pick, np.arange(U)]
             ws = [np.stack([w for w, _ in path])[pick, np.arange(U)] for path in paths]  # (U, F) per fold
             best_w[b] = ws[0]
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
             for name, lv in levels:
                 keep[name][b] = (gain > lv["margin_nats"]) & ~sparse[name]
-            for w, (_, _, judge) in zip(ws, folds):
-                lin = X.rows(judge).lin(w)  # (U, P_judge)
+            for w, Xf, (_, _, judge) in zip(ws, folds, parts):
+                lin = Xf[b].rows(judge).lin(w)  # (U, P_judge)
                 judged_none += float((np.exp(o[:, judge]) - y[:, judge] * o[:, judge]).sum())
                 for name, lv in levels:
                     eta = o[:, judge] + np.where(keep[name][b][:, None], np.clip(lin, -lv["max_log"], lv["max_log"]), 0.0)
                     judged[name] += float((np.exp(eta) - y[:, judge] * eta).sum())
         best = min(judged, key=judged.get)
         self.level = best if judged[best] < judged_none else "none"
-        n_judge = max(1.0, float(sum(per[:, j].sum() for _, _, j in folds)))
+        n_judge = max(1.0, float(sum(per[:, j].sum() for _, _, j in parts)))
         self.judged_gain = {name: (judged_none - v) / n_judge for name, v in judged.items()}  # nats per held-out spike
         self.max_log = CORRECTION_LEVELS[self.level]["max_log"] if self.level != "none" else 0.0
         self.W = np.zeros((self.n_bands, U, F))
@@ -451,28 +363,44 @@ class PopulationGLM:
         for b in range(self.n_bands):
             k = keep[self.level][b]
             if k.any():
-                self.W[b, k] = self._refit(X.units(k), ys[b][k], np.ones_like(ys[b][k]), os_[b][k], self.l2[b, k], best_w[b, k],
+                self.W[b, k] = self._refit(X[b].units(k), ys[b][k], np.ones_like(ys[b][k]), os_[b][k], self.l2[b, k], best_w[b, k],
                                            CORRECTION_TOL)
         return self
 
-    def log_correction(self, R: np.ndarray) -> np.ndarray:
+    def log_correction(self, R: np.ndarray, bins=None) -> np.ndarray:
         """``(W, U, T)`` float32 ``w_b . x_u`` per bin: the log factor a GLM fitted with ``offset`` applies
-        to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)``."""
-        X, _ = self._design(R)
-        eta = np.stack([X.lin(w) for w in self.W], -1).transpose(1, 0, 2)  # (W, U, n_bands)
+        to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)`` (and context counts ``bins``)."""
+        X, _ = self._design(R, bins)
+        eta = np.stack([x.lin(w) for x, w in zip(X, self.W)], -1).transpose(1, 0, 2)  # (W, U, n_bands)
         return np.clip(eta[:, :, self.bands], -self.max_log, self.max_log).astype(np.float32)
 
-    def predict(self, R: np.ndarray) -> np.ndarray:
-        """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)``."""
-        X, slow = self._design(R)  # F columns per unit, (U, W)
-        eta = slow[None] + np.stack([X.lin(w) for w in self.W])  # (n_bands, U, W) log Hz
+    def predict(self, R: np.ndarray, bins=None) -> np.ndarray:
+        """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)`` (and context counts ``bins``)."""
+        X, slow = self._design(R, bins)  # F columns per unit, (U, W)
+        eta = slow[None] + np.stack([x.lin(w) for x, w in zip(X, self.W)])  # (n_bands, U, W) log Hz
         rates = np.exp(np.clip(eta, -20.0, 10.0)).transpose(2, 1, 0)  # (W, U, n_bands)
         return _expand(rates, self.bands, self.bin_size)
 
 
+def window_counts(times, units, t_now, *, n_units: int, context_bins: tuple[float, int] = BASELINE_CONTEXT_BINS) -> np.ndarray:
+    """``(W, U, nb)`` each unit's counts in the ``context_bins`` of the context that ends at each ``t_now``
+    (:func:`nh_serve.data.tokens.context_counts`, as the model's tokenizer bins a window)."""
+    bin_s, nb = float(context_bins[0]), int(context_bins[1])
+    ctx = bin_s * nb
+    times, units = np.asarray(times, dtype=np.float64), np.asarray(units, dtype=np.int64)
+    t_now = np.asarray(t_now, dtype=np.float64).reshape(-1)
+    lo, hi = np.searchsorted(times, t_now - ctx), np.searchsorted(times, t_now)
+    out = np.zeros((t_now.size, int(n_units), nb), dtype=np.float32)
+    for i, (a, b, t) in enumerate(zip(lo, hi, t_now)):
+        out[i] = context_counts(times[a:b] - (t - ctx), units[a:b], n_units=n_units, context_s=ctx, n_bins=nb)
+    return out
+
+
 def fit_population_glm(times, units, *, n_units: int, start: float, ref_rate_hz, fit_from: float, fit_to: float,
-                       n_bins: int, bin_size: float, init=None, init_time: float | None = None) -> PopulationGLM:
-    """A :class:`PopulationGLM` fitted on prediction times every 0.1 s in ``[fit_from + 1 s, fit_to - horizon]``.
+                       n_bins: int, bin_size: float, init=None, init_time: float | None = None,
+                       forecast: bool = False) -> PopulationGLM:
+    """A :class:`PopulationGLM` fitted on prediction times every 0.1 s in ``[fit_from + 1 s, fit_to - horizon]``
+    (``forecast``: one that reads the population forecast of :data:`BASELINE_CONTEXT_BINS`).
 
     ``times`` / ``units`` hold the spikes from ``start`` (or from ``init_time``, with the
     smoothed-rate state ``init`` there) to ``fit_to``.
@@ -487,4 +415,7 @@ def fit_population_glm(times, units, *, n_units: int, start: float, ref_rate_hz,
     R = ema_rates(times, units, n_units=n_units, t_eval=pos, start=start if init is None else init_time,
                   ref_rate_hz=ref_rate_hz, taus=HISTORY_TAUS, init=init)
     counts = target_counts(times, units, pos, n_units=n_units, bin_size=bin_size, n_bins=n_bins)
-    return PopulationGLM(n_bins=n_bins, bin_size=bin_size).fit(R, counts)
+    if not forecast:
+        return PopulationGLM(n_bins=n_bins, bin_size=bin_size).fit(R, counts)
+    bins = window_counts(times, units, pos, n_units=n_units)
+    return PopulationGLM(n_bins=n_bins, bin_size=bin_size, context_bins=BASELINE_CONTEXT_BINS).fit(R, counts, bins=bins)

@@ -244,7 +244,7 @@ class NeuroHorizon(nn.Module):
 
     def init_univariate(self, band_weights, bin_band) -> None:
         """Start the GLM term at a fitted ``univariate_glm``: ``band_weights`` ``(n_bands, K)``
-        (:class:`~nh_serve.core.glm.UnivariateGLM` weights, same time constants),
+        (:class:`~nh_serve.core.univariate_glm.UnivariateGLM` weights, same time constants),
         ``bin_band`` ``(n_bins,)`` the band of each bin."""
         if self.univariate is None:
             raise ValueError("init_univariate: this model has no univariate term (history_taus empty or uni_path off)")

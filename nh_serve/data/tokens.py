@@ -86,6 +86,17 @@ def _events(
     return times.astype(np.float64), values.astype(np.float32)
 
 
+def context_counts(rel, units, *, n_units: int, context_s: float, n_bins: int) -> np.ndarray:
+    """``(n_units, n_bins)`` float32: each unit's spike count in ``n_bins`` equal bins of a context of
+    ``context_s`` seconds, oldest first, from spike times ``rel`` in seconds since the context start (in
+    ``[0, context_s)``) and unit rows ``units``. The model's ``unit_bins`` and the population forecast
+    (:mod:`nh_serve.core.population_forecast`) both read these."""
+    nb = int(n_bins)
+    b = np.minimum((np.asarray(rel, dtype=np.float64) * (nb / float(context_s))).astype(np.int64), nb - 1)
+    u = np.asarray(units, dtype=np.int64)
+    return np.bincount(u * nb + b, minlength=int(n_units) * nb).reshape(int(n_units), nb).astype(np.float32)
+
+
 def tokenize(
     cfg: ModelConfig,
     *,
@@ -232,10 +243,8 @@ def tokenize(
     if hist_rates is not None:
         out["history_rates"] = torch.from_numpy(np.ascontiguousarray(hist_rates, dtype=np.float32))  # (U, K)
     if cfg.pop_context_bins:  # each unit's spike count in equal bins of the context
-        nb = cfg.pop_context_bins
-        b = np.minimum((rel * (nb / cfg.context_s)).astype(np.int64), nb - 1)
         out["unit_bins"] = torch.from_numpy(
-            np.bincount(units * nb + b, minlength=n_units * nb).reshape(n_units, nb).astype(np.float32)
+            context_counts(rel, units, n_units=n_units, context_s=cfg.context_s, n_bins=cfg.pop_context_bins)
         )  # (U, nb)
     if cfg.image_dim == 0 and image_schedule_s is not None:
         raise InputError("image_schedule_s: this model takes no images; pass image_schedule_s=None")

@@ -27,9 +27,11 @@ The ladder (:data:`DEFAULT_BASELINES`; ``--baselines full`` adds ``population_gl
 ``persistence_k{1,5,20}``
     The last second's rate shrunk toward ``r_ref`` with ``k`` seconds of pseudo-observation,
     ``(n_1s + k r_ref) / (1 + k)`` (less than a second observed: its length instead of 1), flat.
-``univariate_glm`` / ``population_glm`` / ``population_glm_recent``
+``univariate_glm`` / ``population_glm`` / ``population_glm_forecast`` / ``population_glm_recent``
     Poisson GLMs on each unit's smoothed-rate history (and the population's, for the
-    population ones): :mod:`nh_serve.core.glm`.
+    population ones): :mod:`nh_serve.core.glm`. ``population_glm_forecast`` reads the population
+    forecast (:mod:`nh_serve.core.population_forecast`: the last 0.6 s of the population's activity
+    in 100 ms bins, reduced to a few numbers per band) instead of every component.
 
 ``best_baseline`` (in eval and score) is the best of these *in hindsight* on each
 recording: it knows which forecaster won, which no causal forecaster could, so a
@@ -56,9 +58,10 @@ import numpy as np
 from nh_serve.core.glm import (
     RECENT_EVERY_S,
     RECENT_SPAN_S,
-    UnivariateGLM,
     fit_population_glm,
+    window_counts,
 )
+from nh_serve.core.univariate_glm import UnivariateGLM
 from nh_serve.data.history import HISTORY_TAUS, HistoryTrack, ema_rates
 from nh_serve.data.spikes import check_spikes, prefix_counts
 from nh_serve.errors import InputError
@@ -77,7 +80,7 @@ LEGACY = ("reference_rate", "persistence", "exp_smooth")
 EMA_NAMES = tuple(f"ema_tau{t:g}" for t in EMA_TAUS)
 PERSIST_K_NAMES = tuple(f"persistence_k{k:g}" for k in PERSIST_KS)
 HISTORY_ONLY = LEGACY + EMA_NAMES + PERSIST_K_NAMES
-DEFAULT_BASELINES = HISTORY_ONLY + ("univariate_glm", "population_glm")
+DEFAULT_BASELINES = HISTORY_ONLY + ("univariate_glm", "population_glm", "population_glm_forecast")
 FULL_BASELINES = DEFAULT_BASELINES + ("population_glm_recent",)
 BASELINE_SETS = {"default": DEFAULT_BASELINES, "full": FULL_BASELINES}
 #: Every smoothed-rate time scale any baseline reads (seconds).
@@ -268,14 +271,16 @@ class BaselineSet:
         self.track = HistoryTrack(read=read, n_units=self.U, ref_rate_hz=self.ref, start=self.start, taus=ALL_TAUS)
         self._i_hist = [ALL_TAUS.index(x) for x in HISTORY_TAUS]
         self._i_ema = [ALL_TAUS.index(x) for x in EMA_TAUS]
-        self.population = None
-        if "population_glm" in names:
+        self.population = self.forecast = None
+        if "population_glm" in names or "population_glm_forecast" in names:
             r0, r1 = reference
             t, u = read(min(self.start, r0), r1)
-            self.population = fit_population_glm(
-                t, u, n_units=self.U, start=self.start, ref_rate_hz=self.ref, fit_from=r0, fit_to=r1,
-                n_bins=self.T, bin_size=self.bs,
-            )
+            kw = dict(n_units=self.U, start=self.start, ref_rate_hz=self.ref, fit_from=r0, fit_to=r1, n_bins=self.T,
+                      bin_size=self.bs)
+            if "population_glm" in names:
+                self.population = fit_population_glm(t, u, **kw)
+            if "population_glm_forecast" in names:
+                self.forecast = fit_population_glm(t, u, forecast=True, **kw)
         self._recent = None  # (valid_from, model) of population_glm_recent
         self._snapshots: list[tuple[float, np.ndarray]] = []  # (time, state) for the recent refits
 
@@ -352,6 +357,8 @@ class BaselineSet:
             out["univariate_glm"] = self.univariate.predict(R_hist, n_bins=T, bin_size=bs)
         if "population_glm" in self.names:
             out["population_glm"] = self.population.predict(R_hist)
+        if "population_glm_forecast" in self.names:
+            out["population_glm_forecast"] = self.forecast.predict(R_hist, window_counts(times, units, t_now, n_units=U))
         if "population_glm_recent" in self.names:
             rec = np.empty((w, U, T), dtype=np.float32)
             for i in range(w):

@@ -1,6 +1,6 @@
 """``nh-serve fit-baselines``: fit the univariate GLM baseline on training recordings.
 
-The univariate GLM (:class:`nh_serve.core.glm.UnivariateGLM`) has 36
+The univariate GLM (:class:`nh_serve.core.univariate_glm.UnivariateGLM`) has 36
 weights shared by every unit of every recording; it is fitted once, on recordings
 the scored ones are not among, and applied zero-shot. ``nh-serve train`` fits it on
 the checkpoint's own training recordings and stores it in the checkpoint, so eval
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nh_serve.core.glm import GLM_BANDS_MS, GLMRecording, UnivariateGLM
+from nh_serve.core.glm import GLM_BANDS_MS
+from nh_serve.core.univariate_glm import GLMRecording, UnivariateGLM
 from nh_serve.data.features import DEFAULT_REFERENCE_S, auto_reference_s, reference_rate_hz
 from nh_serve.data.session import open_session
 from nh_serve.data.session.files import find_sessions, session_name

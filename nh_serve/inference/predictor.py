@@ -341,7 +341,8 @@ class Predictor:
             log_rate = self._backend(batch, emb)  # (B, U, T)
         rates = torch.exp(log_rate).float().numpy()
         if (corr := s.correction) is not None:  # the fit's rate correction, for every backend alike (read once:
-            rates = corr.apply(rates, batch["history_rates"].double().numpy())  # a refit may replace it meanwhile)
+            bins = batch["unit_bins"].numpy() if "unit_bins" in batch else None  # a refit may replace it meanwhile)
+            rates = corr.apply(rates, batch["history_rates"].double().numpy(), bins)
         return rates
 
     def _horizon_bins(self, horizon_s: float | None) -> int:

@@ -93,16 +93,24 @@ class RateCorrection:
     def __init__(self, *, population: PopulationGLM | None, calibration: Calibration | None):
         self.population, self.calibration = population, calibration
 
-    def apply(self, rates_hz: np.ndarray, R: np.ndarray) -> np.ndarray:
-        """Corrected ``(W, U, T)`` float32 rates from the network's rates (Hz) and the smoothed rates ``R``
-        ``(W, U, K)`` at the context ends."""
+    def apply(self, rates_hz: np.ndarray, R: np.ndarray, bins: np.ndarray | None = None) -> np.ndarray:
+        """Corrected ``(W, U, T)`` float32 rates from the network's rates (Hz), the smoothed rates ``R``
+        ``(W, U, K)`` at the context ends and the windows' context counts ``bins`` ``(W, U, nb)`` (the
+        tokenizer's ``unit_bins``; the population forecast reads them)."""
         R = np.asarray(R, dtype=np.float64)
         log_r = np.log(np.clip(np.asarray(rates_hz, dtype=np.float64), 1e-30, 1e12))  # finite, whatever the backend gave
         if self.population is not None:
-            log_r = log_r + self.population.log_correction(R)
+            log_r = log_r + self.population.log_correction(R, None if bins is None else np.asarray(bins, dtype=np.float64))
         if self.calibration is not None:
             log_r = log_r + self.calibration.log_factor(log_r, R)
         return np.exp(log_r).astype(np.float32)
+
+
+def context_bins(cfg) -> tuple[float, int] | None:
+    """The context bins ``(seconds, number)`` of a model's ``unit_bins`` that the population correction's forecast
+    reads (:mod:`nh_serve.core.population_forecast`); None for a model without them (the correction then reads
+    the population's components)."""
+    return (cfg.context_s / cfg.pop_context_bins, int(cfg.pop_context_bins)) if cfg.pop_context_bins else None
 
 
 def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float, step_s: float = STEP_S) -> np.ndarray:
@@ -121,16 +129,20 @@ def fit_windows(r0: float, r1: float, *, context_s: float, horizon_s: float, ste
 
 
 @torch.no_grad()
-def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings, stop=lambda: None) -> tuple[np.ndarray, np.ndarray]:
-    """``eta0`` ``(W, U, T)`` and the read-out design ``(W, T, K + 1)`` of every window (float64)."""
+def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings, stop=lambda: None):
+    """``eta0`` ``(W, U, T)`` and the read-out design ``(W, T, K + 1)`` of every window (float64), and the
+    windows' context counts ``(W, U, nb)`` (the tokenizer's ``unit_bins``; None for a model without them)."""
     U = embeddings.shape[0]
     step = max(1, FORWARD_CHUNK_UNIT_WINDOWS // max(U, 1))
-    eta0, designs = None, None
+    eta0, designs, bins = None, None, None
     for i in range(0, len(windows), step):
         stop()  # an abandoned registration stops between chunks
         items = [tokenize_window(cfg, w, unit_features=unit_features, ref_rate_hz=ref_rate_hz) for w in windows[i : i + step]]
         batch = collate(items)
         batch.pop("unit_features")
+        if "unit_bins" in batch:
+            bins = [] if bins is None else bins
+            bins.append(batch["unit_bins"].numpy())
         emb = embeddings.unsqueeze(0).expand(len(items), -1, -1)
         eta, design, _ = model.log_rate_parts(emb, **batch)
         if eta0 is None:  # written chunk by chunk: no list of copies to join
@@ -138,7 +150,7 @@ def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings
             designs = np.empty((len(windows), *design.shape[1:]))
         eta0[i : i + len(items)] = eta.numpy()
         designs[i : i + len(items)] = design.numpy()
-    return eta0, designs
+    return eta0, designs, None if bins is None else np.concatenate(bins)
 
 
 def fit_readout(
@@ -194,7 +206,7 @@ def fit_readout(
         hr = ema_rates(times, units, n_units=U, t_eval=starts + cfg.context_s, start=r0, ref_rate_hz=ref_rate_hz,
                        taus=cfg.history_taus, init=history_init)
         windows = cut_windows(times, units, starts, n_units=U, cfg=cfg, history_start=r0, history_rates=hr)
-    eta0, design = _frozen_parts(model, cfg, windows, unit_features=unit_features, ref_rate_hz=ref_rate_hz,
+    eta0, design, bins = _frozen_parts(model, cfg, windows, unit_features=unit_features, ref_rate_hz=ref_rate_hz,
                                  embeddings=embeddings, stop=stop)  # (W, U, T), (W, T, K1)
     stop()
     y = target_counts(times, units, starts + cfg.context_s, n_units=U, bin_size=cfg.bin_size_s, n_bins=cfg.n_bins)
@@ -252,7 +264,8 @@ def fit_readout(
         R = np.stack([w.history_rates for w in windows]).astype(np.float64)  # (W, U, K) at the context ends
         population = None
         if not calibration_only:
-            population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus).fit(R, y, offset=eta)
+            population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus,
+                                       context_bins=context_bins(cfg)).fit(R, y, offset=eta, bins=bins)
             info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
             info["population_level"] = population.level
             info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
@@ -260,7 +273,7 @@ def fit_readout(
                 population = None
         stop()
         # the recording's calibration (floor, departures) on the read-out's windows, with everything above as offset
-        e = eta[sub] if population is None else eta[sub] + population.log_correction(R[sub])  # (w, U, T)
+        e = eta[sub] if population is None else eta[sub] + population.log_correction(R[sub], None if bins is None else bins[sub])
         # the level's time scale only where the rates are causal: a refit's come from the stream before its window
         cal, cal_info = Calibration.fit(log_expected=e, counts=y[sub], R=R[sub], taus=cfg.history_taus,
                                         i_slow=list(cfg.history_taus).index(SLOW_TAU), bin_size=cfg.bin_size_s,
