@@ -1,5 +1,5 @@
-"""The two Poisson-GLM baselines: a univariate GLM fitted once across recordings, and a
-population GLM fitted on each recording's own reference window.
+"""The Poisson-GLM baselines: a univariate GLM fitted once across recordings
+(:mod:`nh_serve.core.univariate_glm`), and population GLMs fitted on each recording's own reference window.
 
 Both predict a rate per horizon *band* (:data:`GLM_BANDS_MS`: 0-40, 40-100, 100-200,
 200-400, 400-700 and 700-1000 ms after the prediction time; every bin of a band gets
@@ -28,10 +28,16 @@ with ``log(r_30s + 0.1 Hz)`` as the offset::
     or to +-5 standard deviations (components), so a drifting recording cannot push
     the linear predictor far outside what was fitted. ``population_glm_recent`` is
     the same model refitted every 30 s on the last 120 s before the prediction time.
+``population_glm_forecast``
+    The same, with ``context_bins``: in place of the 32 components each unit reads the 8 numbers
+    of its band's population forecast (:mod:`nh_serve.core.population_forecast`: the components
+    now and in each 100 ms bin of the last 0.6 s, reduced by a pooled ridge regression), so
+    ``x_u`` has 4 + 8 + 1 entries. The forecast is fitted on the same times as the weights it is
+    judged with, then on all of them.
 
 The population GLM also *corrects* another predictor (``fit(..., offset=...)``, the
-registration's correction of the network, :mod:`nh_serve.inference.reference_fit`): its rates
-times ``exp(w_b . x_u)``. A correction is chosen on fit times it was not fitted on
+registration's correction of the network, :mod:`nh_serve.inference.reference_fit`, reading the
+forecast of the model's own context bins): its rates times ``exp(w_b . x_u)``. A correction is chosen on fit times it was not fitted on
 (:data:`CORRECTION_SPLIT`): per unit and band, then whether to correct at all
 (:data:`CORRECTION_LEVELS`), for the whole recording.
 

@@ -21,8 +21,9 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    prediction (``r_u = 0``) there; the read-outs are kept at all only where they predict the
    last 15% better than none. Kept units are refitted on all those windows.
 4. The population correction: a population GLM (:class:`nh_serve.core.glm.PopulationGLM`:
-   per unit and horizon band, the unit's own smoothed rates and the top principal components
-   of the population's, from the windows' history rates) fitted with everything above as its
+   per unit and horizon band, the unit's own smoothed rates and the population forecast of the band,
+   :mod:`nh_serve.core.population_forecast`, from the windows' history rates and context counts
+   ``unit_bins``; models without those read the population's principal components) fitted with everything above as its
    offset, so it multiplies the model's rates by ``exp(w_b . x_u)`` (models whose history holds
    the GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`). Fitted on the first
    70% of the windows; each unit and band keeps it only where it predicts the next 15% better
