@@ -96,12 +96,13 @@ def _fit_inputs(seed=0, U=30, P=200):
 def test_forecast_is_deterministic_and_sees_only_the_times_it_is_fitted_on():
     pcs, bins, r, per, nb = _fit_inputs()
     f = PopulationForecast(components=8, bin_s=0.1, n_bins=10)
-    a = f.fit(pcs[:150], bins[:150], r[:150], per[:, :150], nb).features(pcs, bins, r)
+    X = f.lags(bins, r)  # (P, U, n_lag)
+    a = f.fit(pcs[:150], X[:150], per[:, :150], nb).features(pcs, X)
     assert a.shape == (6, 200, 8) and np.all(np.isfinite(a)) and np.abs(a).max() <= 5.0
     changed = per.copy()
     changed[:, 150:] *= 7.0  # later targets differ: a fit on the first 150 times must not notice
-    b = PopulationForecast(components=8, bin_s=0.1, n_bins=10).fit(pcs[:150], bins[:150], r[:150], changed[:, :150], nb)
-    np.testing.assert_array_equal(a, b.features(pcs, bins, r))
+    b = PopulationForecast(components=8, bin_s=0.1, n_bins=10).fit(pcs[:150], X[:150], changed[:, :150], nb)
+    np.testing.assert_array_equal(a, b.features(pcs, X))
     # on the fitted times each band's features are standardised
     np.testing.assert_allclose(a[:, :150].std(1), 1.0, atol=1e-3)
 
@@ -110,9 +111,10 @@ def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="ridge"):
         PopulationForecast(components=8, bin_s=0.1, n_bins=10, ridge=0.0)
     pcs, bins, r, per, nb = _fit_inputs()
-    f = PopulationForecast(components=8, bin_s=0.1, n_bins=10).fit(pcs, bins, r, per, nb)
+    f = PopulationForecast(components=8, bin_s=0.1, n_bins=10)
+    f.fit(pcs, f.lags(bins, r), per, nb)
     with pytest.raises(ValueError, match="context bins"):
-        f.features(pcs, bins[..., :5], r)
+        f.lags(bins[..., :5], r)
     R = np.ones((20, 3, len(HISTORY_TAUS)))
     glm = PopulationGLM(n_bins=NB, bin_size=BS, context_bins=(0.1, 10))
     with pytest.raises(ValueError, match="context counts"):
@@ -160,3 +162,25 @@ def test_a_correction_reading_the_forecast_is_applied_from_the_windows_counts():
         assert np.abs(corr).max() > 0
     with pytest.raises(ValueError, match="context counts"):
         glm.log_correction(R)
+
+
+def test_forecast_directions_are_the_top_directions_of_the_ridge_fit():
+    """Each band's forecast is the ridge regression's fitted values projected on their leading right singular
+    vectors (the module computes them from a small triangular factor; here straight from an SVD)."""
+    pcs, bins, r, per, nb = _fit_inputs(seed=3, U=25, P=160)
+    f = PopulationForecast(components=8, bin_s=0.1, n_bins=10)
+    X = f.lags(bins, r)
+    f.fit(pcs, X, per, nb)
+    S = (f._shared(pcs, X) - f.s_mu) / f.s_sd
+    S1 = np.concatenate([S, np.ones((S.shape[0], 1))], 1)
+    pen = f.ridge * S.shape[0] * np.diag(np.r_[np.ones(S.shape[1]), 0.0])
+    for b in (0, 5):
+        Y = np.sqrt(per[b] / nb[b])
+        Y = (Y - Y.mean(0)) / (Y.std(0) + 0.05)
+        B = np.linalg.solve(S1.T @ S1 + pen, S1.T @ Y)
+        fitted = S1 @ B
+        _, _, vt = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)
+        want = B @ vt[: f.rank].T  # (F + 1, rank), each column up to its sign
+        got = f.M[b]
+        signs = np.sign((want * got).sum(0))
+        np.testing.assert_allclose(got, want * signs, rtol=1e-6, atol=1e-9)

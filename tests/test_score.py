@@ -279,7 +279,7 @@ def test_collect_targets_equals_per_window_loop(data, kw):
         t = collect_targets(s, plan, progress=False)
         counts, base = _reference_targets(s, plan)
     np.testing.assert_array_equal(t.counts, counts)
-    assert list(t.baselines) == list(base) + ["univariate_glm", "population_glm"]  # the GLMs need the recording
+    assert list(t.baselines) == list(base) + ["univariate_glm", "population_glm", "population_glm_forecast"]  # the GLMs need the recording
     for k in base:
         np.testing.assert_allclose(t.baselines[k], base[k], rtol=1e-6, atol=0)
 

@@ -227,13 +227,14 @@ class PopulationGLM:
         if self.context_bins is None:
             X = _Design(own, np.concatenate([pcs, one], 1))  # shared: (P, 4 K + 1), alike for every band
             return [X] * self.n_bands, np.ascontiguousarray(slow.T)
-        r_slow = np.maximum(R[..., self.i_slow], 0.0)
         if fitting:
             per, nb = targets
             self.forecast = PopulationForecast(components=self.components, bin_s=self.context_bins[0],
-                                               n_bins=self.context_bins[1]).fit(pcs[rows], bins[rows], r_slow[rows],
-                                                                                 per[:, rows], nb)
-        fc = self.forecast.features(pcs, bins, r_slow)  # (n_bands, P, rank)
+                                               n_bins=self.context_bins[1])
+        lagged = self.forecast.lags(bins, np.maximum(R[..., self.i_slow], 0.0))  # (P, U, n_lag)
+        if fitting:
+            self.forecast.fit(pcs[rows], lagged[rows], per[:, rows], nb)
+        fc = self.forecast.features(pcs, lagged)  # (n_bands, P, rank)
         return [_Design(own, np.concatenate([f, one], 1)) for f in fc], np.ascontiguousarray(slow.T)
 
     def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None, bins=None) -> PopulationGLM:

@@ -81,21 +81,23 @@ class PopulationForecast:
         self.bin_s, self.n_bins = float(bin_s), int(n_bins)
         self.n_lag = n_lags(bin_s, n_bins)
 
-    def _shared(self, pcs: np.ndarray, bins: np.ndarray, r_slow: np.ndarray) -> np.ndarray:
-        """``(P, F)`` the regression's inputs, before standardising: the components now, then each lag's."""
+    def lags(self, bins: np.ndarray, r_slow: np.ndarray) -> np.ndarray:
+        """``(P, U, n_lag)``: :func:`lag_features` of context counts ``bins`` ``(P, U, nb)`` and slow rates
+        ``r_slow`` ``(P, U)`` Hz, what :meth:`fit` and :meth:`features` read."""
         if bins.shape[-1] != self.n_bins:
             raise ValueError(f"PopulationForecast: fitted on {self.n_bins} context bins, given {bins.shape[-1]}")
-        X = lag_features(bins, r_slow, self.bin_s, self.n_lag)  # (P, U, n_lag)
+        return lag_features(bins, r_slow, self.bin_s, self.n_lag)
+
+    def _shared(self, pcs: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """``(P, F)`` the regression's inputs, before standardising: the components now, then each lag's."""
         lagged = [((X[..., j] - self.mu[:, j]) / self.sd[:, j]) @ self.V[j] for j in range(self.n_lag)]
         return np.concatenate([pcs, *lagged], axis=1)
 
-    def fit(self, pcs: np.ndarray, bins: np.ndarray, r_slow: np.ndarray, per_band: np.ndarray,
-            bins_per_band: np.ndarray) -> PopulationForecast:
-        """Fit on the fit times' components now ``pcs`` ``(P, F0)``, context counts ``bins`` ``(P, U, nb)``,
-        slow rates ``r_slow`` ``(P, U)`` Hz, and the counts of each band after them ``per_band``
-        ``(n_bands, P, U)`` over ``bins_per_band`` ``(n_bands,)`` bins."""
-        P, U = r_slow.shape
-        X = lag_features(bins, r_slow, self.bin_s, self.n_lag)
+    def fit(self, pcs: np.ndarray, X: np.ndarray, per_band: np.ndarray, bins_per_band: np.ndarray) -> PopulationForecast:
+        """Fit on the fit times' components now ``pcs`` ``(P, F0)``, lag features ``X`` ``(P, U, n_lag)``
+        (:meth:`lags`), and the counts of each band after them ``per_band`` ``(n_bands, P, U)`` over
+        ``bins_per_band`` ``(n_bands,)`` bins."""
+        P, U = X.shape[:2]
         self.mu, self.sd = X.mean(0), X.std(0) + 0.05  # (U, n_lag)
         k = max(1, min(self.components, U - 1, P - 1))
         self.V = []
@@ -104,9 +106,11 @@ class PopulationForecast:
             Z = (X[..., j] - self.mu[:, j]) / self.sd[:, j]
             V[:, :k] = top_right_singular_vectors(Z - Z.mean(0), k)
             self.V.append(V)
-        S = self._shared(pcs, bins, r_slow)
+        S = self._shared(pcs, X)
         self.s_mu, self.s_sd = S.mean(0), S.std(0) + 1e-6
-        S = np.concatenate([(S - self.s_mu) / self.s_sd, np.ones((P, 1))], axis=1)  # (P, F + 1)
+        S = (S - self.s_mu) / self.s_sd  # (P, F), centred
+        _, Rq = np.linalg.qr(S)  # S = Q Rq: the fitted values S B share their right singular vectors with Rq B
+        S = np.concatenate([S, np.ones((P, 1))], axis=1)  # (P, F + 1)
         G = S.T @ S + self.ridge * P * np.diag(np.r_[np.ones(S.shape[1] - 1), 0.0])  # no penalty on the 1
         r = max(1, min(self.rank, U, P - 1))
         self.M, self.f_sd = [], []
@@ -114,16 +118,16 @@ class PopulationForecast:
             Y = np.sqrt(per_band[b] / max(float(bins_per_band[b]), 1.0))  # (P, U) square-root count per bin
             Y = (Y - Y.mean(0)) / (Y.std(0) + 0.05)
             B = np.linalg.solve(G, S.T @ Y)  # (F + 1, U)
-            fitted = S @ B
             M = np.zeros((S.shape[1], self.rank))
-            M[:, :r] = B @ top_right_singular_vectors(fitted - fitted.mean(0), r)  # (F + 1, rank)
+            # the centred fitted values are S[:, :F] B[:F] = Q (Rq B[:F]): top directions from an (F, U) matrix
+            M[:, :r] = B @ top_right_singular_vectors(Rq @ B[:-1], r)  # (F + 1, rank)
             self.M.append(M)
             self.f_sd.append((S @ M).std(0) + 1e-6)
         return self
 
-    def features(self, pcs: np.ndarray, bins: np.ndarray, r_slow: np.ndarray) -> np.ndarray:
+    def features(self, pcs: np.ndarray, X: np.ndarray) -> np.ndarray:
         """``(n_bands, P, rank)`` each band's forecast features (standardised on the fit times, clipped to
-        +-:data:`CLIP_SD`) at the times of ``pcs`` ``(P, F0)``, ``bins`` ``(P, U, nb)``, ``r_slow`` ``(P, U)``."""
-        S = (self._shared(pcs, bins, r_slow) - self.s_mu) / self.s_sd
+        +-:data:`CLIP_SD`) at the times of ``pcs`` ``(P, F0)`` and lag features ``X`` ``(P, U, n_lag)``."""
+        S = (self._shared(pcs, X) - self.s_mu) / self.s_sd
         S = np.concatenate([S, np.ones((S.shape[0], 1))], axis=1)
         return np.stack([np.clip((S @ M) / sd, -CLIP_SD, CLIP_SD) for M, sd in zip(self.M, self.f_sd)])

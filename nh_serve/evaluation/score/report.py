@@ -366,7 +366,7 @@ def overview_png(records: list[dict]) -> bytes | None:
         return _png(fig)
     names = [
         n
-        for n in ("model", "exp_smooth", "ema_tau30", "univariate_glm", "population_glm", "oracle")
+        for n in ("model", "exp_smooth", "ema_tau30", "univariate_glm", "population_glm", "population_glm_forecast", "oracle")
         if any(n in r["predictors"] for r in records)
     ]
     fig = _figure(10, 1.2 + 0.22 * len(names) * len(records))
