@@ -12,7 +12,7 @@ with ``log(r_30s + 0.1 Hz)`` as the offset::
     ``x_u`` = the unit's own ``log(r_tau + 0.1) - log(r30 + 0.1)`` at tau = 50 ms,
     250 ms, 1 s, 5 s and 120 s, plus 1: six weights per band shared by every unit of
     every recording (36 numbers), fitted by Poisson maximum likelihood on training
-    recordings (:meth:`UnivariateGLM.fit`, ``nh-serve fit-baselines``) and applied
+    recordings (:meth:`nh_serve.core.univariate_glm.UnivariateGLM.fit`, ``nh-serve fit-baselines``) and applied
     zero-shot. A checkpoint carries the weights fitted on its own training recordings
     (``metadata["baselines"]["univariate_glm"]``).
 ``population_glm``
@@ -30,8 +30,9 @@ with ``log(r_30s + 0.1 Hz)`` as the offset::
     the same model refitted every 30 s on the last 120 s before the prediction time.
 ``population_glm_forecast``
     The same, with ``context_bins``: in place of the 32 components each unit reads the 8 numbers
-    of its band's population forecast (:mod:`nh_serve.core.population_forecast`: the components
-    now and in each 100 ms bin of the last 0.6 s, reduced by a pooled ridge regression), so
+    of its band's population forecast (:mod:`nh_serve.core.population_forecast`: these components
+    now, beside the top components of the units' relative log rates in each 100 ms bin of the last
+    0.6 s, reduced by a pooled ridge regression), so
     ``x_u`` has 4 + 8 + 1 entries. The forecast is fitted on the same times as the weights it is
     judged with, then on all of them.
 

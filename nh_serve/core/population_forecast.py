@@ -6,7 +6,7 @@ oscillation or a chaotic orbit is only forecast from its phase, which needs wher
 moment ago as well. The forecast reads both:
 
 1. **Delay embedding.** Each unit's spike counts in the last :data:`FORECAST_LAG_S` seconds of its
-   context, in the context's equal bins (:func:`nh_serve.data.tokens.context_bins`, the bins the model's
+   context, in the context's equal bins (:func:`nh_serve.data.tokens.context_counts`, the bins the model's
    tokenizer makes), as relative log rates shrunk toward its slow rate (:func:`lag_features`); per bin,
    the top principal components of the population's (the fit window's, z-scored per unit).
 2. **Reduced-rank regression.** Those lagged components beside the population GLM's components now
