@@ -391,7 +391,7 @@ def test_population_glm_matches_scikit_learn_per_unit():
     R = ema_rates(rec.times, rec.units, n_units=5, t_eval=pos, start=0.0, ref_rate_hz=rec.ref_rate_hz, taus=HISTORY_TAUS)
     counts = target_counts(rec.times, rec.units, pos, n_units=5, bin_size=BS, n_bins=NB)
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts)
-    design, slow = pop._design(R)
+    design, slow, _ = pop._design(R)
     design = design[0]  # the same design for every band
     X = design.full()  # (U, P, F)
     F = X.shape[-1]

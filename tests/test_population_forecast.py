@@ -24,7 +24,7 @@ from nh_serve.core.population_forecast import (
     n_lags,
 )
 from nh_serve.data.history import HISTORY_TAUS, ema_rates
-from nh_serve.data.tokens import context_counts, tokenize
+from nh_serve.data.tokens import tokenize
 from nh_serve.data.windows import target_counts
 from nh_serve.evaluation.metrics import bits_per_spike
 
@@ -66,22 +66,27 @@ def test_lag_features_by_hand_most_recent_bin_first():
     assert n_lags(0.5, 10) == 1 and n_lags(0.01, 5) == 5  # at least one bin, at most all of them
 
 
-def test_window_counts_are_the_tokenizers_unit_bins():
+def _hist(t, u, U, t0, span, nb):
+    """Each unit's counts in ``nb`` equal bins of ``[t0, t0 + span)``, by histogram (independent of the module)."""
+    edges = t0 + np.linspace(0.0, span, nb + 1)
+    return np.stack([np.histogram(t[u == k], bins=edges)[0] for k in range(U)]).astype(np.float32)
+
+
+def test_window_counts_and_the_tokenizers_unit_bins_are_the_contexts_binned_counts():
     t, u, U = oscillating_population(duration=20.0, n_units=7)
-    cfg = get_config("nh-tiny")
     nb = BASELINE_CONTEXT_BINS[1]
     t_now = np.array([3.0, 7.55, 12.0])
     got = window_counts(t, u, t_now, n_units=U)
     for i, tn in enumerate(t_now):
         m = (t >= tn - 1.0) & (t < tn)
-        assert got[i].sum() == m.sum()
-        np.testing.assert_array_equal(got[i], context_counts(t[m] - (tn - 1.0), u[m], n_units=U, context_s=1.0, n_bins=nb))
-    if cfg.pop_context_bins:  # the model's tokenizer bins its context with the same function
-        item = tokenize(cfg, unit_features=np.zeros((U, cfg.n_features), np.float32), spike_times=t[(t >= 2.0) & (t < 3.0)],
-                        spike_unit_index=u[(t >= 2.0) & (t < 3.0)], ctx_start=2.0, ref_rate_hz=np.ones(U))
-        want = context_counts(t[(t >= 2.0) & (t < 3.0)] - 2.0, u[(t >= 2.0) & (t < 3.0)], n_units=U, context_s=cfg.context_s,
-                              n_bins=cfg.pop_context_bins)
-        np.testing.assert_array_equal(item["unit_bins"].numpy(), want)
+        assert got[i].sum() == m.sum() > 0
+        np.testing.assert_array_equal(got[i], _hist(t[m], u[m], U, tn - 1.0, 1.0, nb))
+    cfg = get_config("nh-tiny")  # the model's tokenizer bins its context the same way
+    assert cfg.pop_context_bins
+    m = (t >= 2.0) & (t < 3.0)
+    item = tokenize(cfg, unit_features=np.zeros((U, cfg.n_features), np.float32), spike_times=t[m],
+                    spike_unit_index=u[m], ctx_start=2.0, ref_rate_hz=np.ones(U))
+    np.testing.assert_array_equal(item["unit_bins"].numpy(), _hist(t[m], u[m], U, 2.0, cfg.context_s, cfg.pop_context_bins))
 
 
 def _fit_inputs(seed=0, U=30, P=200):
@@ -93,18 +98,32 @@ def _fit_inputs(seed=0, U=30, P=200):
     return pcs, bins, r, per, np.array([2.0, 3, 5, 10, 15, 15])
 
 
-def test_forecast_is_deterministic_and_sees_only_the_times_it_is_fitted_on():
-    pcs, bins, r, per, nb = _fit_inputs()
-    f = PopulationForecast(components=8, bin_s=0.1, n_bins=10)
-    X = f.lags(bins, r)  # (P, U, n_lag)
-    a = f.fit(pcs[:150], X[:150], per[:, :150], nb).features(pcs, X)
-    assert a.shape == (6, 200, 8) and np.all(np.isfinite(a)) and np.abs(a).max() <= 5.0
+def test_forecast_is_deterministic_and_each_fold_sees_only_its_own_times():
+    """The correction's folds: a fold's forecast is fitted on its fit times only, so changing the targets of the
+    other times leaves its design as it was, while the forecast fitted on all times follows them."""
+    t, u, U = oscillating_population(duration=80.0, n_units=20)
+    ref = np.bincount(u[t < 60.0], minlength=U) / 60.0
+    pos = np.arange(1.0, 59.0, 0.1)
+    R = ema_rates(t, u, n_units=U, t_eval=pos, start=0.0, ref_rate_hz=ref, taus=HISTORY_TAUS)
+    y = target_counts(t, u, pos, n_units=U, bin_size=BS, n_bins=NB)
+    bins = window_counts(t, u, pos, n_units=U)
+    per, nb = _band_targets(y, band_index(NB, BS), 6)
     changed = per.copy()
-    changed[:, 150:] *= 7.0  # later targets differ: a fit on the first 150 times must not notice
-    b = PopulationForecast(components=8, bin_s=0.1, n_bins=10).fit(pcs[:150], X[:150], changed[:, :150], nb)
-    np.testing.assert_array_equal(a, b.features(pcs, X))
-    # on the fitted times each band's features are standardised
-    np.testing.assert_allclose(a[:, :150].std(1), 1.0, atol=1e-3)
+    changed[:, 300:] = changed[:, 300:][:, ::-1]  # other targets after the first 300 times
+
+    def designs(targets):
+        glm = PopulationGLM(n_bins=NB, bin_size=BS, context_bins=(0.1, 10))
+        glm._fit_pcs(R)
+        X, _, folds = glm._design(R, bins, fitting=True, targets=(targets, nb), fold_rows=(slice(0, 300),))
+        return np.stack([x.shared for x in X]), np.stack([x.shared for x in folds[0]])
+
+    all_a, fold_a = designs(per)
+    all_b, fold_b = designs(changed)
+    np.testing.assert_array_equal(fold_a, fold_b)
+    assert np.abs(all_a - all_b).max() > 1e-3
+    np.testing.assert_array_equal(all_a, designs(per)[0])  # deterministic
+    # on the times it was fitted on each band's forecast is standardised (the last column is the 1)
+    np.testing.assert_allclose(fold_a[:, :300, :-1].std(1), 1.0, atol=0.05)
 
 
 def test_bad_arguments_say_what_is_wrong():
@@ -137,31 +156,35 @@ def test_the_forecast_reads_an_oscillation_the_components_now_miss():
     late = band_index(NB, BS) >= 3  # 200 ms and later
     assert bits_per_spike(b, y) > bits_per_spike(a, y) + 0.01
     assert bits_per_spike(b[..., late], y[..., late]) > bits_per_spike(a[..., late], y[..., late]) + 0.01
-    # the plain GLM's design is one for every band; the forecast's differs per band
-    X, _ = fc._design(R, bins)
+    # the forecast differs per band
+    X, _, _ = fc._design(R, bins)
     assert len(X) == 6 and not np.allclose(X[0].shared, X[5].shared)
-    per, nbb = _band_targets(y, band_index(NB, BS), 6)
-    assert per.shape == (6, pos.size, U) and nbb.sum() == NB
 
 
-def test_a_correction_reading_the_forecast_is_applied_from_the_windows_counts():
-    """The registration's correction with the forecast: fitted with an offset, it needs the windows' counts at
-    prediction time and gives a finite, bounded log factor."""
-    t, u, U = oscillating_population(duration=120.0, n_units=25)
+def test_a_correction_reading_the_forecast_is_kept_and_helps_later_windows():
+    """The registration's correction with the forecast: fitted on the first minute on top of a flat predictor, it
+    is kept, never scales a rate past its bound, needs the windows' counts at prediction time, and predicts the
+    next minute better than the predictor alone."""
+    t, u, U = oscillating_population(duration=125.0, n_units=25)
     ref = np.bincount(u[t < 60.0], minlength=U) / 60.0
-    pos = np.arange(1.0, 59.0, 0.1)
-    R = ema_rates(t, u, n_units=U, t_eval=pos, start=0.0, ref_rate_hz=ref, taus=HISTORY_TAUS)
-    y = target_counts(t, u, pos, n_units=U, bin_size=BS, n_bins=NB)
-    bins = window_counts(t, u, pos, n_units=U)
-    offset = np.broadcast_to(np.log(ref * BS + 1e-3)[None, :, None], y.shape).copy()
-    glm = PopulationGLM(n_bins=NB, bin_size=BS, context_bins=(0.1, 10)).fit(R, y, offset=offset, bins=bins)
-    assert glm.level in ("strict", "none")
+
+    def windows(pos):
+        R = ema_rates(t, u, n_units=U, t_eval=pos, start=0.0, ref_rate_hz=ref, taus=HISTORY_TAUS)
+        y = target_counts(t, u, pos, n_units=U, bin_size=BS, n_bins=NB)
+        flat = np.broadcast_to(np.log(ref * BS + 1e-3)[None, :, None], y.shape).copy()  # log expected counts
+        return R, y, window_counts(t, u, pos, n_units=U), flat
+
+    R, y, bins, flat = windows(np.arange(1.0, 59.0, 0.1))
+    glm = PopulationGLM(n_bins=NB, bin_size=BS, context_bins=(0.1, 10)).fit(R, y, offset=flat, bins=bins)
+    assert glm.level == "strict"
     corr = glm.log_correction(R, bins)
-    assert corr.shape == y.shape and np.all(np.abs(corr) <= glm.max_log + 1e-6)
-    if glm.level == "strict":
-        assert np.abs(corr).max() > 0
+    assert corr.shape == y.shape and np.abs(corr).max() <= glm.max_log + 1e-6
     with pytest.raises(ValueError, match="context counts"):
         glm.log_correction(R)
+    R, y, bins, flat = windows(np.arange(61.0, 124.0, 0.5))
+    alone = bits_per_spike(np.exp(flat), y)
+    corrected = bits_per_spike(np.exp(flat + glm.log_correction(R, bins)), y)
+    assert corrected > alone + 0.02
 
 
 def test_forecast_directions_are_the_top_directions_of_the_ridge_fit():

@@ -190,6 +190,7 @@ class PopulationGLM:
         (:mod:`nh_serve.core.population_forecast`) instead of every component."""
         self.n_bins, self.bin_size, self.components = int(n_bins), float(bin_size), int(components)
         self.context_bins = None if context_bins is None else (float(context_bins[0]), int(context_bins[1]))
+        self.forecast = None if context_bins is None else self._new_forecast()  # fitted by fit()
         self.bands = band_index(n_bins, bin_size)
         self.n_bands = len(GLM_BANDS_MS)
         taus = [float(t) for t in taus]
@@ -207,11 +208,11 @@ class PopulationGLM:
         slow = logs[..., self.i_slow]
         return logs, slow
 
-    def _design(self, R: np.ndarray, bins=None, *, fitting: bool = False, targets=None, rows: slice = slice(None)
-                ) -> tuple[list[_Design], np.ndarray]:
+    def _design(self, R: np.ndarray, bins=None, *, fitting: bool = False, targets=None, fold_rows=()):
         """Smoothed rates ``(P, U, K)`` (and with ``context_bins`` the context counts ``bins`` ``(P, U, nb)``)
-        -> each band's design (``F`` columns per unit) and the offset ``(U, P)`` (log Hz). ``targets``: the
-        fit's ``(per-band counts, bins per band)``, which the population forecast is fitted on (on the times ``rows``)."""
+        -> each band's design (``F`` columns per unit), the offset ``(U, P)`` (log Hz) and, fitting, each fold's
+        designs: ``targets``, the fit's ``(per-band counts, bins per band)``, are what the population forecast is
+        fitted on, on all times for the first, and on the times of each of ``fold_rows`` for the folds'."""
         if self.context_bins is not None and bins is None:
             raise ValueError("PopulationGLM: this GLM reads the population forecast; pass the context counts (bins)")
         logs, slow = self._logs(R)
@@ -224,19 +225,24 @@ class PopulationGLM:
             self.pc_sd = pcs.std(0) + 1e-6
         own = np.clip(own, self.own_lo, self.own_hi)
         pcs = np.clip(pcs / self.pc_sd, -POP_CLIP_SD, POP_CLIP_SD)
-        own, one = np.ascontiguousarray(own.transpose(1, 0, 2)), np.ones((pcs.shape[0], 1))
+        own, one, slow = np.ascontiguousarray(own.transpose(1, 0, 2)), np.ones((pcs.shape[0], 1)), np.ascontiguousarray(slow.T)
         if self.context_bins is None:
-            X = _Design(own, np.concatenate([pcs, one], 1))  # shared: (P, 4 K + 1), alike for every band
-            return [X] * self.n_bands, np.ascontiguousarray(slow.T)
+            X = [_Design(own, np.concatenate([pcs, one], 1))] * self.n_bands  # shared: (P, 4 K + 1), alike for every band
+            return X, slow, [X] * len(fold_rows)  # nothing in this design saw the targets
+        lagged = self.forecast.lags(bins, np.maximum(R[..., self.i_slow], 0.0))  # (P, U, n_lag)
+
+        def designs(forecast: PopulationForecast) -> list[_Design]:
+            return [_Design(own, np.concatenate([f, one], 1)) for f in forecast.features(pcs, lagged)]  # (P, rank + 1)
+
+        folds = []
         if fitting:
             per, nb = targets
-            self.forecast = PopulationForecast(components=self.components, bin_s=self.context_bins[0],
-                                               n_bins=self.context_bins[1])
-        lagged = self.forecast.lags(bins, np.maximum(R[..., self.i_slow], 0.0))  # (P, U, n_lag)
-        if fitting:
-            self.forecast.fit(pcs[rows], lagged[rows], per[:, rows], nb)
-        fc = self.forecast.features(pcs, lagged)  # (n_bands, P, rank)
-        return [_Design(own, np.concatenate([f, one], 1)) for f in fc], np.ascontiguousarray(slow.T)
+            folds = [designs(self._new_forecast().fit(pcs[r], lagged[r], per[:, r], nb)) for r in fold_rows]
+            self.forecast = self._new_forecast().fit(pcs, lagged, per, nb)
+        return designs(self.forecast), slow, folds
+
+    def _new_forecast(self) -> PopulationForecast:
+        return PopulationForecast(components=self.components, bin_s=self.context_bins[0], n_bins=self.context_bins[1])
 
     def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None, bins=None) -> PopulationGLM:
         """Fit on smoothed rates ``R`` ``(P, U, K)`` at prediction times in time order and their
@@ -256,10 +262,7 @@ class PopulationGLM:
             fold_rows = (slice(0, a), slice(P - a, P))  # the fit parts of the correction's two folds
         else:
             fold_rows = (slice(0, n_fit),)
-        folds = [] if self.context_bins is None else [
-            self._design(R, bins, fitting=True, targets=(per, nb), rows=r)[0] for r in fold_rows]
-        X, slow = self._design(R, bins, fitting=True, targets=(per, nb))  # the last fit (on all times) is kept
-        folds = folds or [X] * len(fold_rows)  # without the forecast nothing in the design saw the targets
+        X, slow, folds = self._design(R, bins, fitting=True, targets=(per, nb), fold_rows=fold_rows)
         if offset is not None:
             return self._fit_correction(X, folds, counts, offset)
         F = X[0].F
@@ -378,13 +381,13 @@ class PopulationGLM:
     def log_correction(self, R: np.ndarray, bins=None) -> np.ndarray:
         """``(W, U, T)`` float32 ``w_b . x_u`` per bin: the log factor a GLM fitted with ``offset`` applies
         to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)`` (and context counts ``bins``)."""
-        X, _ = self._design(R, bins)
+        X, _, _ = self._design(R, bins)
         eta = np.stack([x.lin(w) for x, w in zip(X, self.W)], -1).transpose(1, 0, 2)  # (W, U, n_bands)
         return np.clip(eta[:, :, self.bands], -self.max_log, self.max_log).astype(np.float32)
 
     def predict(self, R: np.ndarray, bins=None) -> np.ndarray:
         """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)`` (and context counts ``bins``)."""
-        X, slow = self._design(R, bins)  # F columns per unit, (U, W)
+        X, slow, _ = self._design(R, bins)  # F columns per unit, (U, W)
         eta = slow[None] + np.stack([x.lin(w) for x, w in zip(X, self.W)])  # (n_bands, U, W) log Hz
         rates = np.exp(np.clip(eta, -20.0, 10.0)).transpose(2, 1, 0)  # (W, U, n_bands)
         return _expand(rates, self.bands, self.bin_size)

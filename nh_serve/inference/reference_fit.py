@@ -101,7 +101,7 @@ class RateCorrection:
         R = np.asarray(R, dtype=np.float64)
         log_r = np.log(np.clip(np.asarray(rates_hz, dtype=np.float64), 1e-30, 1e12))  # finite, whatever the backend gave
         if self.population is not None:
-            log_r = log_r + self.population.log_correction(R, None if bins is None else np.asarray(bins, dtype=np.float64))
+            log_r = log_r + self.population.log_correction(R, bins)
         if self.calibration is not None:
             log_r = log_r + self.calibration.log_factor(log_r, R)
         return np.exp(log_r).astype(np.float32)
@@ -135,14 +135,13 @@ def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings
     windows' context counts ``(W, U, nb)`` (the tokenizer's ``unit_bins``; None for a model without them)."""
     U = embeddings.shape[0]
     step = max(1, FORWARD_CHUNK_UNIT_WINDOWS // max(U, 1))
-    eta0, designs, bins = None, None, None
+    eta0, designs, bins = None, None, []
     for i in range(0, len(windows), step):
         stop()  # an abandoned registration stops between chunks
         items = [tokenize_window(cfg, w, unit_features=unit_features, ref_rate_hz=ref_rate_hz) for w in windows[i : i + step]]
         batch = collate(items)
         batch.pop("unit_features")
         if "unit_bins" in batch:
-            bins = [] if bins is None else bins
             bins.append(batch["unit_bins"].numpy())
         emb = embeddings.unsqueeze(0).expand(len(items), -1, -1)
         eta, design, _ = model.log_rate_parts(emb, **batch)
@@ -151,7 +150,7 @@ def _frozen_parts(model, cfg, windows, *, unit_features, ref_rate_hz, embeddings
             designs = np.empty((len(windows), *design.shape[1:]))
         eta0[i : i + len(items)] = eta.numpy()
         designs[i : i + len(items)] = design.numpy()
-    return eta0, designs, None if bins is None else np.concatenate(bins)
+    return eta0, designs, np.concatenate(bins) if bins else None
 
 
 def fit_readout(

@@ -27,7 +27,8 @@ HISTORY_GAP_S = 0.5
 #: States a session keeps of its history stream (one per context end), for windows asked again.
 HISTORY_STATES = 256
 #: The shortest default refit window (seconds): on the held-out real recordings of docs/model-card.md refits on
-#: the last 3 minutes carried over better than on the last minute (and no worse than on the last 5).
+#: the last 3 minutes carried over better than on the last minute on every recording long enough for both;
+#: the last 5 minutes did better on one recording and worse on another.
 DEFAULT_REFIT_WINDOW_S = 180.0
 
 
