@@ -265,7 +265,7 @@ def test_registration_tolerance_fits_the_same_correction():
             mp.setattr("nh_serve.core.glm.CORRECTION_TOL", tol)
             fits[tol] = PopulationGLM(n_bins=50, bin_size=0.02).fit(R, y, offset=eta)
     a, b = fits[1e-9], fits[CORRECTION_TOL]
-    assert a.level == b.level == "strict" and np.abs(a.W).sum() > 0
+    assert a.level == b.level == "on" and np.abs(a.W).sum() > 0
     np.testing.assert_array_equal(a.W != 0, b.W != 0)
     np.testing.assert_allclose(b.W, a.W, atol=1e-4)
 
@@ -478,7 +478,7 @@ def test_a_correction_that_does_not_carry_over_in_time_is_dropped():
     drive = 0.8 * latent[:, None] * np.where(np.arange(P) < 0.85 * P, 1.0, -1.0)[:, None]  # reverses at the end
     counts = rng.poisson(np.exp(base + drive[:, :, None]))
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, counts, offset=base)
-    assert pop.level == "none" and not pop.W.any() and pop.judged_gain["strict"] < 0
+    assert pop.level == "none" and not pop.W.any() and pop.judged_gain["on"] < 0
     assert not pop.log_correction(seen).any()
     # the same link kept to the end earns a correction
     steady = rng.poisson(np.exp(base + 0.8 * latent[:, None, None]))

@@ -308,7 +308,7 @@ def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, re
     def pop_fit(self, R, y, *, offset=None, bins=None):
         out = real_pop_fit(self, R, y, offset=offset, bins=bins)
         seen["offset"] = offset.copy()  # (W, U, T) log expected counts
-        out.level = "strict"  # kept, with a known correction
+        out.level = "on"  # kept, with a known correction
         out.log_correction = lambda R, bins=None: np.full((*R.shape[:2], predictor.cfg.n_bins), 0.25, np.float32)
         return out
 
@@ -342,7 +342,7 @@ def test_rate_correction_multiplies_the_network_rates(predictor, recording):
     population = PopulationGLM(n_bins=predictor.cfg.n_bins, bin_size=predictor.cfg.bin_size_s,
                                taus=predictor.cfg.history_taus).fit(R, rng.poisson(0.1, (20, len(all_ids), predictor.cfg.n_bins)))
     population.W *= 0.1
-    population.max_log = CORRECTION_LEVELS["strict"]["max_log"]
+    population.max_log = CORRECTION_LEVELS["on"]["max_log"]
     i_slow = list(predictor.cfg.history_taus).index(SLOW_TAU)
     cal = Calibration(beta=0.5, gamma=1 / 3, i_slow=i_slow, n_bins=predictor.cfg.n_bins, bin_size=predictor.cfg.bin_size_s)
     s.correction = RateCorrection(population=population, calibration=cal)

@@ -33,7 +33,7 @@ band counts as offset (a convex problem in a few variables, solved on the box by
 deterministic). As the population correction (:mod:`nh_serve.core.glm`) they are fitted on the
 first 70% of the fit times and judged on the last 15%, in two folds (the second mirrored in time),
 and kept only where the two held-out parts together gain at least
-:data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`; then refitted on all. The held-out parts are held
+:data:`~nh_serve.core.glm.KEEP_MARGIN_NATS`; then refitted on all. The held-out parts are held
 out from the calibration only: the read-outs and the population correction in its offset were refitted
 on every fit time after their own held-out choices.
 
@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
-from nh_serve.core.glm import CORRECTION_MARGIN_NATS, band_index, band_sums, correction_split
+from nh_serve.core.glm import KEEP_MARGIN_NATS, band_index, band_sums, correction_split
 from nh_serve.data.history import LOG_FLOOR_HZ
 
 #: The floor the factor moves toward (Hz): the baselines' smallest predicted rate.
@@ -124,7 +124,7 @@ def fit_calibration(f, d, counts, expected, *, levels=None) -> tuple[np.ndarray,
     for fit, judge in ((slice(0, n_a), slice(n_b, P)), (slice(P - n_a, P), slice(0, P - n_b))):
         w = _solve(*rows(fit))
         gain += _nll_grad(zero, *rows(judge))[0] - _nll_grad(w, *rows(judge))[0]
-    w = _solve(*rows(slice(None))) if gain > CORRECTION_MARGIN_NATS else zero
+    w = _solve(*rows(slice(None))) if gain > KEEP_MARGIN_NATS else zero
     info = {"floor_beta": round(float(w[0]), 6), "shrink_gamma": round(float(w[1]), 6),
             "calibration_judged_gain_nats": round(gain, 4)}
     return w, info

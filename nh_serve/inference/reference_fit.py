@@ -27,7 +27,7 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    offset, so it multiplies the model's rates by ``exp(w_b . x_u)`` (models whose history holds
    the GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`). Fitted on the first
    70% of the windows; each unit and band keeps it only where it predicts the next 15% better
-   (by :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`); whether to correct at all is decided
+   (:data:`~nh_serve.core.glm.CORRECTION_LEVELS`); whether to correct at all is decided
    on the last 15%, which none of the fits saw; both in two folds, the second mirrored in time.
 5. The recording's calibration (:mod:`nh_serve.core.calibration`): two numbers per recording,
    how much of the slow rate's 0.1 Hz floor to take out of the corrected rates (it sets the level
@@ -38,7 +38,7 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    Steps 4 and 5 together are the :class:`RateCorrection` the Predictor applies.
 
 The read-out is kept only for units firing at least 1 Hz in both parts of the reference and only
-where the held-out gain exceeds :data:`~nh_serve.core.glm.CORRECTION_MARGIN_NATS`. A reference
+where the held-out gain exceeds :data:`~nh_serve.core.glm.KEEP_MARGIN_NATS`. A reference
 shorter than :data:`MIN_FIT_REFERENCE_S` leaves too few held-out seconds for per-unit fits: it gets the
 calibration alone (a few numbers pooled over every unit, judged the same way; ``calibration_only`` in the
 record), and one shorter than :data:`MIN_CALIBRATION_REFERENCE_S` no fit at all (zero-shot, with a note). On real
@@ -60,8 +60,8 @@ import torch
 
 from nh_serve.core.calibration import LEVEL_TAUS, Calibration
 from nh_serve.core.glm import (
-    CORRECTION_MARGIN_NATS,
     CORRECTION_TOL,
+    KEEP_MARGIN_NATS,
     PopulationGLM,
     correction_split,
     too_sparse_to_fit,
@@ -232,8 +232,8 @@ def fit_readout(
     judged_zero, judged_fit = 0.0, 0.0
     for c0 in range(0, 0 if calibration_only else U, SOLVE_CHUNK_UNITS):  # units are independent: chunks bound memory
         g = slice(c0, min(U, c0 + SOLVE_CHUNK_UNITS))
-        # as for the population correction: a gain of a margin, and only units with enough spikes
-        b = np.where(sparse[g], -np.inf, nll(np.zeros((g.stop - g.start, K1)), g, choose) - CORRECTION_MARGIN_NATS)
+        # a gain of a margin (KEEP_MARGIN_NATS), and only units with enough spikes (MIN_FIT_RATE_HZ)
+        b = np.where(sparse[g], -np.inf, nll(np.zeros((g.stop - g.start, K1)), g, choose) - KEEP_MARGIN_NATS)
         b_l2, b_w = np.full(g.stop - g.start, np.inf), np.zeros((g.stop - g.start, K1))
         for l2 in L2_GRID:
             stop()
