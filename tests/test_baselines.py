@@ -467,6 +467,25 @@ def test_population_glm_with_an_offset_corrects_a_predictor_only_where_it_helps(
     assert np.abs(exact.log_correction(R)).mean() < 0.1
 
 
+def test_a_correction_reaches_units_firing_under_1_hz():
+    """Each unit and band keeps the correction wherever it gains on held-out times, however slowly the unit
+    fires: population-driven units under 1 Hz are corrected (a rule demanding 1 Hz and 2 nats per unit and band
+    dropped such corrections, and the recording-level judgement on unseen times already guards the rest)."""
+    rng = np.random.default_rng(3)
+    U, P = 6, 500
+    latent = np.convolve(rng.normal(size=P + 40), np.ones(40) / np.sqrt(40), mode="valid")[:P]
+    base = np.full((P, U, NB), math.log(0.3 * BS))  # the predictor: 0.3 Hz flat
+    drive = np.repeat(1.0 * latent[:, None], U, axis=1)
+    counts = rng.poisson(np.exp(base + drive[:, :, None]))
+    assert (counts.sum((0, 2)) / (P * NB * BS) < 1.0).all()  # every unit under 1 Hz
+    R = np.repeat((0.3 * np.exp(drive))[:, :, None], len(HISTORY_TAUS), axis=2)
+    pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base)
+    assert pop.level == "on"
+    assert (np.abs(pop.W).sum((0, 2)) > 0).all()
+    corr = pop.log_correction(R)
+    assert (np.exp(base + corr) - counts * (base + corr)).sum() < (np.exp(base) - counts * base).sum()
+
+
 def test_a_correction_that_does_not_carry_over_in_time_is_dropped():
     """The correction's level is judged on the last fit times, which none of its fits saw: where the units'
     link to the population reverses there (a drifting recording), no level beats the predictor and none is kept."""
