@@ -28,7 +28,7 @@ HISTORY_GAP_S = 0.5
 HISTORY_STATES = 256
 #: The shortest default refit window (seconds): on the held-out real recordings of docs/model-card.md refits on
 #: the last 3 minutes carried over better than on the last minute on every recording long enough for both;
-#: the last 5 minutes did better on one recording and worse on another.
+#: the last 5 minutes did better on one recording and worse on two.
 DEFAULT_REFIT_WINDOW_S = 180.0
 
 
