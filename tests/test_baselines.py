@@ -19,6 +19,8 @@ from nh_serve.core.glm import (
     _log_band_sum,
     _top_right_singular_vectors,
     band_index,
+    correction_folds,
+    purge_gap,
 )
 from nh_serve.core.poisson import fit_poisson, poisson_objective
 from nh_serve.core.univariate_glm import GLMRecording, UnivariateGLM
@@ -502,6 +504,49 @@ def test_a_correction_that_does_not_carry_over_in_time_is_dropped():
     # the same link kept to the end earns a correction
     steady = rng.poisson(np.exp(base + 0.8 * latent[:, None, None]))
     assert PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, steady, offset=base).level != "none"
+
+
+def test_purged_folds_leave_no_horizon_shared_between_parts():
+    """Fit times 0.1 s apart predict the next second: a part that follows another in time starts only where its
+    horizons no longer overlap the other's, in both folds (the mirrored one too); a fit too short for the gap
+    gets none."""
+    assert (purge_gap(1.0, 0.1), purge_gap(1.0, 0.5), purge_gap(1.0, 1.0), purge_gap(1.0, 0.05)) == (9, 1, 0, 19)
+    with pytest.raises(ValueError, match="positive"):
+        purge_gap(1.0, 0.0)
+    step, horizon, n = 0.1, 1.0, 530
+    gap = purge_gap(horizon, step)
+    for fold in correction_folds(n, gap):
+        parts = sorted((p for p in fold), key=lambda p: p.start)  # in time order
+        times = [np.arange(n)[p] * step for p in parts]
+        assert all(t.size for t in times)
+        for early, late in zip(times, times[1:]):
+            assert late.min() >= early.max() + horizon - 1e-9  # no spike is a target of both
+            assert late.min() < early.max() + horizon + step  # and no more is left out than that
+    assert correction_folds(n, 0) == ((slice(0, 371), slice(371, 450), slice(450, 530)),
+                                      (slice(159, 530), slice(80, 159), slice(0, 80)))
+    assert correction_folds(20, gap) == correction_folds(20, 0)  # 3 choosing times: too few to leave 9 out
+
+
+def test_a_correction_chooses_and_judges_on_purged_parts(monkeypatch):
+    """A correction fitted with a gap makes its choices on the purged parts (correction_folds), not next to the
+    times it was fitted on."""
+    rng = np.random.default_rng(2)
+    U, P = 4, 200
+    base = np.full((P, U, NB), math.log(5.0 * BS))
+    seen = np.full((P, U, len(HISTORY_TAUS)), 5.0) * np.exp(0.1 * rng.normal(size=(P, U, 1)))
+    counts = rng.poisson(np.exp(base))
+    rows = []
+    real_path = PopulationGLM._l2_path
+
+    def path(X, y, e, o, fit_rows, held, tol=1e-9):
+        rows.append(((fit_rows.start, fit_rows.stop), (held.start, held.stop)))
+        return real_path(X, y, e, o, fit_rows, held, tol)
+
+    monkeypatch.setattr(PopulationGLM, "_l2_path", staticmethod(path))
+    PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, counts, offset=base, gap=9)
+    folds = correction_folds(P, 9)
+    assert set(rows) == {((fit.start, fit.stop), (choose.start, choose.stop)) for fit, choose, _ in folds}
+    assert folds[0][1].start == folds[0][0].stop + 9 and folds[1][1].stop == folds[1][0].start - 9
 
 
 def test_population_glm_recent_refits_on_the_last_two_minutes():

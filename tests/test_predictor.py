@@ -305,8 +305,8 @@ def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, re
     seen = {}
     real_pop_fit, real_cal_fit = rf.PopulationGLM.fit, rf.Calibration.fit
 
-    def pop_fit(self, R, y, *, offset=None, bins=None):
-        out = real_pop_fit(self, R, y, offset=offset, bins=bins)
+    def pop_fit(self, R, y, *, offset=None, bins=None, gap=0):
+        out = real_pop_fit(self, R, y, offset=offset, bins=bins, gap=gap)
         seen["offset"] = offset.copy()  # (W, U, T) log expected counts
         out.level = "on"  # kept, with a known correction
         out.log_correction = lambda R, bins=None: np.full((*R.shape[:2], predictor.cfg.n_bins), 0.25, np.float32)

@@ -90,7 +90,8 @@ MIN_FIT_RATE_HZ = 1.0
 KEEP_MARGIN_NATS = 2.0
 #: Time split of a correction's fit times: the L2 path is fitted on the first 70%, each unit's band choices are
 #: made on the next 15%, and the level (or none at all) on the last 15%, in two folds (forward, and mirrored
-#: in time: fitted on the last 70%, judged on the first 15%); the kept fits are refitted on all.
+#: in time: fitted on the last 70%, judged on the first 15%); the kept fits are refitted on all. Fit times whose
+#: horizons overlap the part before them are left out (:func:`purge_gap`): no spike is both fitted and judged.
 CORRECTION_SPLIT = (0.70, 0.85)
 POP_CLIP_SD = 5.0
 #: The context bins ``(seconds, number)`` the ``population_glm_forecast`` baseline reads: the default model's.
@@ -104,6 +105,26 @@ def correction_split(n: int) -> tuple[int, int]:
     ``[0, a)``, choose on ``[a, b)``, judge on ``[b, n)``; each part holds at least one time."""
     a = max(1, min(n - 2, int(round(CORRECTION_SPLIT[0] * n))))
     return a, max(a + 1, min(n - 1, int(round(CORRECTION_SPLIT[1] * n))))
+
+
+def purge_gap(horizon_s: float, step_s: float) -> int:
+    """How many fit times, ``step_s`` apart, to leave out after a part whose fit times predict the next
+    ``horizon_s`` seconds, so that no time of the next part predicts a spike the part before it was fitted (or
+    chosen) on: ``ceil(horizon_s / step_s) - 1``."""
+    if not (horizon_s > 0 and step_s > 0):
+        raise ValueError(f"purge_gap: horizon_s and step_s must be positive, got {horizon_s!r} and {step_s!r}")
+    return max(0, math.ceil(horizon_s / step_s - 1e-9) - 1)
+
+
+def correction_folds(n: int, gap: int = 0) -> tuple[tuple[slice, slice, slice], tuple[slice, slice, slice]]:
+    """The two folds' ``(fit, choose, judge)`` parts of ``n`` fit times in time order
+    (:func:`correction_split`): forward, and mirrored in time (fitted on the last part, judged on the first).
+    The ``gap`` fit times next to a part that comes before them in time (:func:`purge_gap`) are left out of the
+    later part, so overlapping horizons carry no spike of one part into the next; a fit too short to leave
+    every part a time after the gap gets none."""
+    a, b = correction_split(n)
+    g = int(gap) if min(b - a, n - b) > int(gap) else 0
+    return (slice(0, a), slice(a + g, b), slice(b + g, n)), (slice(n - a, n), slice(n - b, n - a - g), slice(0, n - b - g))
 
 
 def too_sparse_to_fit(counts: np.ndarray, n_fit: int, bin_size: float, min_rate_hz: float = MIN_FIT_RATE_HZ) -> np.ndarray:
@@ -249,14 +270,16 @@ class PopulationGLM:
     def _new_forecast(self) -> PopulationForecast:
         return PopulationForecast(components=self.components, bin_s=self.context_bins[0], n_bins=self.context_bins[1])
 
-    def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None, bins=None) -> PopulationGLM:
+    def fit(self, R: np.ndarray, counts: np.ndarray, *, offset: np.ndarray | None = None, bins=None,
+            gap: int = 0) -> PopulationGLM:
         """Fit on smoothed rates ``R`` ``(P, U, K)`` at prediction times in time order and their
         next-horizon counts ``(P, U, T)`` (with ``context_bins``: and the context counts ``bins`` ``(P, U, nb)``;
         the population forecast is fitted on the same times as the weights it is judged with, then on all).
 
         ``offset``: ``(P, U, T)`` log expected counts per bin of another predictor. The GLM then
         *corrects* that predictor (:meth:`_fit_correction`): a band's expected count is the predictor's
-        times ``exp(w_b . x_u)`` (:meth:`log_correction`).
+        times ``exp(w_b . x_u)`` (:meth:`log_correction`). ``gap``: fit times left out after each part that
+        comes before another in time (:func:`purge_gap` of the times' spacing and horizon).
         """
         self._fit_pcs(R)
         per, nb = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
@@ -269,15 +292,16 @@ class PopulationGLM:
             fold_rows = (slice(0, n_fit),)
         X, slow, folds = self._design(R, bins, fitting=True, targets=(per, nb), fold_rows=fold_rows)
         if offset is not None:
-            return self._fit_correction(X, folds, counts, offset)
+            return self._fit_correction(X, folds, counts, offset, gap)
         F = X[0].F
         self.W = np.zeros((self.n_bands, U, F))
         self.l2 = np.zeros((self.n_bands, U))
         o = slow + math.log(self.bin_size)
+        held_out = n_fit + gap if P - n_fit > gap else n_fit  # the penalty's choice: times whose horizons the fit never saw
         for b in range(self.n_bands):
             y = per[b].T  # (U, P)
             e = np.full_like(y, nb[b])
-            path = self._l2_path(folds[0][b], y, e, o, slice(None, n_fit), slice(n_fit, None))
+            path = self._l2_path(folds[0][b], y, e, o, slice(None, n_fit), slice(held_out, None))
             nll = np.stack([h for _, h in path])  # (L2s, U) held-out NLL
             pick = nll.argmin(0)
             best_w = np.stack([w for w, _ in path])[pick, np.arange(U)]
@@ -323,7 +347,8 @@ class PopulationGLM:
         pen[:, -1] = POP_INTERCEPT_L2
         return fit_poisson(X.own, y, shared=X.shared, exposure=e, offset=o, l2=pen, w0=w0, max_iter=15, tol=tol)
 
-    def _fit_correction(self, X: list[_Design], folds: list[list[_Design]], counts: np.ndarray, offset: np.ndarray) -> PopulationGLM:
+    def _fit_correction(self, X: list[_Design], folds: list[list[_Design]], counts: np.ndarray, offset: np.ndarray,
+                        gap: int = 0) -> PopulationGLM:
         """The GLM as a correction of the predictor whose log expected counts per bin are ``offset`` ``(P, U, T)``.
 
         The fit times split in time (:data:`CORRECTION_SPLIT`, two folds): the L2 path is fitted on the
@@ -336,8 +361,7 @@ class PopulationGLM:
         U, P, F = X[0].own.shape[0], X[0].own.shape[1], X[0].F
         per, _ = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
         n_a, n_b = correction_split(P)
-        # two folds, forward and mirrored in time: (fit, choose, judge) times
-        parts = ((slice(0, n_a), slice(n_a, n_b), slice(n_b, P)), (slice(P - n_a, P), slice(P - n_b, P - n_a), slice(0, P - n_b)))
+        parts = correction_folds(P, gap)  # two folds, forward and mirrored in time: (fit, choose, judge) times
         levels = list(CORRECTION_LEVELS.items())
         keep = {name: np.zeros((self.n_bands, U), dtype=bool) for name, _ in levels}
         sparse = {name: too_sparse_to_fit(counts[:n_b], n_a, self.bin_size, lv["min_rate_hz"]) for name, lv in levels}
@@ -431,7 +455,8 @@ def fit_population_glm(times, units, *, n_units: int, start: float, ref_rate_hz,
     R = ema_rates(times, units, n_units=n_units, t_eval=pos, start=start if init is None else init_time,
                   ref_rate_hz=ref_rate_hz, taus=HISTORY_TAUS, init=init)
     counts = target_counts(times, units, pos, n_units=n_units, bin_size=bin_size, n_bins=n_bins)
+    gap = purge_gap(span, POP_STEP_S)
     if not forecast:
-        return PopulationGLM(n_bins=n_bins, bin_size=bin_size).fit(R, counts)
+        return PopulationGLM(n_bins=n_bins, bin_size=bin_size).fit(R, counts, gap=gap)
     bins = window_counts(times, units, pos, n_units=n_units)
-    return PopulationGLM(n_bins=n_bins, bin_size=bin_size, context_bins=BASELINE_CONTEXT_BINS).fit(R, counts, bins=bins)
+    return PopulationGLM(n_bins=n_bins, bin_size=bin_size, context_bins=BASELINE_CONTEXT_BINS).fit(R, counts, bins=bins, gap=gap)

@@ -15,7 +15,8 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    most :data:`MAX_WINDOWS` of them (twice that for the dense fit); each window's next second is the target.
 2. One frozen forward pass per window gives ``eta0`` and ``X``.
 3. On windows :data:`READOUT_STEP_S` apart (rows are the windows' bins), split
-   in time as the correction's (:data:`~nh_serve.core.glm.CORRECTION_SPLIT`): ``r_u`` for each
+   in time as the correction's (:data:`~nh_serve.core.glm.CORRECTION_SPLIT`, each part starting a horizon
+   after the one before it: :func:`~nh_serve.core.glm.purge_gap`): ``r_u`` for each
    L2 penalty of :data:`L2_GRID` on the first 70%; each unit keeps the penalty whose fit
    predicts the next 15% best, and a fit at all only where that beats the zero-shot
    prediction (``r_u = 0``) there; the read-outs are kept at all only where they predict the
@@ -63,7 +64,9 @@ from nh_serve.core.glm import (
     CORRECTION_TOL,
     KEEP_MARGIN_NATS,
     PopulationGLM,
+    correction_folds,
     correction_split,
+    purge_gap,
     too_sparse_to_fit,
 )
 from nh_serve.core.poisson import fit_poisson
@@ -221,7 +224,9 @@ def fit_readout(
     Y = y[sub].transpose(1, 0, 2).reshape(U, W * T).astype(np.float64)
     # fit on the first part, each unit's choice on the next, and whether to keep any read-out on the last
     w_a, w_b = correction_split(W)
-    n_fit, choose, judge = w_a * T, slice(w_a * T, w_b * T), slice(w_b * T, None)
+    # (the fit times a horizon after each part's are left out of the next: purge_gap)
+    _, choose_w, judge_w = correction_folds(W, purge_gap(cfg.horizon_s, step_s * sub.step))[0]
+    n_fit, choose, judge = w_a * T, slice(choose_w.start * T, choose_w.stop * T), slice(judge_w.start * T, None)
 
     def nll(w: np.ndarray, g: slice, rows: slice) -> np.ndarray:  # (units,) Poisson NLL of units g on ``rows``
         eta = np.clip(off[g, rows] + w @ X[rows].T, -30.0, 30.0)
@@ -265,7 +270,8 @@ def fit_readout(
         population = None
         if not calibration_only:
             population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus,
-                                       context_bins=context_bins(cfg)).fit(R, y, offset=eta, bins=bins)
+                                       context_bins=context_bins(cfg)).fit(R, y, offset=eta, bins=bins,
+                                                                                   gap=purge_gap(cfg.horizon_s, step_s))
             info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
             info["population_level"] = population.level
             info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
