@@ -21,6 +21,7 @@ from nh_serve.core.glm import (
     band_index,
     correction_folds,
     purge_gap,
+    shrunk_gains,
 )
 from nh_serve.core.poisson import fit_poisson, poisson_objective
 from nh_serve.core.univariate_glm import GLMRecording, UnivariateGLM
@@ -547,6 +548,23 @@ def test_a_correction_chooses_and_judges_on_purged_parts(monkeypatch):
     folds = correction_folds(P, 9)
     assert set(rows) == {((fit.start, fit.stop), (choose.start, choose.stop)) for fit, choose, _ in folds}
     assert folds[0][1].start == folds[0][0].stop + 9 and folds[1][1].stop == folds[1][0].start - 9
+
+
+def test_shrunk_gains_judge_a_unit_by_the_others_only_as_far_as_they_agree():
+    """Units that share one true gain: a unit whose noisy held-out blocks lose is pulled to the common gain.
+    Units whose true gains differ far beyond the noise keep their own. Too few units or blocks: unchanged."""
+    rng = np.random.default_rng(3)
+    U, K = 40, 16
+    same = 0.5 + rng.normal(0.0, 2.0, (U, K))  # every unit gains 8 nats in all, each block noisy
+    raw, shrunk = same.sum(1), shrunk_gains(same)
+    assert (raw < 0).sum() >= 3 and np.all(shrunk > 0)  # noise made some lose; shrunk, none does
+    assert shrunk.std() < 0.5 * raw.std()
+    apart = np.where(np.arange(U)[:, None] % 2 == 0, 10.0, -10.0) + rng.normal(0.0, 0.5, (U, K))  # +-160 nats
+    out = shrunk_gains(apart)
+    assert np.all(np.sign(out) == np.sign(apart.sum(1)))
+    np.testing.assert_allclose(out, apart.sum(1), rtol=0.02)
+    np.testing.assert_array_equal(shrunk_gains(same[:2]), same[:2].sum(1))
+    np.testing.assert_array_equal(shrunk_gains(same[:, :1]), same[:, 0])
 
 
 def test_population_glm_recent_refits_on_the_last_two_minutes():

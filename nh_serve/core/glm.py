@@ -72,6 +72,7 @@ POP_STEP_S = 0.1  # spacing of the fit window's prediction times
 #: A population GLM fitted as a correction of another predictor (``offset``) keeps a unit's band only where
 #: the unit fires at least ``min_rate_hz`` in the fit and held-out parts and the band gains more than
 #: ``margin_nats`` there; the correction never scales the predictor's rates by more than ``exp(max_log)``.
+#: A unit's gain is its own, shrunk toward the mean of every unit's in the band (:func:`shrunk_gains`).
 #: Whether to correct at all is chosen per recording (:meth:`PopulationGLM.fit`) among these levels, on times
 #: no choice saw. One level is offered: any held-out gain per unit and band. Demanding 2 nats and 1 Hz as well
 #: dropped corrections that help (docs/model-card.md); looser levels *beside* a strict one won inside a real
@@ -125,6 +126,24 @@ def correction_folds(n: int, gap: int = 0) -> tuple[tuple[slice, slice, slice], 
     a, b = correction_split(n)
     g = int(gap) if min(b - a, n - b) > int(gap) else 0
     return (slice(0, a), slice(a + g, b), slice(b + g, n)), (slice(n - a, n), slice(n - b, n - a - g), slice(0, n - b - g))
+
+
+def shrunk_gains(block_gains: np.ndarray) -> np.ndarray:
+    """``(U, K)`` each unit's held-out gain (nats) in ``K`` blocks of fit times, a horizon each (so neighbouring
+    blocks share no target spike) -> ``(U,)`` each unit's total gain shrunk toward the mean of every unit's
+    (empirical Bayes, normal model): the total of unit ``u`` counts by ``tau2 / (tau2 + s2_u)``, where
+    ``s2_u = K var(its block gains)`` is the noise of its total and ``tau2`` the spread of the units' totals beyond
+    their noise (method of moments, at least 0). Where the units share one link to the population (a
+    recording driven by common latents), a unit whose short held-out stretch happens to lose is judged by
+    the others; where they differ, each by its own. Fewer than 3 units or 2 blocks: the totals as they are."""
+    B = np.asarray(block_gains, dtype=np.float64)
+    g = B.sum(1)
+    U, K = B.shape
+    if U < 3 or K < 2:
+        return g
+    s2 = K * B.var(1, ddof=1)
+    tau2 = max(0.0, float(g.var(ddof=1) - s2.mean()))
+    return g.mean() + tau2 / (tau2 + s2 + 1e-12) * (g - g.mean())
 
 
 def too_sparse_to_fit(counts: np.ndarray, n_fit: int, bin_size: float, min_rate_hz: float = MIN_FIT_RATE_HZ) -> np.ndarray:
@@ -353,7 +372,8 @@ class PopulationGLM:
 
         The fit times split in time (:data:`CORRECTION_SPLIT`, two folds): the L2 path is fitted on the
         first part; on the second, each unit and band keeps its best penalty, and each level of
-        :data:`CORRECTION_LEVELS` keeps the units and bands that pass its rules; on the third, the level
+        :data:`CORRECTION_LEVELS` keeps the units and bands that pass its rules (on gains shrunk toward the band's
+        mean, :func:`shrunk_gains`); on the third, the level
         whose correction predicts best is chosen, or none at all where none beats the predictor alone
         (``self.level``: "none" then, and every weight 0). Real recordings drift and a correction that helps
         one minute can hurt the next: this choice is made on data none of the fits saw.
@@ -379,9 +399,14 @@ class PopulationGLM:
             paths = [self._l2_path(Xf[b], y, e, o, fit, choose, CORRECTION_TOL) for Xf, (fit, choose, _) in zip(folds, parts)]
             nll = sum(np.stack([h for _, h in path]) for path in paths)  # (L2s, U) on both choosing parts
             pick = nll.argmin(0)
-            base = sum((np.exp(o[:, c]) - y[:, c] * o[:, c]).sum(1) for _, c, _ in parts)
-            gain = base - nll[pick, np.arange(U)]
             ws = [np.stack([w for w, _ in path])[pick, np.arange(U)] for path in paths]  # (U, F) per fold
+            # each unit's gain on the choosing parts, a horizon's fit times per block, shrunk toward the band's mean
+            blocks = []
+            for w, Xf, (_, c, _) in zip(ws, folds, parts):
+                eta = np.clip(o[:, c] + Xf[b].rows(c).lin(w), -30.0, 30.0)
+                d = (np.exp(o[:, c]) - y[:, c] * o[:, c]) - (np.exp(eta) - y[:, c] * eta)  # (U, times) NLL gain
+                blocks.append(np.add.reduceat(d, np.arange(0, d.shape[1], gap + 1), axis=1))
+            gain = shrunk_gains(np.concatenate(blocks, 1))  # (U,)
             best_w[b] = ws[0]
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
             for name, lv in levels:
