@@ -129,8 +129,8 @@ def correction_folds(n: int, gap: int = 0) -> tuple[tuple[slice, slice, slice], 
 
 
 def shrunk_gains(block_gains: np.ndarray) -> np.ndarray:
-    """``(U, K)`` each unit's held-out gain (nats) in ``K`` blocks of fit times, a horizon each (so neighbouring
-    blocks share no target spike) -> ``(U,)`` each unit's total gain shrunk toward the mean of every unit's
+    """``(U, K)`` each unit's held-out gain (nats) in ``K`` blocks of fit times, a horizon each (only neighbouring
+    blocks share target spikes, so the noise below is somewhat underestimated) -> ``(U,)`` each unit's total gain shrunk toward the mean of every unit's
     (empirical Bayes, normal model): the total of unit ``u`` counts by ``tau2 / (tau2 + s2_u)``, where
     ``s2_u = K var(its block gains)`` is the noise of its total and ``tau2`` the spread of the units' totals beyond
     their noise (method of moments, at least 0). Where the units share one link to the population (a
