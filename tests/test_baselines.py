@@ -528,9 +528,9 @@ def test_purged_folds_leave_no_horizon_shared_between_parts():
     assert correction_folds(20, gap) == correction_folds(20, 0)  # 3 choosing times: too few to leave 9 out
 
 
-def test_a_correction_chooses_and_judges_on_purged_parts(monkeypatch):
-    """A correction fitted with a gap makes its choices on the purged parts (correction_folds), not next to the
-    times it was fitted on."""
+def test_a_correction_chooses_its_penalties_on_purged_parts(monkeypatch):
+    """A correction fitted with a gap fits and scores its penalty path on the purged parts (correction_folds),
+    not next to the times it was fitted on."""
     rng = np.random.default_rng(2)
     U, P = 4, 200
     base = np.full((P, U, NB), math.log(5.0 * BS))

@@ -129,9 +129,9 @@ def correction_folds(n: int, gap: int = 0) -> tuple[tuple[slice, slice, slice], 
 
 
 def shrunk_gains(block_gains: np.ndarray) -> np.ndarray:
-    """``(U, K)`` each unit's held-out gain (nats) in ``K`` blocks of fit times, a horizon each (only neighbouring
-    blocks share target spikes, so the noise below is somewhat underestimated) -> ``(U,)`` each unit's total gain shrunk toward the mean of every unit's
-    (empirical Bayes, normal model): the total of unit ``u`` counts by ``tau2 / (tau2 + s2_u)``, where
+    """``(U, K)`` each unit's held-out gain (nats) in ``K`` blocks of fit times, a horizon each (only
+    neighbouring blocks share target spikes, so the noise below is somewhat underestimated) -> ``(U,)`` each
+    unit's total gain shrunk toward the mean of every unit's (empirical Bayes, normal model): the total of unit ``u`` counts by ``tau2 / (tau2 + s2_u)``, where
     ``s2_u = K var(its block gains)`` is the noise of its total and ``tau2`` the spread of the units' totals beyond
     their noise (method of moments, at least 0). Where the units share one link to the population (a
     recording driven by common latents), a unit whose short held-out stretch happens to lose is judged by
@@ -321,7 +321,7 @@ class PopulationGLM:
             y = per[b].T  # (U, P)
             e = np.full_like(y, nb[b])
             path = self._l2_path(folds[0][b], y, e, o, slice(None, n_fit), slice(held_out, None))
-            nll = np.stack([h for _, h in path])  # (L2s, U) held-out NLL
+            nll = np.stack([h.sum(1) for _, h in path])  # (L2s, U) held-out NLL
             pick = nll.argmin(0)
             best_w = np.stack([w for w, _ in path])[pick, np.arange(U)]
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
@@ -347,7 +347,7 @@ class PopulationGLM:
     @staticmethod
     def _l2_path(X, y, e, o, fit_rows: slice, rows: slice, tol: float = 1e-9) -> list[tuple[np.ndarray, np.ndarray]]:
         """Fits on the times ``fit_rows`` for each L2 penalty, strongest first (each solve starts from the
-        last): ``[(w (U, F), held-out NLL (U,) on the times rows)]``."""
+        last): ``[(w (U, F), held-out NLL (U, times) at each of the times rows)]``."""
         fit, ho = X.rows(fit_rows), X.rows(rows)
         out, w = [], None
         for l2 in sorted(POP_L2_GRID, reverse=True):
@@ -356,7 +356,7 @@ class PopulationGLM:
             w = fit_poisson(fit.own, y[:, fit_rows], shared=fit.shared, exposure=e[:, fit_rows], offset=o[:, fit_rows],
                             l2=pen, w0=w, max_iter=15, tol=tol)
             eta = np.clip(o[:, rows] + ho.lin(w), -30, 30)
-            out.append((w, (e[:, rows] * np.exp(eta) - y[:, rows] * eta).sum(1)))
+            out.append((w, e[:, rows] * np.exp(eta) - y[:, rows] * eta))
         return out
 
     @staticmethod
@@ -397,14 +397,13 @@ class PopulationGLM:
             os_.append(o)
             ys.append(y)
             paths = [self._l2_path(Xf[b], y, e, o, fit, choose, CORRECTION_TOL) for Xf, (fit, choose, _) in zip(folds, parts)]
-            nll = sum(np.stack([h for _, h in path]) for path in paths)  # (L2s, U) on both choosing parts
+            nll = sum(np.stack([h.sum(1) for _, h in path]) for path in paths)  # (L2s, U) on both choosing parts
             pick = nll.argmin(0)
             ws = [np.stack([w for w, _ in path])[pick, np.arange(U)] for path in paths]  # (U, F) per fold
             # each unit's gain on the choosing parts, a horizon's fit times per block, shrunk toward the band's mean
             blocks = []
-            for w, Xf, (_, c, _) in zip(ws, folds, parts):
-                eta = np.clip(o[:, c] + Xf[b].rows(c).lin(w), -30.0, 30.0)
-                d = (np.exp(o[:, c]) - y[:, c] * o[:, c]) - (np.exp(eta) - y[:, c] * eta)  # (U, times) NLL gain
+            for path, (_, c, _) in zip(paths, parts):
+                d = (np.exp(o[:, c]) - y[:, c] * o[:, c]) - np.stack([h for _, h in path])[pick, np.arange(U)]  # (U, times)
                 blocks.append(np.add.reduceat(d, np.arange(0, d.shape[1], gap + 1), axis=1))
             gain = shrunk_gains(np.concatenate(blocks, 1))  # (U,)
             best_w[b] = ws[0]

@@ -65,7 +65,6 @@ from nh_serve.core.glm import (
     KEEP_MARGIN_NATS,
     PopulationGLM,
     correction_folds,
-    correction_split,
     purge_gap,
     too_sparse_to_fit,
 )
@@ -223,10 +222,10 @@ def fit_readout(
     off = np.clip(off, -30.0, 10.0)
     Y = y[sub].transpose(1, 0, 2).reshape(U, W * T).astype(np.float64)
     # fit on the first part, each unit's choice on the next, and whether to keep any read-out on the last
-    w_a, w_b = correction_split(W)
     # (the fit times a horizon after each part's are left out of the next: purge_gap)
-    _, choose_w, judge_w = correction_folds(W, purge_gap(cfg.horizon_s, step_s * sub.step))[0]
-    n_fit, choose, judge = w_a * T, slice(choose_w.start * T, choose_w.stop * T), slice(judge_w.start * T, None)
+    fit_w, choose_w, judge_w = correction_folds(W, purge_gap(cfg.horizon_s, step_s * sub.step))[0]
+    w_a, w_b = fit_w.stop, choose_w.stop
+    n_fit, choose, judge = w_a * T, slice(choose_w.start * T, w_b * T), slice(judge_w.start * T, None)
 
     def nll(w: np.ndarray, g: slice, rows: slice) -> np.ndarray:  # (units,) Poisson NLL of units g on ``rows``
         eta = np.clip(off[g, rows] + w @ X[rows].T, -30.0, 30.0)
@@ -269,9 +268,9 @@ def fit_readout(
         R = np.stack([w.history_rates for w in windows]).astype(np.float64)  # (W, U, K) at the context ends
         population = None
         if not calibration_only:
+            gap = purge_gap(cfg.horizon_s, step_s)  # fit windows whose next second overlaps the part before them
             population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus,
-                                       context_bins=context_bins(cfg)).fit(R, y, offset=eta, bins=bins,
-                                                                                   gap=purge_gap(cfg.horizon_s, step_s))
+                                       context_bins=context_bins(cfg)).fit(R, y, offset=eta, bins=bins, gap=gap)
             info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
             info["population_level"] = population.level
             info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
