@@ -11,7 +11,6 @@ from real_data import REAL
 from sklearn.linear_model import PoissonRegressor
 
 from nh_serve.core.glm import (
-    CORRECTION_LEVELS,
     CORRECTION_TOL,
     GLM_BANDS_MS,
     POP_INTERCEPT_L2,
@@ -268,7 +267,7 @@ def test_registration_tolerance_fits_the_same_correction():
             mp.setattr("nh_serve.core.glm.CORRECTION_TOL", tol)
             fits[tol] = PopulationGLM(n_bins=50, bin_size=0.02).fit(R, y, offset=eta)
     a, b = fits[1e-9], fits[CORRECTION_TOL]
-    assert a.level == b.level == "on" and np.abs(a.W).sum() > 0
+    assert a.corrected and b.corrected and np.abs(a.W).sum() > 0
     np.testing.assert_array_equal(a.W != 0, b.W != 0)
     np.testing.assert_allclose(b.W, a.W, atol=1e-4)
 
@@ -457,7 +456,7 @@ def test_population_glm_with_an_offset_corrects_a_predictor_only_where_it_helps(
     R = np.repeat((5.0 * np.exp(drive))[:, :, None], len(HISTORY_TAUS), axis=2)
     R[:, 3:] *= np.exp(0.3 * rng.normal(size=(P, 3, 1)))  # noisy, unrelated rates for the flat units
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base)
-    assert pop.level in CORRECTION_LEVELS and pop.judged_gain[pop.level] > 0
+    assert pop.corrected and pop.judged_gain > 0
     corrected = np.abs(pop.W).sum((0, 2)) > 0
     assert corrected[:3].all()  # the population-driven units are corrected ...
     assert pop.W[:, 3:].std() < 0.5 * pop.W[:, :3].std()  # ... the others hardly or not at all
@@ -483,15 +482,16 @@ def test_a_correction_reaches_units_firing_under_1_hz():
     assert (counts.sum((0, 2)) / (P * NB * BS) < 1.0).all()  # every unit under 1 Hz
     R = np.repeat((0.3 * np.exp(drive))[:, :, None], len(HISTORY_TAUS), axis=2)
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base)
-    assert pop.level == "on"
+    assert pop.corrected
     assert (np.abs(pop.W).sum((0, 2)) > 0).all()
     corr = pop.log_correction(R)
     assert (np.exp(base + corr) - counts * (base + corr)).sum() < (np.exp(base) - counts * base).sum()
 
 
 def test_a_correction_that_does_not_carry_over_in_time_is_dropped():
-    """The correction's level is judged on the last fit times, which none of its fits saw: where the units'
-    link to the population reverses there (a drifting recording), no level beats the predictor and none is kept."""
+    """Whether to correct at all is judged on the last fit times, which none of its fits saw: where the units'
+    link to the population reverses there (a drifting recording), the correction loses to the predictor and is
+    dropped."""
     rng = np.random.default_rng(1)
     U, P = 6, 500
     latent = np.convolve(rng.normal(size=P + 40), np.ones(40) / np.sqrt(40), mode="valid")[:P]
@@ -500,11 +500,36 @@ def test_a_correction_that_does_not_carry_over_in_time_is_dropped():
     drive = 0.8 * latent[:, None] * np.where(np.arange(P) < 0.85 * P, 1.0, -1.0)[:, None]  # reverses at the end
     counts = rng.poisson(np.exp(base + drive[:, :, None]))
     pop = PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, counts, offset=base)
-    assert pop.level == "none" and not pop.W.any() and pop.judged_gain["on"] < 0
+    assert not pop.corrected and not pop.W.any() and not pop.fold_W.any() and pop.judged_gain < 0
     assert not pop.log_correction(seen).any()
     # the same link kept to the end earns a correction
     steady = rng.poisson(np.exp(base + 0.8 * latent[:, None, None]))
-    assert PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, steady, offset=base).level != "none"
+    assert PopulationGLM(n_bins=NB, bin_size=BS).fit(seen, steady, offset=base).corrected
+
+
+def test_each_folds_correction_is_fitted_without_the_part_that_judges_it():
+    """A correction keeps each fold's weights (for the calibration judged after it on the same parts): fold 0's
+    are fitted on the first 70% of the fit times, so a few spikes added in the last 15% (its judging part) leave
+    them as they are where the choices of penalty and kept bands stay the same; fold 1's, mirrored, ignore the
+    first 15%; the weights refitted on every time do move."""
+    rng = np.random.default_rng(0)
+    U, P = 6, 500
+    latent = np.convolve(rng.normal(size=P + 40), np.ones(40) / np.sqrt(40), mode="valid")[:P]
+    base = np.full((P, U, NB), math.log(5.0 * BS))
+    drive = 0.8 * latent[:, None] * np.ones((1, U))
+    counts = rng.poisson(np.exp(base + drive[:, :, None])).astype(float)
+    R = np.repeat((5.0 * np.exp(drive))[:, :, None], len(HISTORY_TAUS), axis=2)
+    ref = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, counts, offset=base)
+    assert ref.corrected and ref.fold_W.shape == (2, *ref.W.shape) and np.abs(ref.fold_W).sum() > 0
+    for f, rows in ((0, slice(int(0.86 * P), P)), (1, slice(0, int(0.14 * P)))):
+        changed = counts.copy()
+        changed[rows] += rng.random(changed[rows].shape) < 0.002
+        other = PopulationGLM(n_bins=NB, bin_size=BS).fit(R, changed, offset=base)
+        assert other.corrected and np.array_equal(other.l2, ref.l2)  # the same choices
+        np.testing.assert_array_equal(other.fold_W[f] != 0, ref.fold_W[f] != 0)
+        np.testing.assert_array_equal(other.fold_W[f], ref.fold_W[f])
+        assert not np.array_equal(other.W, ref.W)
+        np.testing.assert_array_equal(other.log_correction(R, fold=f), ref.log_correction(R, fold=f))
 
 
 def test_purged_folds_leave_no_horizon_shared_between_parts():

@@ -86,6 +86,24 @@ def test_a_gain_that_does_not_carry_over_is_not_kept():
     assert info["calibration_judged_gain_nats"] < 2.0 and (b, g) == (0.0, 0.0)
 
 
+def test_each_fold_is_judged_with_its_own_offset():
+    """``folds`` gives each fold the offset of a predictor fitted without its judging part: the gain is judged
+    with those, the weights kept are fitted with the one offset. A fold offset that already holds the
+    calibration's effect leaves nothing to gain; the default (the one offset for both folds) is the same as
+    passing it twice."""
+    f, d, c, m = _recording(0.8, 0.5)
+    w, info = fit_calibration(f, d, c, m)
+    w2, info2 = fit_calibration(f, d, c, m, folds=[(d, m), (d, m)])
+    np.testing.assert_array_equal(w, w2)
+    assert info == info2 and info["calibration_judged_gain_nats"] > 2.0
+    m_true = m * np.exp(0.8 * f[..., None] - 0.5 * d)  # the counts' own expectation: nothing left to calibrate
+    d_true = d + np.log(m_true / m)
+    w3, info3 = fit_calibration(f, d, c, m, folds=[(d_true, m_true), (d_true, m_true)])
+    assert info3["calibration_judged_gain_nats"] < 2.0 and not w3.any()
+    with pytest.raises(ValueError, match="folds"):
+        fit_calibration(f, d, c, m, folds=[(d, m)])
+
+
 def test_calibration_applies_the_documented_factor():
     rng = np.random.default_rng(1)
     W, U, K, i_slow = 3, 5, 6, 4

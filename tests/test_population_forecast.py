@@ -176,7 +176,7 @@ def test_a_correction_reading_the_forecast_is_kept_and_helps_later_windows():
 
     R, y, bins, flat = windows(np.arange(1.0, 59.0, 0.1))
     glm = PopulationGLM(n_bins=NB, bin_size=BS, context_bins=(0.1, 10)).fit(R, y, offset=flat, bins=bins)
-    assert glm.level == "on"
+    assert glm.corrected
     corr = glm.log_correction(R, bins)
     assert corr.shape == y.shape and np.abs(corr).max() <= glm.max_log + 1e-6
     with pytest.raises(ValueError, match="context counts"):

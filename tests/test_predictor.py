@@ -11,7 +11,7 @@ import torch
 
 from nh_serve.core.calibration import FLOOR_HZ, Calibration
 from nh_serve.core.config import COUNT_HISTORY, get_config
-from nh_serve.core.glm import CORRECTION_LEVELS, PopulationGLM
+from nh_serve.core.glm import CORRECTION_MAX_LOG, PopulationGLM
 from nh_serve.core.model import NeuroHorizon
 from nh_serve.data.coupling import unit_descriptors
 from nh_serve.data.features import FeatureNorm
@@ -288,7 +288,7 @@ def test_short_reference_gets_the_calibration_alone(predictor, recording, monkey
     monkeypatch.setattr(rf.PopulationGLM, "fit", lambda *a, **k: pytest.fail("no population GLM on a 30 s reference"))
     rt, rid = _window(recording, 0.0, 30.0)
     s = predictor.session(predictor.register(rt, rid, reference_window=(0.0, 30.0), units=all_ids))
-    assert s.fit["calibration_only"] and s.fit["units_fitted"] == 0 and "population_level" not in s.fit
+    assert s.fit["calibration_only"] and s.fit["units_fitted"] == 0 and "population_corrected" not in s.fit
     assert "floor_beta" in s.fit and "note" not in s.fit and "heldout_nll_fitted" not in s.fit and not s.readout.any()
     assert s.correction.population is None and s.correction.calibration.beta == 0.5
     assert len(seen) == 1 and seen[0]["level_taus"] == ()  # a registration: no level time scale
@@ -299,7 +299,9 @@ def test_short_reference_gets_the_calibration_alone(predictor, recording, monkey
 
 
 def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, recording, monkeypatch):
-    """The calibration's offset is the population GLM's offset on the read-out's windows plus the kept correction."""
+    """The calibration's offset is the population GLM's offset on the read-out's windows plus the kept correction;
+    each of its folds is judged with that fold's own correction (fitted without the part that judges), not the
+    correction refitted on every window."""
     import nh_serve.inference.reference_fit as rf
 
     seen = {}
@@ -308,12 +310,14 @@ def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, re
     def pop_fit(self, R, y, *, offset=None, bins=None, gap=0):
         out = real_pop_fit(self, R, y, offset=offset, bins=bins, gap=gap)
         seen["offset"] = offset.copy()  # (W, U, T) log expected counts
-        out.level = "on"  # kept, with a known correction
-        out.log_correction = lambda R, bins=None: np.full((*R.shape[:2], predictor.cfg.n_bins), 0.25, np.float32)
+        out.corrected = True  # kept, with a known correction (another per fold)
+        out.log_correction = lambda R, bins=None, fold=None: np.full(
+            (*R.shape[:2], predictor.cfg.n_bins), 0.25 if fold is None else 0.5 + fold, np.float32)
         return out
 
     def cal_fit(cls, **kw):
         seen["log_expected"] = kw["log_expected"].copy()
+        seen["folds"] = [e.copy() for e in kw["log_expected_folds"]]
         return real_cal_fit(**kw)
 
     monkeypatch.setattr(rf.PopulationGLM, "fit", pop_fit)
@@ -323,6 +327,8 @@ def test_calibration_is_fitted_on_top_of_the_population_correction(predictor, re
     predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)
     step = int(round(rf.READOUT_STEP_S / rf.STEP_S))
     np.testing.assert_allclose(seen["log_expected"], seen["offset"][::step] + 0.25, rtol=1e-12)
+    for f, e in enumerate(seen["folds"]):
+        np.testing.assert_allclose(e, seen["offset"][::step] + 0.5 + f, rtol=1e-12)
 
 
 def test_rate_correction_multiplies_the_network_rates(predictor, recording):
@@ -333,7 +339,7 @@ def test_rate_correction_multiplies_the_network_rates(predictor, recording):
     rt, rid = _window(recording, 0.0, 60.0)
     tok = predictor.register(rt, rid, reference_window=(0.0, 60.0), units=all_ids)
     s = predictor.session(tok)
-    assert s.fit["population_level"] in ("none", *CORRECTION_LEVELS)
+    assert isinstance(s.fit["population_corrected"], bool)
     assert 0.0 <= s.fit["floor_beta"] <= 1.0 and 0.0 <= s.fit["shrink_gamma"] <= 1.0
     # whatever this reference earned, apply a known correction: a population GLM, half the floor, a third of
     # the departures
@@ -342,7 +348,7 @@ def test_rate_correction_multiplies_the_network_rates(predictor, recording):
     population = PopulationGLM(n_bins=predictor.cfg.n_bins, bin_size=predictor.cfg.bin_size_s,
                                taus=predictor.cfg.history_taus).fit(R, rng.poisson(0.1, (20, len(all_ids), predictor.cfg.n_bins)))
     population.W *= 0.1
-    population.max_log = CORRECTION_LEVELS["on"]["max_log"]
+    population.max_log = CORRECTION_MAX_LOG
     i_slow = list(predictor.cfg.history_taus).index(SLOW_TAU)
     cal = Calibration(beta=0.5, gamma=1 / 3, i_slow=i_slow, n_bins=predictor.cfg.n_bins, bin_size=predictor.cfg.bin_size_s)
     s.correction = RateCorrection(population=population, calibration=cal)
@@ -499,7 +505,7 @@ def test_streaming_refit_fits_the_read_outs_again_on_recent_data(predictor):
     assert s.fit["refits"] == 2  # at 110 and 160 s of stream time
     assert s.fit["last_refit"]["window"] == [pytest.approx(110.0), pytest.approx(160.0)]
     last = s.fit["last_refit"]  # both fits were made again, on other data: they judge it differently
-    assert last["population_level"] in ("none", *CORRECTION_LEVELS)
+    assert isinstance(last["population_corrected"], bool)
     assert (last["readout_judged_gain"], last["population_judged_gain"]) != first_judged
     # the same stream again gives the same read-outs (deterministic)
     token2 = predictor.register(t[m], ids_s[m], reference_window=(0.0, 60.0), units=ids, refit_every_s=50.0,

@@ -33,9 +33,11 @@ band counts as offset (a convex problem in a few variables, solved on the box by
 deterministic). As the population correction (:mod:`nh_serve.core.glm`) they are fitted on the
 first 70% of the fit times and judged on the last 15%, in two folds (the second mirrored in time),
 and kept only where the two held-out parts together gain at least
-:data:`~nh_serve.core.glm.KEEP_MARGIN_NATS`; then refitted on all. The held-out parts are held
-out from the calibration only: the read-outs and the population correction in its offset were refitted
-on every fit time after their own held-out choices.
+:data:`~nh_serve.core.glm.KEEP_MARGIN_NATS`; then refitted on all. In each fold the population correction
+in the offset is that fold's own (fitted on the fold's first part only:
+:meth:`~nh_serve.core.glm.PopulationGLM.log_correction` with ``fold``), so nothing in the offset was fitted
+on the part that judges; the read-outs in it were refitted on every fit time after their own held-out
+choices (a registration keeps them for few units, if any).
 
 **Only where the rates are causal.** Inside a reference window every smoothed rate starts at the
 window's own mean rate, which already holds the spikes the fit predicts: a long average there looks
@@ -98,13 +100,15 @@ def _solve(F: np.ndarray, c: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.clip(res.x, 0.0, 1.0)
 
 
-def fit_calibration(f, d, counts, expected, *, levels=None) -> tuple[np.ndarray, dict]:
+def fit_calibration(f, d, counts, expected, *, levels=None, folds=None) -> tuple[np.ndarray, dict]:
     """``(weights, info)`` from arrays in time order: ``f`` ``(P, U)`` the floor feature
     (:func:`floor_feature` of the slow rates at each fit time), ``d`` ``(P, U, B)`` each band's log
     departure of the predicted rate from the slow rate, the counts observed and expected in each band
     ``(P, U, B)``, and ``levels`` ``(P, U, L)`` the level features (:func:`level_features`, none by
-    default). ``weights`` is ``(beta, gamma, lam...)`` (``2 + L``), all 0 unless the held-out parts gain the
-    margin."""
+    default). ``folds``: per fold of :func:`~nh_serve.core.glm.correction_split` (forward, then mirrored),
+    the ``(d, expected)`` of a predictor fitted without that fold's held-out part, which that fold fits
+    and judges (default: ``(d, expected)`` for both). ``weights`` is ``(beta, gamma, lam...)`` (``2 + L``),
+    all 0 unless the held-out parts gain the margin."""
     f, d, c, m = (np.asarray(a, dtype=np.float64) for a in (f, d, counts, expected))
     lv = np.zeros((*f.shape, 0)) if levels is None else np.asarray(levels, dtype=np.float64)
     if not (d.shape == c.shape == m.shape and d.ndim == 3 and f.shape == d.shape[:2] and lv.shape[:2] == f.shape):
@@ -112,19 +116,26 @@ def fit_calibration(f, d, counts, expected, *, levels=None) -> tuple[np.ndarray,
             f"fit_calibration: need f (P, U), d, counts, expected (P, U, B) and levels (P, U, L), got {f.shape}, "
             f"{d.shape}, {c.shape}, {m.shape}, {lv.shape}"
         )
+    folds = [(d, m)] * 2 if folds is None else [tuple(np.asarray(a, dtype=np.float64) for a in fd) for fd in folds]
+    if len(folds) != 2 or any(fd.shape != d.shape or fm.shape != m.shape for fd, fm in folds):
+        raise ValueError(f"fit_calibration: folds must be two (d, expected) pairs of shape {d.shape}")
     n = 2 + lv.shape[-1]
-    cols = [np.broadcast_to(f[..., None], d.shape), -d]
-    cols += [np.broadcast_to(lv[..., j : j + 1], d.shape) for j in range(lv.shape[-1])]
-    F = np.stack(cols, -1)  # (P, U, B, n)
-    P = F.shape[0]
+
+    def design(d: np.ndarray) -> np.ndarray:  # (P, U, B, n)
+        cols = [np.broadcast_to(f[..., None], d.shape), -d]
+        cols += [np.broadcast_to(lv[..., j : j + 1], d.shape) for j in range(lv.shape[-1])]
+        return np.stack(cols, -1)
+
+    P = f.shape[0]
     n_a, n_b = correction_split(P)
     gain = 0.0
     zero = np.zeros(n)
-    rows = lambda s: (F[s].reshape(-1, n), c[s].reshape(-1), m[s].reshape(-1))  # noqa: E731
-    for fit, judge in ((slice(0, n_a), slice(n_b, P)), (slice(P - n_a, P), slice(0, P - n_b))):
-        w = _solve(*rows(fit))
-        gain += _nll_grad(zero, *rows(judge))[0] - _nll_grad(w, *rows(judge))[0]
-    w = _solve(*rows(slice(None))) if gain > KEEP_MARGIN_NATS else zero
+    for (fd, fm), (fit, judge) in zip(folds, ((slice(0, n_a), slice(n_b, P)), (slice(P - n_a, P), slice(0, P - n_b)))):
+        F = design(fd)
+        w = _solve(F[fit].reshape(-1, n), c[fit].reshape(-1), fm[fit].reshape(-1))
+        judged = (F[judge].reshape(-1, n), c[judge].reshape(-1), fm[judge].reshape(-1))
+        gain += _nll_grad(zero, *judged)[0] - _nll_grad(w, *judged)[0]
+    w = _solve(design(d).reshape(-1, n), c.reshape(-1), m.reshape(-1)) if gain > KEEP_MARGIN_NATS else zero
     info = {"floor_beta": round(float(w[0]), 6), "shrink_gamma": round(float(w[1]), 6),
             "calibration_judged_gain_nats": round(gain, 4)}
     return w, info
@@ -159,20 +170,27 @@ class Calibration:
 
     @classmethod
     def fit(cls, *, log_expected: np.ndarray, counts: np.ndarray, R: np.ndarray, i_slow: int, bin_size: float,
-            taus=None, level_taus=()) -> tuple[Calibration, dict]:
+            taus=None, level_taus=(), log_expected_folds=None) -> tuple[Calibration, dict]:
         """Fitted on fit times in time order (:func:`fit_calibration`): ``log_expected`` ``(P, U, T)`` the log
         counts the model expects in each bin, ``counts`` ``(P, U, T)`` the observed ones, ``R`` ``(P, U, K)``
         the smoothed rates at the context ends (the slow rate at ``i_slow``). ``taus``: the time scales of
         ``R`` (the level weights need them); ``level_taus``: those the level may move toward (where ``taus``
-        holds them; none by default, :data:`LEVEL_TAUS` in a streaming refit). Returns it and the fit's record."""
+        holds them; none by default, :data:`LEVEL_TAUS` in a streaming refit). ``log_expected_folds``: the two
+        folds' ``log_expected`` from corrections fitted without each fold's held-out part (default: the one).
+        Returns it and the fit's record."""
         taus = () if taus is None else tuple(float(t) for t in taus)
         i_lv = [taus.index(float(t)) for t in level_taus if float(t) in taus]
         cal = cls(beta=0.0, gamma=0.0, i_slow=i_slow, n_bins=log_expected.shape[-1], bin_size=bin_size,
                   lam=np.zeros(len(i_lv)), i_levels=i_lv, levels=[taus[i] for i in i_lv])
-        expected = band_sums(np.exp(np.clip(log_expected, -30.0, 10.0)), cal.bands)  # (P, U, B) counts
-        w, info = fit_calibration(floor_feature(R[..., i_slow]), cal.departures(expected / bin_size, R),
-                                  band_sums(counts, cal.bands), expected,
-                                  levels=level_features(R, i_slow, i_lv) if i_lv else None)
+
+        def parts(log_e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # each band's departures and expected counts
+            expected = band_sums(np.exp(np.clip(log_e, -30.0, 10.0)), cal.bands)  # (P, U, B) counts
+            return cal.departures(expected / bin_size, R), expected
+
+        d, expected = parts(log_expected)
+        folds = None if log_expected_folds is None else [parts(e) for e in log_expected_folds]
+        w, info = fit_calibration(floor_feature(R[..., i_slow]), d, band_sums(counts, cal.bands), expected,
+                                  levels=level_features(R, i_slow, i_lv) if i_lv else None, folds=folds)
         cal.beta, cal.gamma, cal.lam = float(w[0]), float(w[1]), np.asarray(w[2:], dtype=np.float64)
         info["level_lambda"] = {f"{t:g}": round(float(x), 6) for t, x in zip(cal.levels, cal.lam)}
         return cal, info

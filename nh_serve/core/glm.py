@@ -39,8 +39,8 @@ with ``log(r_30s + 0.1 Hz)`` as the offset::
 The population GLM also *corrects* another predictor (``fit(..., offset=...)``, the
 registration's correction of the network, :mod:`nh_serve.inference.reference_fit`, reading the
 forecast of the model's own context bins): its rates times ``exp(w_b . x_u)``. A correction is chosen on fit times it was not fitted on
-(:data:`CORRECTION_SPLIT`): per unit and band, then whether to correct at all
-(:data:`CORRECTION_LEVELS`), for the whole recording.
+(:data:`CORRECTION_SPLIT`): per unit and band, then whether to correct at all, for the whole recording
+(:attr:`PopulationGLM.corrected`).
 
 Every solve is :func:`nh_serve.core.poisson.fit_poisson` (Newton's method over all
 units at once; checked against scikit-learn's ``PoissonRegressor`` in the tests).
@@ -69,17 +69,14 @@ POP_COMPONENTS = 8
 POP_L2_GRID = (30.0, 300.0, 3000.0)
 POP_INTERCEPT_L2 = 1.0  # keeps a unit that was (nearly) silent in the fit window near its slow rate
 POP_STEP_S = 0.1  # spacing of the fit window's prediction times
-#: A population GLM fitted as a correction of another predictor (``offset``) keeps a unit's band only where
-#: the unit fires at least ``min_rate_hz`` in the fit and held-out parts and the band gains more than
-#: ``margin_nats`` there; the correction never scales the predictor's rates by more than ``exp(max_log)``.
-#: A unit's gain is its own, shrunk toward the mean of every unit's in the band (:func:`shrunk_gains`).
-#: Whether to correct at all is chosen per recording (:meth:`PopulationGLM.fit`) among these levels, on times
-#: no choice saw. One level is offered: any held-out gain per unit and band. Demanding 2 nats and 1 Hz as well
-#: dropped corrections that help (docs/model-card.md); looser levels *beside* a strict one won inside a real
-#: recording's reference and lost on the rest of it.
-CORRECTION_LEVELS = {
-    "on": {"margin_nats": 0.0, "min_rate_hz": 0.0, "max_log": math.log(3.0)},
-}
+#: A population GLM fitted as a correction of another predictor (``offset``) keeps a unit's band only where it
+#: gains on the choosing parts (:data:`CORRECTION_SPLIT`), the unit's gain shrunk toward the mean of every
+#: unit's in the band (:func:`shrunk_gains`), and corrects at all only where the kept bands together gain on
+#: the judging parts, which no choice saw. It never scales the predictor's rates by more than
+#: ``exp(CORRECTION_MAX_LOG)``. Demanding a margin of 2 nats and 1 Hz per unit as well dropped corrections
+#: that help (docs/model-card.md); looser rules offered *beside* a strict one won inside a real recording's
+#: reference and lost on the rest of it.
+CORRECTION_MAX_LOG = math.log(3.0)
 #: Newton's stopping rule (relative decrease) for the fits at registration, which must be quick: a step
 #: fewer for many units than the default 1e-9, weights that differ by far less than their noise
 #: (tests/test_baselines.py holds a correction fitted with both to each other).
@@ -90,7 +87,7 @@ CORRECTION_TOL = 1e-7
 MIN_FIT_RATE_HZ = 1.0
 KEEP_MARGIN_NATS = 2.0
 #: Time split of a correction's fit times: the L2 path is fitted on the first 70%, each unit's band choices are
-#: made on the next 15%, and the level (or none at all) on the last 15%, in two folds (forward, and mirrored
+#: made on the next 15%, and whether to correct at all on the last 15%, in two folds (forward, and mirrored
 #: in time: fitted on the last 70%, judged on the first 15%); the kept fits are refitted on all. Fit times whose
 #: horizons overlap the part before them are left out (:func:`purge_gap`): no spike is both fitted and judged.
 CORRECTION_SPLIT = (0.70, 0.85)
@@ -144,6 +141,18 @@ def shrunk_gains(block_gains: np.ndarray) -> np.ndarray:
     s2 = K * B.var(1, ddof=1)
     tau2 = max(0.0, float(g.var(ddof=1) - s2.mean()))
     return g.mean() + tau2 / (tau2 + s2 + 1e-12) * (g - g.mean())
+
+
+def _choices(paths, none_nll, gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's penalty (its index on the folds' L2 paths ``paths``) and whether its band keeps the
+    correction, from the folds' choosing parts: ``none_nll`` holds each fold's per-time NLL ``(U, times)``
+    there without the correction; a unit's gain counts in blocks of a horizon's fit times (``gap + 1``), shrunk
+    toward the band's mean (:func:`shrunk_gains`)."""
+    U = none_nll[0].shape[0]
+    pick = sum(np.stack([h.sum(1) for _, h in path]) for path in paths).argmin(0)  # (U,)
+    blocks = [np.add.reduceat(nn - np.stack([h for _, h in path])[pick, np.arange(U)], np.arange(0, nn.shape[1], gap + 1),
+                              axis=1) for path, nn in zip(paths, none_nll)]
+    return pick, shrunk_gains(np.concatenate(blocks, 1)) > 0.0
 
 
 def too_sparse_to_fit(counts: np.ndarray, n_fit: int, bin_size: float, min_rate_hz: float = MIN_FIT_RATE_HZ) -> np.ndarray:
@@ -241,7 +250,9 @@ class PopulationGLM:
         taus = [float(t) for t in taus]
         self.i_scales = [taus.index(t) for t in POP_TAUS]
         self.i_slow = taus.index(SLOW_TAU)
-        self.level, self.max_log, self.judged_gain = "none", 0.0, {}  # set by a fit as a correction
+        # set by a fit as a correction: whether it corrects, its judged gain, and each fold's forecast and weights
+        self.corrected, self.max_log, self.judged_gain = False, 0.0, 0.0
+        self.fold_forecasts, self.fold_W = [], None
 
     @staticmethod
     def supports(taus) -> bool:
@@ -253,11 +264,12 @@ class PopulationGLM:
         slow = logs[..., self.i_slow]
         return logs, slow
 
-    def _design(self, R: np.ndarray, bins=None, *, fitting: bool = False, targets=None, fold_rows=()):
+    def _design(self, R: np.ndarray, bins=None, *, fitting: bool = False, targets=None, fold_rows=(), fold=None):
         """Smoothed rates ``(P, U, K)`` (and with ``context_bins`` the context counts ``bins`` ``(P, U, nb)``)
         -> each band's design (``F`` columns per unit), the offset ``(U, P)`` (log Hz) and, fitting, each fold's
         designs: ``targets``, the fit's ``(per-band counts, bins per band)``, are what the population forecast is
-        fitted on, on all times for the first, and on the times of each of ``fold_rows`` for the folds'."""
+        fitted on, on all times for the first, and on the times of each of ``fold_rows`` for the folds' (kept in
+        :attr:`fold_forecasts`). ``fold``: the design with that fold's forecast in place of the final one."""
         if self.context_bins is not None and bins is None:
             raise ValueError("PopulationGLM: this GLM reads the population forecast; pass the context counts (bins)")
         logs, slow = self._logs(R)
@@ -279,12 +291,12 @@ class PopulationGLM:
         def designs(forecast: PopulationForecast) -> list[_Design]:
             return [_Design(own, np.concatenate([f, one], 1)) for f in forecast.features(pcs, lagged)]  # (P, rank + 1)
 
-        folds = []
         if fitting:
             per, nb = targets
-            folds = [designs(self._new_forecast().fit(pcs[r], lagged[r], per[:, r], nb)) for r in fold_rows]
+            self.fold_forecasts = [self._new_forecast().fit(pcs[r], lagged[r], per[:, r], nb) for r in fold_rows]
             self.forecast = self._new_forecast().fit(pcs, lagged, per, nb)
-        return designs(self.forecast), slow, folds
+            return designs(self.forecast), slow, [designs(f) for f in self.fold_forecasts]
+        return designs(self.forecast if fold is None else self.fold_forecasts[fold]), slow, []
 
     def _new_forecast(self) -> PopulationForecast:
         return PopulationForecast(components=self.components, bin_s=self.context_bins[0], n_bins=self.context_bins[1])
@@ -371,23 +383,24 @@ class PopulationGLM:
         """The GLM as a correction of the predictor whose log expected counts per bin are ``offset`` ``(P, U, T)``.
 
         The fit times split in time (:data:`CORRECTION_SPLIT`, two folds): the L2 path is fitted on the
-        first part; on the second, each unit and band keeps its best penalty, and each level of
-        :data:`CORRECTION_LEVELS` keeps the units and bands that pass its rules (on gains shrunk toward the band's
-        mean, :func:`shrunk_gains`); on the third, the level
-        whose correction predicts best is chosen, or none at all where none beats the predictor alone
-        (``self.level``: "none" then, and every weight 0). Real recordings drift and a correction that helps
-        one minute can hurt the next: this choice is made on data none of the fits saw.
+        first part; on the second, each unit and band keeps its best penalty, and the bands whose gain there
+        (shrunk toward the band's mean, :func:`shrunk_gains`) is positive; on the third, the kept bands'
+        correction must predict better than the predictor alone, or there is none at all
+        (``self.corrected`` False, and every weight 0). Real recordings drift and a correction that helps
+        one minute can hurt the next: this choice is made on data none of the fits saw. The penalties and the
+        kept bands are chosen on both folds' choosing parts together, and the second fold's fit holds the
+        first fold's judging part: that part reaches the choices only through the other fold's weights
+        (choosing on each fold's own part alone was too noisy: it dropped a correction that helps on a held-out
+        real recording). Each fold's weights (:attr:`fold_W`, kept bands only, fitted on the fold's first
+        part) stay for a later fit judged on the same parts (:meth:`log_correction` with ``fold``).
         """
         U, P, F = X[0].own.shape[0], X[0].own.shape[1], X[0].F
         per, _ = _band_targets(counts, self.bands, self.n_bands)  # (n_bands, P, U)
-        n_a, n_b = correction_split(P)
         parts = correction_folds(P, gap)  # two folds, forward and mirrored in time: (fit, choose, judge) times
-        levels = list(CORRECTION_LEVELS.items())
-        keep = {name: np.zeros((self.n_bands, U), dtype=bool) for name, _ in levels}
-        sparse = {name: too_sparse_to_fit(counts[:n_b], n_a, self.bin_size, lv["min_rate_hz"]) for name, lv in levels}
-        judged = dict.fromkeys([name for name, _ in levels], 0.0)
-        judged_none = 0.0
+        keep = np.zeros((self.n_bands, U), dtype=bool)
+        judged, judged_none = 0.0, 0.0
         best_w = np.zeros((self.n_bands, U, F))
+        fold_w = np.zeros((len(parts), self.n_bands, U, F))
         self.l2 = np.zeros((self.n_bands, U))
         os_, ys = [], []
         for b in range(self.n_bands):
@@ -397,45 +410,40 @@ class PopulationGLM:
             os_.append(o)
             ys.append(y)
             paths = [self._l2_path(Xf[b], y, e, o, fit, choose, CORRECTION_TOL) for Xf, (fit, choose, _) in zip(folds, parts)]
-            nll = sum(np.stack([h.sum(1) for _, h in path]) for path in paths)  # (L2s, U) on both choosing parts
-            pick = nll.argmin(0)
-            ws = [np.stack([w for w, _ in path])[pick, np.arange(U)] for path in paths]  # (U, F) per fold
-            # each unit's gain on the choosing parts, a horizon's fit times per block, shrunk toward the band's mean
-            blocks = []
-            for path, (_, c, _) in zip(paths, parts):
-                d = (np.exp(o[:, c]) - y[:, c] * o[:, c]) - np.stack([h for _, h in path])[pick, np.arange(U)]  # (U, times)
-                blocks.append(np.add.reduceat(d, np.arange(0, d.shape[1], gap + 1), axis=1))
-            gain = shrunk_gains(np.concatenate(blocks, 1))  # (U,)
-            best_w[b] = ws[0]
+            none_nll = [np.exp(o[:, c]) - y[:, c] * o[:, c] for _, c, _ in parts]  # (U, times) on each choosing part
+            pick, keep[b] = _choices(paths, none_nll, gap)  # on both folds' choosing parts
+            best_w[b] = np.stack([w for w, _ in paths[0]])[pick, np.arange(U)]  # the refit's start
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
-            for name, lv in levels:
-                keep[name][b] = (gain > lv["margin_nats"]) & ~sparse[name]
-            for w, Xf, (_, _, judge) in zip(ws, folds, parts):
-                lin = Xf[b].rows(judge).lin(w)  # (U, P_judge)
+            # judged fold by fold with that fold's weights (fitted on its first part) and the choices above
+            for f, (Xf, (_, _, judge)) in enumerate(zip(folds, parts)):
+                fold_w[f, b, keep[b]] = np.stack([w for w, _ in paths[f]])[pick, np.arange(U)][keep[b]]
+                lin = Xf[b].rows(judge).lin(fold_w[f, b])  # (U, P_judge)
                 judged_none += float((np.exp(o[:, judge]) - y[:, judge] * o[:, judge]).sum())
-                for name, lv in levels:
-                    eta = o[:, judge] + np.where(keep[name][b][:, None], np.clip(lin, -lv["max_log"], lv["max_log"]), 0.0)
-                    judged[name] += float((np.exp(eta) - y[:, judge] * eta).sum())
-        best = min(judged, key=judged.get)
-        self.level = best if judged[best] < judged_none else "none"
+                eta = o[:, judge] + np.clip(lin, -CORRECTION_MAX_LOG, CORRECTION_MAX_LOG)
+                judged += float((np.exp(eta) - y[:, judge] * eta).sum())
+        self.corrected = judged < judged_none
         n_judge = max(1.0, float(sum(per[:, j].sum() for _, _, j in parts)))
-        self.judged_gain = {name: (judged_none - v) / n_judge for name, v in judged.items()}  # nats per held-out spike
-        self.max_log = CORRECTION_LEVELS[self.level]["max_log"] if self.level != "none" else 0.0
+        self.judged_gain = (judged_none - judged) / n_judge  # nats per held-out spike
+        self.max_log = CORRECTION_MAX_LOG if self.corrected else 0.0
         self.W = np.zeros((self.n_bands, U, F))
-        if self.level == "none":
+        self.fold_W = fold_w if self.corrected else np.zeros_like(fold_w)
+        if not self.corrected:
             return self
         for b in range(self.n_bands):
-            k = keep[self.level][b]
+            k = keep[b]
             if k.any():
                 self.W[b, k] = self._refit(X[b].units(k), ys[b][k], np.ones_like(ys[b][k]), os_[b][k], self.l2[b, k], best_w[b, k],
                                            CORRECTION_TOL)
         return self
 
-    def log_correction(self, R: np.ndarray, bins=None) -> np.ndarray:
+    def log_correction(self, R: np.ndarray, bins=None, *, fold: int | None = None) -> np.ndarray:
         """``(W, U, T)`` float32 ``w_b . x_u`` per bin: the log factor a GLM fitted with ``offset`` applies
-        to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)`` (and context counts ``bins``)."""
-        X, _, _ = self._design(R, bins)
-        eta = np.stack([x.lin(w) for x, w in zip(X, self.W)], -1).transpose(1, 0, 2)  # (W, U, n_bands)
+        to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)`` (and context counts ``bins``).
+        ``fold``: the correction fold ``fold`` of the fit gave (fitted on that fold's first part only, with its
+        own forecast), for a later fit judged on the same held-out parts."""
+        X, _, _ = self._design(R, bins, fold=fold)
+        W = self.W if fold is None else self.fold_W[fold]
+        eta = np.stack([x.lin(w) for x, w in zip(X, W)], -1).transpose(1, 0, 2)  # (W, U, n_bands)
         return np.clip(eta[:, :, self.bands], -self.max_log, self.max_log).astype(np.float32)
 
     def predict(self, R: np.ndarray, bins=None) -> np.ndarray:

@@ -106,7 +106,7 @@ class _Variant:
 
 def fit_record(fit: dict) -> dict:
     """What a registration fit kept (a session's ``fit`` record), for the JSON and the report."""
-    keys = ("mode", "units_fitted", "calibration_only", "population_level", "floor_beta", "shrink_gamma", "level_lambda",
+    keys = ("mode", "units_fitted", "calibration_only", "population_corrected", "floor_beta", "shrink_gamma", "level_lambda",
             "note")
     return {k: fit[k] for k in keys if k in fit}
 

@@ -80,7 +80,7 @@ def _synthetic_fits(result: dict) -> str:
         line += f" no calibration on {len(fits) - len(done)} ({next((f['note'] for f in fits if 'note' in f), 'no note')});"
     if done:
         cal = [f for f in done if f["floor_beta"] or f["shrink_gamma"] or any(f.get("level_lambda", {}).values())]
-        pop = sum(f.get("population_level", "none") != "none" for f in done)
+        pop = sum(bool(f.get("population_corrected")) for f in done)
         line += f" population correction kept on {pop} of {len(done)}, calibration on {len(cal)} of {len(done)}"
         if cal:
             line += f" ({_calibration_text(mean_record(cal))} on average where kept)"
@@ -142,13 +142,12 @@ def markdown_report(result: dict) -> str:
             elif "floor_beta" in fr:
                 kept = ("a reference this short gets the calibration alone" if fr.get("calibration_only") else
                         f"the registration fit kept read-outs of {fr['units_fitted']} units, population correction "
-                        f"{fr.get('population_level', 'none')}")
+                        f"{'on' if fr.get('population_corrected') else 'none'}")
                 out.append(f"\n{name}: {kept}, calibration: {_calibration_text(fr)}.")
         for name, rf in r.get("refits", {}).items():
-            levels = ", ".join(f"{k} {v}" for k, v in rf["levels"].items()) or "none ran"
             out.append(
                 f"\n{name}: {rf['refits']} refits on the last {rf['window_s']:g} s, {rf['mean_seconds']:.2f} s each; "
-                f"population correction level per refit: {levels}; units keeping it "
+                f"population correction kept by {rf['corrected']} of them; units keeping it "
                 f"{rf['mean_population_units_corrected']:g} and a read-out fit {rf['mean_units_fitted']:g} on average"
                 + (f"; calibration on average: {_calibration_text(rf['calibration'])}." if rf.get("calibration") else ".")
             )

@@ -71,7 +71,7 @@ class RefitReplay:
             "window": [round(start, 6), round(now, 6)],
             "units_fitted": info.get("units_fitted", 0),
             "population_units_corrected": info.get("population_units_corrected", 0),
-            "population_level": info.get("population_level", "none"),
+            "population_corrected": bool(info.get("population_corrected", False)),
             "seconds": info.get("seconds", 0.0),
             **{k: info[k] for k in ("floor_beta", "shrink_gamma", "level_lambda") if k in info},
         })
@@ -103,7 +103,6 @@ class RefitReplay:
             "every_s": self.every_s, "window_s": self.window_s, "refits": n,
             "mean_seconds": mean("seconds"), "mean_units_fitted": mean("units_fitted"),
             "mean_population_units_corrected": mean("population_units_corrected"),
-            "levels": {lv: sum(r["population_level"] == lv for r in self.records)
-                       for lv in sorted({r["population_level"] for r in self.records})},
+            "corrected": sum(r["population_corrected"] for r in self.records),
             "calibration": mean_record(self.records),
         }

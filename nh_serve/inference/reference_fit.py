@@ -28,13 +28,14 @@ at once by Newton's method (:func:`nh_serve.core.poisson.fit_poisson`):
    offset, so it multiplies the model's rates by ``exp(w_b . x_u)`` (models whose history holds
    the GLM's time scales, :meth:`~nh_serve.core.glm.PopulationGLM.supports`). Fitted on the first
    70% of the windows; each unit and band keeps it only where it predicts the next 15% better
-   (:data:`~nh_serve.core.glm.CORRECTION_LEVELS`); whether to correct at all is decided
+   (:func:`~nh_serve.core.glm.shrunk_gains`); whether to correct at all is decided
    on the last 15%, which none of the fits saw; both in two folds, the second mirrored in time.
 5. The recording's calibration (:mod:`nh_serve.core.calibration`): two numbers per recording,
    how much of the slow rate's 0.1 Hz floor to take out of the corrected rates (it sets the level
    of units that fire at a fraction of a hertz) and how much of the network's departure from the
    slow rate to keep (a recording without short-term structure keeps less), fitted and judged on
-   the read-out's windows with the same split; in a streaming refit (``history_init`` given: rates
+   the read-out's windows with the same split, each fold with the population correction of the same fold
+   (fitted without the part that judges); in a streaming refit (``history_init`` given: rates
    the stream carried, not started at the window's own mean) also which time scale sets the level.
    Steps 4 and 5 together are the :class:`RateCorrection` the Predictor applies.
 
@@ -272,17 +273,23 @@ def fit_readout(
             population = PopulationGLM(n_bins=T, bin_size=cfg.bin_size_s, taus=cfg.history_taus,
                                        context_bins=context_bins(cfg)).fit(R, y, offset=eta, bins=bins, gap=gap)
             info["population_units_corrected"] = int((np.abs(population.W).sum((0, 2)) > 0).sum())
-            info["population_level"] = population.level
-            info["population_judged_gain"] = {k: round(v, 5) for k, v in population.judged_gain.items()}
-            if population.level == "none":
+            info["population_corrected"] = bool(population.corrected)
+            info["population_judged_gain"] = round(float(population.judged_gain), 5)
+            if not population.corrected:
                 population = None
         stop()
-        # the recording's calibration (floor, departures) on the read-out's windows, with everything above as offset
-        e = eta[sub] if population is None else eta[sub] + population.log_correction(R[sub], None if bins is None else bins[sub])
+        # the recording's calibration (floor, departures) on the read-out's windows, with everything above as offset;
+        # judged with each fold's own population correction, fitted without the part that judges
+        e, e_folds = eta[sub], None
+        if population is not None:
+            R_s, b_s = R[sub], None if bins is None else bins[sub]
+            e_folds = [e + population.log_correction(R_s, b_s, fold=f) for f in range(2)]
+            e = e + population.log_correction(R_s, b_s)
         # the level's time scale only where the rates are causal: a refit's come from the stream before its window
         cal, cal_info = Calibration.fit(log_expected=e, counts=y[sub], R=R[sub], taus=cfg.history_taus,
                                         i_slow=list(cfg.history_taus).index(SLOW_TAU), bin_size=cfg.bin_size_s,
-                                        level_taus=LEVEL_TAUS if history_init is not None else ())
+                                        level_taus=LEVEL_TAUS if history_init is not None else (),
+                                        log_expected_folds=e_folds)
         info.update(cal_info)
         if population is not None or cal.active:
             correction = RateCorrection(population=population, calibration=cal if cal.active else None)
