@@ -530,6 +530,11 @@ def test_each_folds_correction_is_fitted_without_the_part_that_judges_it():
         np.testing.assert_array_equal(other.fold_W[f], ref.fold_W[f])
         assert not np.array_equal(other.W, ref.W)
         np.testing.assert_array_equal(other.log_correction(R, fold=f), ref.log_correction(R, fold=f))
+    kept = ref.log_correction(R)
+    ref.release_folds()  # what a session keeps: the correction, not its folds
+    np.testing.assert_array_equal(ref.log_correction(R), kept)
+    with pytest.raises(ValueError, match="fold"):
+        ref.log_correction(R, fold=0)
 
 
 def test_purged_folds_leave_no_horizon_shared_between_parts():

@@ -441,10 +441,16 @@ class PopulationGLM:
         to that predictor's rates, from smoothed rates ``R`` ``(W, U, K)`` (and context counts ``bins``).
         ``fold``: the correction fold ``fold`` of the fit gave (fitted on that fold's first part only, with its
         own forecast), for a later fit judged on the same held-out parts."""
+        if fold is not None and self.fold_W is None:
+            raise ValueError("PopulationGLM.log_correction: no fold corrections (not fitted as a correction, or released)")
         X, _, _ = self._design(R, bins, fold=fold)
         W = self.W if fold is None else self.fold_W[fold]
         eta = np.stack([x.lin(w) for x, w in zip(X, W)], -1).transpose(1, 0, 2)  # (W, U, n_bands)
         return np.clip(eta[:, :, self.bands], -self.max_log, self.max_log).astype(np.float32)
+
+    def release_folds(self) -> None:
+        """Drop each fold's forecast and weights once the fits judged on them are done (a session keeps the GLM)."""
+        self.fold_forecasts, self.fold_W = [], None
 
     def predict(self, R: np.ndarray, bins=None) -> np.ndarray:
         """``(W, U, T)`` float32 expected counts per bin from smoothed rates ``(W, U, K)`` (and context counts ``bins``)."""

@@ -290,6 +290,8 @@ def fit_readout(
                                         i_slow=list(cfg.history_taus).index(SLOW_TAU), bin_size=cfg.bin_size_s,
                                         level_taus=LEVEL_TAUS if history_init is not None else (),
                                         log_expected_folds=e_folds)
+        if population is not None:
+            population.release_folds()  # judged: the session keeps the correction, not its folds
         info.update(cal_info)
         if population is not None or cal.active:
             correction = RateCorrection(population=population, calibration=cal if cal.active else None)
