@@ -63,7 +63,10 @@ def test_replayed_refits_equal_a_live_stream(predictor):
     np.testing.assert_allclose(counts[:first] / p.cfg.bin_size_s, plain[:first], rtol=1e-5, atol=1e-6)
     assert not np.allclose(counts[first:] / p.cfg.bin_size_s, plain[first:], rtol=1e-3)  # the refits changed them
     summary = replay.summary()
-    assert summary["refits"] == 2 and summary["every_s"] == 50.0 and 0 <= summary["corrected"] <= 2
+    assert summary["refits"] == 2 and summary["every_s"] == 50.0
+    assert all(isinstance(r["population_corrected"], bool) for r in replay.records)
+    assert summary["corrected"] == sum(r["population_corrected"] for r in replay.records)
+    assert replay.records[-1]["population_corrected"] == s_live.fit["last_refit"]["population_corrected"]
     assert set(summary["calibration"]) == {"floor_beta", "shrink_gamma", "level_lambda"}
     assert set(summary["calibration"]["level_lambda"]) == {"5", "120"}
 

@@ -130,12 +130,13 @@ def fit_calibration(f, d, counts, expected, *, levels=None, folds=None) -> tuple
     n_a, n_b = correction_split(P)
     gain = 0.0
     zero = np.zeros(n)
+    F_all = design(d)
     for (fd, fm), (fit, judge) in zip(folds, ((slice(0, n_a), slice(n_b, P)), (slice(P - n_a, P), slice(0, P - n_b)))):
-        F = design(fd)
+        F = F_all if fd is d else design(fd)  # a fold without its own offset reads the one
         w = _solve(F[fit].reshape(-1, n), c[fit].reshape(-1), fm[fit].reshape(-1))
         judged = (F[judge].reshape(-1, n), c[judge].reshape(-1), fm[judge].reshape(-1))
         gain += _nll_grad(zero, *judged)[0] - _nll_grad(w, *judged)[0]
-    w = _solve(design(d).reshape(-1, n), c.reshape(-1), m.reshape(-1)) if gain > KEEP_MARGIN_NATS else zero
+    w = _solve(F_all.reshape(-1, n), c.reshape(-1), m.reshape(-1)) if gain > KEEP_MARGIN_NATS else zero
     info = {"floor_beta": round(float(w[0]), 6), "shrink_gamma": round(float(w[1]), 6),
             "calibration_judged_gain_nats": round(gain, 4)}
     return w, info

@@ -251,8 +251,7 @@ class PopulationGLM:
         self.i_scales = [taus.index(t) for t in POP_TAUS]
         self.i_slow = taus.index(SLOW_TAU)
         # set by a fit as a correction: whether it corrects, its judged gain, and each fold's forecast and weights
-        self.corrected, self.max_log, self.judged_gain = False, 0.0, 0.0
-        self.fold_forecasts, self.fold_W = [], None
+        self.corrected, self.max_log, self.judged_gain, self.fold_forecasts, self.fold_W = False, 0.0, 0.0, [], None
 
     @staticmethod
     def supports(taus) -> bool:
@@ -338,6 +337,7 @@ class PopulationGLM:
             best_w = np.stack([w for w, _ in path])[pick, np.arange(U)]
             self.l2[b] = np.asarray(sorted(POP_L2_GRID, reverse=True))[pick]
             self.W[b] = self._refit(X[b], y, e, o, self.l2[b], best_w)
+        self.release_folds()  # the penalty's fold serves this choice alone
         return self
 
     def _fit_pcs(self, R: np.ndarray) -> None:
